@@ -1,0 +1,33 @@
+"""kfdeb: multitask fine-tuning of Korean sentence encoders on KorNLI + KorSTS, in plain PyTorch.
+
+    import kfdeb
+    model = kfdeb.load("output/")                 # kfdeb checkpoint, HF or sentence-transformers folder, .onnx
+    vectors = model.encode(["문장 하나", "문장 둘"], normalize=True)
+    scores, indices = kfdeb.top_k(query_vectors, corpus_vectors, k=5)
+"""
+
+from __future__ import annotations
+
+import os
+
+from kfdeb.errors import UserInputError
+from kfdeb.search import top_k
+
+__version__ = "0.1.0"
+__all__ = ["load", "top_k", "UserInputError", "__version__"]
+
+
+def load(path: str | os.PathLike, device: str | None = None, max_seq_length: int | None = None):
+    """An encoder with `.encode(sentences, batch_size=32, normalize=False, ...)` for any model kfdeb reads.
+
+    `path`: a kfdeb output dir, a Hugging Face encoder folder, a sentence-transformers folder (mean
+    pooling), a hub id (where the hub is reachable), or an exported `.onnx` file (its tokenizer
+    next to it).
+    """
+    if str(path).endswith(".onnx"):
+        from kfdeb.onnx import OnnxEncoder
+
+        return OnnxEncoder.load(path, max_seq_length=max_seq_length)
+    from kfdeb.model import load_encoder
+
+    return load_encoder(path, max_seq_length=max_seq_length, device=device)

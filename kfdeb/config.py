@@ -1,0 +1,217 @@
+"""TrainConfig: every knob of a training run, its command-line flags, presets and config files.
+
+Precedence, lowest to highest: the dataclass defaults (the reference multitask recipe), the
+`--preset`, the `--config FILE` (JSON or YAML with the same keys), then flags given on the
+command line. The resolved config is written to the output dir, so a run says what it ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from kfdeb.errors import UserInputError
+
+TINY_MODEL = "kfdeb:tiny-deberta"  # build a random tiny DeBERTa-v2 offline (kfdeb/tiny.py)
+BUNDLED = "kfdeb:bundled"  # the KorNLU files shipped inside the package (kfdeb/bundled/kor-nlu)
+TASKS = ("nli", "sts")
+METRICS_FOR_BEST = (
+    "max_spearman",
+    "cosine_spearman", "cosine_pearson", "euclidean_spearman", "euclidean_pearson",
+    "manhattan_spearman", "manhattan_pearson", "dot_spearman", "dot_pearson",
+)
+
+
+@dataclass
+class TrainConfig:
+    # what to train (flag names as in the reference training scripts)
+    model_name_or_path: str = "kakaobank/kf-deberta-base"
+    data_dir: str = "kor-nlu-datasets"
+    nli_train_glob: str = "KorNLI/*train.ko.tsv"
+    tasks: str = "nli,sts"
+    max_seq_length: int = 256
+    nli_batch_size: int = 64
+    sts_batch_size: int = 8
+    num_epochs: int = 10
+    max_steps: int = 0  # > 0: stop there, and the schedule spans max_steps
+    learning_rate: float = 2e-5
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    optimizer: str = "per_task"  # per_task: one AdamW per objective (the reference); joint: one over the summed losses
+    seed: int = 42
+    # evaluation and outputs
+    eval_steps: int = 1000
+    eval_batch_size: int = 64
+    metric_for_best: str = "max_spearman"
+    output_dir: str = "output"
+    save_steps: int = 1000  # resumable-state interval in steps (also written at every epoch end)
+    logging_steps: int = 10
+    resume: bool = False
+    overwrite_output_dir: bool = False
+    # how it runs (not part of the maths)
+    device: str = "auto"  # auto: cuda:<local rank> when available, else cpu
+    amp: str = "auto"  # auto: bf16 on a GPU that supports it, else none
+    pad_to_multiple_of: int = 0  # 0: 8 on GPU (tensor-core tiles), 1 on CPU
+    dist_timeout: int = 60  # seconds a rank waits for the others before the job fails
+    progress: bool = True
+    preset: str = ""
+    config: str = ""
+
+    @property
+    def task_list(self) -> list[str]:
+        return [t.strip() for t in self.tasks.split(",") if t.strip()]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # the published multitask recipe (kf-deberta-multitask, ko-sroberta-multitask)
+    "multitask": {"tasks": "nli,sts", "max_seq_length": 256, "nli_batch_size": 64, "sts_batch_size": 8,
+                  "num_epochs": 10, "seed": 42},
+    # training_nli.py: NLI only
+    "nli": {"tasks": "nli", "nli_batch_size": 64, "num_epochs": 1, "max_seq_length": 128, "seed": 777,
+            "warmup_ratio": 0.1},
+    # training_sts.py: STS only
+    "sts": {"tasks": "sts", "sts_batch_size": 8, "num_epochs": 5, "max_seq_length": 128, "seed": 777},
+    # offline pipeline check: tiny random DeBERTa-v2 on the bundled files, a few hundred steps.
+    # It proves the pipeline runs end to end, not model quality.
+    "smoke": {"model_name_or_path": TINY_MODEL, "data_dir": BUNDLED, "nli_train_glob": "KorNLI/xnli.*.ko.tsv",
+              "tasks": "nli,sts", "max_seq_length": 64, "nli_batch_size": 32, "sts_batch_size": 8,
+              "num_epochs": 2, "learning_rate": 1e-3, "eval_steps": 100, "save_steps": 100,
+              "output_dir": "output/smoke", "overwrite_output_dir": True, "seed": 42},
+}
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HELP = {
+    "model_name_or_path": f"encoder to fine-tune: local folder or hub id ({TINY_MODEL}: tiny random DeBERTa-v2)",
+    "data_dir": f"kor-nlu-datasets clone ({BUNDLED}: the files shipped with kfdeb)",
+    "nli_train_glob": "KorNLI training files, relative to data_dir",
+    "tasks": "comma-separated objectives: nli, sts or nli,sts",
+    "max_steps": "stop after this many steps (0: num_epochs); the schedule spans them",
+    "optimizer": "per_task (reference: one AdamW + schedule per objective, 2 updates a step) or joint",
+    "metric_for_best": "dev figure that selects the best checkpoint",
+    "save_steps": "write resumable state every N steps",
+    "resume": "continue from output_dir/state (starts at step 0 when there is none)",
+    "overwrite_output_dir": "start over in an output_dir that holds a previous run",
+    "amp": "autocast dtype: auto, none, bf16, fp16 (GradScaler)",
+    "pad_to_multiple_of": "pad batches to a multiple of N tokens (0: 8 on GPU, 1 on CPU)",
+    "dist_timeout": "seconds before a stuck collective fails the job",
+    "preset": f"named defaults: {', '.join(PRESETS)}",
+    "config": "JSON or YAML file of the same keys (command-line flags win)",
+}
+_CHOICES = {
+    "optimizer": ("per_task", "joint"),
+    "amp": ("auto", "none", "bf16", "fp16"),
+    "metric_for_best": METRICS_FOR_BEST,
+    "preset": ("",) + tuple(PRESETS),
+}
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = str(text).lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description="Multitask fine-tuning of a sentence encoder on KorNLI + KorSTS (kfdeb).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    defaults = TrainConfig()
+    for name, spec in _FIELDS.items():
+        default = getattr(defaults, name)
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": _HELP.get(name, " ") + f" (default: {default!r})"}
+        if isinstance(default, bool):
+            kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
+        else:
+            kwargs["type"] = type(default)
+        if name in _CHOICES:
+            kwargs["choices"] = _CHOICES[name]
+        parser.add_argument(f"--{name}", **kwargs)
+    return parser
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    expected = type(getattr(TrainConfig(), name))
+    if expected is bool and isinstance(value, bool):
+        return value
+    if expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if expected is str and isinstance(value, str):
+        return value
+    raise UserInputError(f"{source}: {name}: expected {expected.__name__}, got {value!r}")
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserInputError(f"{file}: cannot read config file ({err})") from None
+    try:
+        if file.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+    except Exception as err:  # yaml and json raise their own error types; both mean a malformed file
+        raise UserInputError(f"{file}: not valid {'YAML' if file.suffix.lower() in ('.yaml', '.yml') else 'JSON'} ({str(err).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise UserInputError(f"{file}: expected a mapping of config keys")
+    unknown = [key for key in values if key not in _FIELDS or key == "config"]
+    if unknown:
+        raise UserInputError(f"{file}: {unknown[0]}: unknown config key")
+    return {key: _coerce(key, value, str(file)) for key, value in values.items()}
+
+
+def resolve(overrides: dict[str, Any]) -> TrainConfig:
+    """Defaults < preset < config file < explicit overrides (e.g. command-line flags)."""
+    file_values = read_config_file(overrides["config"]) if overrides.get("config") else {}
+    preset = overrides.get("preset") or file_values.get("preset") or ""
+    if preset and preset not in PRESETS:
+        raise UserInputError(f"preset {preset!r}: unknown (choose from {', '.join(PRESETS)})")
+    values = {**PRESETS.get(preset, {}), **file_values, **overrides}
+    unknown = [key for key in values if key not in _FIELDS]
+    if unknown:
+        raise UserInputError(f"{unknown[0]}: unknown config key")
+    config = TrainConfig(**values)
+    validate(config)
+    return config
+
+
+def validate(config: TrainConfig) -> None:
+    tasks = config.task_list
+    if not tasks or any(t not in TASKS for t in tasks) or len(set(tasks)) != len(tasks):
+        raise UserInputError(f"--tasks {config.tasks!r}: expected nli, sts or nli,sts")
+    for name in ("max_seq_length", "nli_batch_size", "sts_batch_size", "eval_batch_size", "num_epochs",
+                 "eval_steps", "save_steps", "logging_steps", "dist_timeout"):
+        if getattr(config, name) < 1:
+            raise UserInputError(f"--{name} {getattr(config, name)}: must be at least 1")
+    if config.max_steps < 0 or config.pad_to_multiple_of < 0:
+        raise UserInputError("--max_steps and --pad_to_multiple_of must be >= 0")
+    if not 0.0 <= config.warmup_ratio <= 1.0:
+        raise UserInputError(f"--warmup_ratio {config.warmup_ratio}: must be in [0, 1]")
+    if config.learning_rate <= 0 or config.weight_decay < 0 or config.max_grad_norm <= 0:
+        raise UserInputError("--learning_rate and --max_grad_norm must be > 0, --weight_decay >= 0")
+    for name, choices in _CHOICES.items():
+        if getattr(config, name) not in choices:
+            raise UserInputError(f"--{name} {getattr(config, name)!r}: expected one of {', '.join(c for c in choices if c)}")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    args = build_parser().parse_args(argv)
+    return resolve(vars(args))

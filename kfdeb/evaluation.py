@@ -1,0 +1,84 @@
+"""KorSTS evaluation: embed every distinct sentence once, then the 8 figures of metrics.py.
+
+The reference evaluator encodes sentence1 and sentence2 columns separately (a sentence that
+occurs in several pairs is encoded several times); embeddings do not depend on what else is in
+the batch, so encoding each distinct sentence once gives the same figures with less work.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from kfdeb.data import StsPair, read_sts
+from kfdeb.errors import UserInputError
+from kfdeb.metrics import FIGURE_KEYS, SIMILARITIES, sts_figures
+
+STS_SPLITS = {"train": "sts-train.tsv", "dev": "sts-dev.tsv", "test": "sts-test.tsv"}
+TABLE_HEADER = (
+    "| Model | Cosine Pearson | Cosine Spearman | Euclidean Pearson | Euclidean Spearman "
+    "| Manhattan Pearson | Manhattan Spearman | Dot Pearson | Dot Spearman |\n"
+    "|---|---|---|---|---|---|---|---|---|"
+)
+
+
+class Encoder(Protocol):
+    def encode(self, sentences: Sequence[str], batch_size: int = ..., convert_to_numpy: bool = ...): ...
+
+
+@dataclass
+class StsResult:
+    figures: dict[str, float]  # FIGURE_KEYS -> value x 100
+    sentences: int  # distinct sentences encoded
+    seconds: float  # encoding wall time
+
+    @property
+    def sentences_per_second(self) -> float:
+        return self.sentences / self.seconds if self.seconds > 0 else float("inf")
+
+
+def sts_path(data_dir: str | os.PathLike, split: str) -> Path:
+    if split not in STS_SPLITS:
+        raise UserInputError(f"--split {split!r}: expected one of {', '.join(STS_SPLITS)}")
+    path = Path(data_dir) / "KorSTS" / STS_SPLITS[split]
+    if not path.is_file():
+        raise UserInputError(
+            f"{path}: KorSTS {split} file not found (expected <data_dir>/KorSTS/{STS_SPLITS[split]}; "
+            "get it with `git clone https://github.com/kakaobrain/kor-nlu-datasets`)"
+        )
+    return path
+
+
+def evaluate_sts(encoder: Encoder, pairs: Sequence[StsPair], batch_size: int = 64) -> StsResult:
+    distinct = list(dict.fromkeys(s for pair in pairs for s in (pair.sentence1, pair.sentence2)))
+    start = time.perf_counter()
+    embeddings = np.asarray(encoder.encode(distinct, batch_size=batch_size, convert_to_numpy=True), dtype=np.float32)
+    seconds = time.perf_counter() - start
+    row = {sentence: i for i, sentence in enumerate(distinct)}
+    first = embeddings[[row[p.sentence1] for p in pairs]]
+    second = embeddings[[row[p.sentence2] for p in pairs]]
+    gold = np.array([p.label for p in pairs], dtype=np.float64)
+    return StsResult(sts_figures(first, second, gold), len(distinct), seconds)
+
+
+def evaluate_split(encoder: Encoder, data_dir: str | os.PathLike, split: str, batch_size: int = 64) -> StsResult:
+    return evaluate_sts(encoder, read_sts(sts_path(data_dir, split)), batch_size)
+
+
+def table_row(name: str, figures: dict[str, float]) -> str:
+    """One row of the KorSTS markdown table, figures with 2 decimals."""
+    return "| " + " | ".join([name] + [f"{figures[key]:.2f}" for key in FIGURE_KEYS]) + " |"
+
+
+def best_score(figures: dict[str, float], metric: str) -> float:
+    """The figure that selects the best checkpoint: one of FIGURE_KEYS, or max_spearman
+    (the largest of the four Spearman figures, what the reference's evaluator returned)."""
+    if metric == "max_spearman":
+        defined = [figures[f"{sim}_spearman"] for sim in SIMILARITIES if not np.isnan(figures[f"{sim}_spearman"])]
+        return max(defined, default=float("nan"))
+    return figures[metric]

@@ -1,0 +1,300 @@
+"""The sentence encoder: a transformers encoder, our masked mean pooling, and the checkpoint format.
+
+embedding(s) = mean of the encoder's last hidden states over the tokens of s (see pooling.py),
+optionally L2-normalised (models whose sentence-transformers folder ends in a Normalize module).
+Text is tokenized once into id lists truncated to max_seq_length ([CLS] ... [SEP] included);
+batches are padded to their own longest row, never to max_seq_length.
+
+Loads: a kfdeb checkpoint, any Hugging Face encoder folder, a sentence-transformers folder (v2
+layout, mean pooling; other poolings are refused), or a hub id (only where the hub is reachable).
+
+Checkpoint format (what `save` writes; `SentenceTransformer(dir)` and `AutoModel.from_pretrained(dir)`
+open it unchanged; weights are safetensors only, so loading never unpickles):
+    config.json, model.safetensors, tokenizer files        the Hugging Face encoder
+    modules.json, sentence_bert_config.json,                the sentence-transformers v2 layout
+    1_Pooling/config.json (mean tokens)
+    kfdeb.json                                              our metadata: config, metrics, step
+Every file is written to a scratch folder first and renamed into place, weights before
+kfdeb.json, so a reader (or a run killed mid-save) never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kfdeb.data import pad_batch
+from kfdeb.errors import UserInputError
+from kfdeb.pooling import masked_mean_pool
+
+DEFAULT_MAX_SEQ_LENGTH = 256
+KFDEB_METADATA = "kfdeb.json"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "1_Pooling/*", "2_Normalize/*"]
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserInputError(f"{path}: unreadable JSON ({err})") from None
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
+    """A local folder for `name_or_path`: the folder itself, or a hub id's downloaded snapshot."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserInputError(f"{path}: not a model folder (it is a file)")
+        return path
+    text = str(name_or_path)
+    if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
+        raise UserInputError(f"{path}: no such model folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text, allow_patterns=_HUB_FILES))
+    except Exception as err:  # any hub failure (offline, unknown id, gated) is the user's to fix
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserInputError(
+            f"{text}: not a local folder, and the Hugging Face hub could not provide it ({reason[:160]}); "
+            "pass a local model folder"
+        ) from None
+
+
+def _sentence_transformers_layout(folder: Path) -> dict[str, Any]:
+    """Where the encoder lives in a sentence-transformers folder, and its pooling settings."""
+    modules = _read_json(folder / "modules.json")
+    if not isinstance(modules, list) or not modules:
+        raise UserInputError(f"{folder / 'modules.json'}: expected a non-empty list of modules")
+    layout: dict[str, Any] = {"transformer_dir": folder, "normalize": False, "pooling": None}
+    for module in modules:
+        kind = str(module.get("type", "")).rsplit(".", 1)[-1]
+        module_dir = folder / module.get("path", "")
+        if kind == "Transformer":
+            layout["transformer_dir"] = module_dir
+        elif kind == "Pooling":
+            layout["pooling"] = _pooling_mode(module_dir / "config.json")
+        elif kind == "Normalize":
+            layout["normalize"] = True
+        else:
+            raise UserInputError(
+                f"{folder / 'modules.json'}: module {module.get('type')!r} is not supported "
+                "(kfdeb models are Transformer + mean Pooling [+ Normalize])"
+            )
+    if layout["pooling"] is None:
+        raise UserInputError(f"{folder / 'modules.json'}: no Pooling module")
+    return layout
+
+
+def _pooling_mode(config_path: Path) -> str:
+    config = _read_json(config_path)
+    modes = config.get("pooling_mode")
+    if modes is None:  # the v2 layout: one boolean per mode; none set means mean
+        modes = [k[len("pooling_mode_"):] for k, v in config.items() if k.startswith("pooling_mode_") and v]
+        modes = modes or ["mean_tokens"]
+    modes = [modes] if isinstance(modes, str) else list(modes)
+    if modes not in (["mean"], ["mean_tokens"]):
+        raise UserInputError(
+            f"{config_path}: pooling {'+'.join(modes)} is not supported: kfdeb models use mean pooling "
+            "(pooling_mode_mean_tokens)"
+        )
+    return "mean"
+
+
+class SentenceEncoder(torch.nn.Module):
+    """Encoder + masked mean pooling. Call with padded ids; `encode` takes raw sentences."""
+
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        tokenizer: Any,
+        max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH,
+        normalize: bool = False,
+        do_lower_case: bool = False,
+        metadata: dict | None = None,
+    ):
+        super().__init__()
+        self.transformer = transformer
+        self.tokenizer = tokenizer
+        self.max_seq_length = max_seq_length
+        self.normalize = normalize
+        self.do_lower_case = do_lower_case
+        self.metadata = metadata or {}
+        if tokenizer.pad_token_id is None:
+            raise UserInputError("the tokenizer has no padding token; kfdeb pads batches and needs one")
+        self.pad_id = int(tokenizer.pad_token_id)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dimension(self) -> int:
+        return int(self.transformer.config.hidden_size)
+
+    def tokenize(self, sentences: Sequence[str]) -> list[list[int]]:
+        """Token ids per sentence, special tokens included, truncated to max_seq_length."""
+        texts = [s.lower() for s in sentences] if self.do_lower_case else list(sentences)
+        if not texts:
+            return []
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_seq_length, add_special_tokens=True)
+        return encoded["input_ids"]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # No token_type_ids: single sentences are all segment 0, which is what BERT-style models
+        # default to, and DeBERTa-v2 with type_vocab_size 0 ignores them anyway.
+        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        embeddings = masked_mean_pool(hidden, attention_mask)
+        return F.normalize(embeddings, dim=-1) if self.normalize else embeddings
+
+    def embed_ids(self, sequences: Sequence[Sequence[int]], pad_to_multiple_of: int = 1) -> torch.Tensor:
+        """Embeddings of already tokenized sentences, padded together into one batch."""
+        input_ids, attention_mask = pad_batch(sequences, self.pad_id, pad_to_multiple_of)
+        device = self.device
+        return self(input_ids.to(device, non_blocking=True), attention_mask.to(device, non_blocking=True))
+
+    def encode(
+        self,
+        sentences: Sequence[str],
+        batch_size: int = 32,
+        normalize: bool = False,
+        device: str | torch.device | None = None,
+        convert_to_numpy: bool = False,
+        show_progress: bool = False,
+    ) -> torch.Tensor | np.ndarray:
+        """float32 embeddings (N x H) in input order.
+
+        Sentences are tokenized once, sorted by length (so each batch pads little), run under
+        inference_mode in batches, and put back in input order.
+        """
+        if isinstance(sentences, str):
+            raise TypeError("encode takes a list of sentences; wrap a single sentence in a list")
+        if device is not None:
+            self.to(device)
+        was_training = self.training
+        self.eval()
+        ids = self.tokenize(sentences)
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        chunks = []
+        batches = range(0, len(order), batch_size)
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="encode", unit="batch")
+        with torch.inference_mode():
+            for start in batches:
+                chunk = self.embed_ids([ids[i] for i in order[start : start + batch_size]])
+                chunks.append(chunk.float().cpu())
+        self.train(was_training)
+        embeddings = torch.empty((len(ids), self.dimension), dtype=torch.float32)
+        if chunks:
+            embeddings[torch.as_tensor(order)] = torch.cat(chunks)
+        if normalize:
+            embeddings = F.normalize(embeddings, dim=-1)
+        return embeddings.numpy() if convert_to_numpy else embeddings
+
+    def save(self, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+        """Write the checkpoint format (module docstring) to `path`, each file atomically."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob(".kfdeb-tmp-*"):  # scratch left by a killed save
+            shutil.rmtree(stale, ignore_errors=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".kfdeb-tmp-", dir=path))
+        try:
+            self.transformer.save_pretrained(scratch, safe_serialization=True)
+            self.tokenizer.save_pretrained(scratch)
+            modules = [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            ]
+            if self.normalize:
+                modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+                (scratch / "2_Normalize").mkdir()
+            _write_json(scratch / "modules.json", modules)
+            _write_json(
+                scratch / "sentence_bert_config.json",
+                {"max_seq_length": self.max_seq_length, "do_lower_case": self.do_lower_case},
+            )
+            (scratch / "1_Pooling").mkdir()
+            _write_json(
+                scratch / "1_Pooling" / "config.json",
+                {
+                    "word_embedding_dimension": self.dimension,
+                    "pooling_mode_cls_token": False,
+                    "pooling_mode_mean_tokens": True,
+                    "pooling_mode_max_tokens": False,
+                    "pooling_mode_mean_sqrt_len_tokens": False,
+                    "pooling_mode_weightedmean_tokens": False,
+                    "pooling_mode_lasttoken": False,
+                    "include_prompt": True,
+                },
+            )
+            self.metadata = {**self.metadata, **(metadata or {})}
+            _write_json(scratch / KFDEB_METADATA, {"format": "kfdeb/1", **self.metadata})
+            files = sorted(p.relative_to(scratch) for p in scratch.rglob("*") if p.is_file())
+            # weights after the configs and kfdeb.json last: a reader that sees the new metadata
+            # also sees the weights it describes.
+            files.sort(key=lambda p: (p.name == KFDEB_METADATA, p.suffix == ".safetensors"))
+            for relative in files:
+                (path / relative).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(scratch / relative, path / relative)
+            if self.normalize:
+                (path / "2_Normalize").mkdir(exist_ok=True)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return path
+
+
+def load_encoder(
+    name_or_path: str | os.PathLike,
+    max_seq_length: int | None = None,
+    device: str | torch.device | None = None,
+) -> SentenceEncoder:
+    """Open a kfdeb checkpoint, HF encoder folder, sentence-transformers folder or hub id."""
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = resolve_model_dir(name_or_path)
+    normalize, do_lower_case, saved_length, metadata = False, False, None, {}
+    transformer_dir = folder
+    if (folder / "modules.json").exists():
+        layout = _sentence_transformers_layout(folder)
+        transformer_dir, normalize = layout["transformer_dir"], layout["normalize"]
+    if (transformer_dir / "sentence_bert_config.json").exists():
+        st_config = _read_json(transformer_dir / "sentence_bert_config.json")
+        saved_length = st_config.get("max_seq_length")
+        do_lower_case = bool(st_config.get("do_lower_case", False))
+    if (folder / KFDEB_METADATA).exists():
+        metadata = _read_json(folder / KFDEB_METADATA)
+    if not (transformer_dir / "config.json").exists():
+        raise UserInputError(
+            f"{folder}: not a model folder (no config.json); expected a kfdeb checkpoint, "
+            "a Hugging Face encoder folder or a sentence-transformers folder"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(transformer_dir))
+        transformer = AutoModel.from_pretrained(str(transformer_dir), dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserInputError(f"{transformer_dir}: cannot load the encoder ({first_line[:200]})") from None
+    length = max_seq_length or saved_length or DEFAULT_MAX_SEQ_LENGTH
+    model_limit = getattr(transformer.config, "max_position_embeddings", None)
+    if getattr(transformer.config, "position_biased_input", True) and model_limit and length > model_limit:
+        length = model_limit  # absolute position embeddings end there; relative attention has no limit
+    encoder = SentenceEncoder(transformer, tokenizer, int(length), normalize, do_lower_case, metadata)
+    if device is not None:
+        encoder.to(device)
+    return encoder

@@ -1,0 +1,44 @@
+"""Masked mean pooling as one batched matrix product, with a hand-written backward.
+
+For token states h (B x L x H) and a 0/1 attention mask m (B x L), with n_b = max(sum_l m_bl, 1e-9):
+
+    forward:   e_b = (1 / n_b) * sum_l m_bl h_bl        = bmm(m[:, None, :], h)[:, 0, :] / n_b
+    backward:  dL/dh_bl = m_bl * (dL/de_b) / n_b         (an outer product of m_b and g_b / n_b)
+
+The naive `(h * m[..., None]).sum(1) / n` writes a B x L x H masked copy of h in the forward
+only to sum it away; here the forward reads h once through bmm and allocates just B x H, and
+autograd keeps only the mask and the counts (not h). The backward has to produce a B x L x H
+gradient anyway and builds it with one bmm as well. The clamp of n at 1e-9 matches sentence-transformers' Pooling, so
+an all-padding row gives a zero vector instead of NaN.
+
+Precision: the product runs in h's dtype (fp32 accumulation inside bmm for bf16/fp16) and the
+division and result are float32 (float64 input stays float64), so bf16 autocast does not round the sentence embedding twice.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class MaskedMeanPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out_dtype = torch.promote_types(hidden.dtype, torch.float32)  # bf16/fp16 -> fp32, fp64 stays
+        mask = attention_mask.to(hidden.dtype)
+        counts = attention_mask.sum(dim=1, keepdim=True).to(out_dtype).clamp(min=1e-9)
+        summed = torch.bmm(mask.unsqueeze(1), hidden).squeeze(1)
+        ctx.save_for_backward(mask, counts)
+        ctx.hidden_dtype = hidden.dtype
+        return summed.to(out_dtype) / counts
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
+        mask, counts = ctx.saved_tensors
+        scaled = (grad_output / counts).to(ctx.hidden_dtype)  # B x H
+        grad_hidden = torch.bmm(mask.unsqueeze(2), scaled.unsqueeze(1))  # B x L x H
+        return grad_hidden, None
+
+
+def masked_mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the token states where attention_mask is 1: (B x L x H, B x L) -> B x H, at least float32."""
+    return MaskedMeanPool.apply(hidden, attention_mask)

@@ -1,0 +1,157 @@
+"""What a run leaves for people: the loss / dev-Spearman plot and the model card (README.md).
+
+The model card is publishable as is: YAML front matter for the Hugging Face hub, what the model
+is, the recipe and config that trained it, the KorSTS dev/test figures of the run, how to use it
+from kfdeb, sentence-transformers and plain transformers, and the data licence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from kfdeb.config import BUNDLED, TINY_MODEL, TrainConfig
+from kfdeb.evaluation import TABLE_HEADER, table_row
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_curves(metrics_path: Path, png_path: Path) -> None:
+    """Training loss per objective and dev cosine Spearman against the step, as one PNG (atomic)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    figure, (loss_axis, dev_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for task in sorted({r["task"] for r in rows if "task" in r}):
+        points = [(r["step"], r["loss"]) for r in rows if r.get("task") == task]
+        loss_axis.plot(*zip(*points), label=f"{task} loss")
+    loss_axis.set_xlabel("step")
+    loss_axis.set_ylabel("training loss")
+    loss_axis.legend()
+    dev = [(r["step"], r["cosine_spearman"]) for r in rows if r.get("split") == "dev"]
+    if dev:
+        dev_axis.plot(*zip(*dev), marker="o", label="dev cosine Spearman")
+    dev_axis.set_xlabel("step")
+    dev_axis.set_ylabel("KorSTS dev cosine Spearman (x100)")
+    dev_axis.legend()
+    figure.tight_layout()
+    scratch = png_path.with_name(f".{png_path.name}.tmp-{os.getpid()}.png")
+    figure.savefig(scratch, dpi=100)
+    plt.close(figure)
+    os.replace(scratch, png_path)
+
+
+_RECIPES = {
+    "nli,sts": "multitask: KorNLI triplets with in-batch negatives (MultipleNegativesRankingLoss) and KorSTS "
+               "cosine regression (CosineSimilarityLoss), one batch of each per step",
+    "nli": "KorNLI triplets with in-batch negatives (MultipleNegativesRankingLoss)",
+    "sts": "KorSTS cosine regression (CosineSimilarityLoss)",
+}
+
+
+def write_model_card(output_dir: Path, config: TrainConfig, summary: dict[str, Any]) -> Path:
+    name = output_dir.resolve().name
+    base = config.model_name_or_path
+    base_line = f"base_model: {base}\n" if base != TINY_MODEL and not Path(base).exists() else ""
+    datasets = {"nli": "kor_nli", "sts": "kor_sts"}
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("progress", "config", "resume", "overwrite_output_dir")}
+    if settings["data_dir"] == BUNDLED:
+        settings["data_dir"] = "bundled KorNLU files (KorSTS, XNLI dev/test)"
+    tiny_note = ("\n> This model comes from the offline smoke preset: a tiny DeBERTa-v2 with random initial "
+                 "weights trained for a few hundred steps. It proves the pipeline, not quality.\n"
+                 if base == TINY_MODEL else "")
+    card = f"""---
+language:
+- ko
+library_name: sentence-transformers
+pipeline_tag: sentence-similarity
+tags:
+- sentence-transformers
+- sentence-similarity
+- feature-extraction
+- kfdeb
+datasets:
+{chr(10).join(f"- {datasets[t]}" for t in config.task_list)}
+{base_line}---
+
+# {name}
+
+A Korean sentence-embedding model: `{base}` fine-tuned with kfdeb on {_RECIPES[",".join(config.task_list)]}.
+Sentences become {summary.get('dimension', 'fixed-size')} vectors (mean of the token embeddings);
+similar meanings give a high cosine similarity, for semantic search, clustering and deduplication.
+{tiny_note}
+## KorSTS
+
+Pearson and Spearman correlation (x100) of each similarity with the gold scores; the best
+checkpoint (step {summary['best_step']} of {summary['total_steps']}, selected on dev {config.metric_for_best}).
+
+{TABLE_HEADER}
+{table_row(f"{name} (dev)", summary['dev'])}
+{table_row(f"{name} (test)", summary['test'])}
+
+## Usage
+
+kfdeb:
+
+```python
+import kfdeb
+
+model = kfdeb.load("{output_dir}")
+embeddings = model.encode(["안녕하세요?", "한국어 문장 임베딩을 위한 모델입니다."], normalize=True)
+```
+
+sentence-transformers:
+
+```python
+from sentence_transformers import SentenceTransformer
+
+model = SentenceTransformer("{output_dir}")
+embeddings = model.encode(["안녕하세요?", "한국어 문장 임베딩을 위한 모델입니다."])
+```
+
+transformers with mean pooling:
+
+```python
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{output_dir}")
+model = AutoModel.from_pretrained("{output_dir}")
+batch = tokenizer(["안녕하세요?", "한국어 문장 임베딩을 위한 모델입니다."], padding=True, truncation=True,
+                  max_length={config.max_seq_length}, return_tensors="pt")
+with torch.no_grad():
+    tokens = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+mask = batch["attention_mask"].unsqueeze(-1).float()
+embeddings = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+```
+
+## Training
+
+Recipe of upskyy/kf-deberta-multitask and jhgan00/ko-sentence-transformers (sentence-transformers
+v2 `fit`), reimplemented in kfdeb: AdamW (weight decay except bias and LayerNorm), linear warmup
+then linear decay, gradient-norm clipping, best checkpoint on KorSTS dev. Config of this run:
+
+```json
+{json.dumps(settings, indent=2, ensure_ascii=False)}
+```
+
+## Data and licence
+
+Trained on KorNLI and KorSTS (Ham et al., 2020, "KorNLI and KorSTS: New Benchmark Datasets for
+Korean Natural Language Understanding", github.com/kakaobrain/kor-nlu-datasets), released under
+CC BY-SA 4.0. Check the base model's licence before publishing.
+"""
+    path = output_dir / "README.md"
+    scratch = path.with_name(f".README.md.tmp-{os.getpid()}")
+    scratch.write_text(card, encoding="utf-8")
+    os.replace(scratch, path)
+    return path

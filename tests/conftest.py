@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny models built offline (nothing is downloaded), the bundled data, helpers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_deberta(tmp_path_factory) -> Path:
+    """A random-weight tiny DeBERTa-v2 (kf-deberta options, small sizes, no dropout) + WordPiece tokenizer."""
+    from kfdeb.tiny import build_tiny_deberta
+
+    return build_tiny_deberta(tmp_path_factory.mktemp("tiny-deberta"), seed=0, dropout=0.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory, tiny_deberta) -> Path:
+    """A random-weight tiny BERT (absolute positions, token types) sharing the tiny tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_deberta)
+    torch.manual_seed(1)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=96, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def bundled_dir() -> Path:
+    from kfdeb.data import BUNDLED_DATA_DIR
+
+    return BUNDLED_DATA_DIR
+
+
+def run_script(script: str, *args: str, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run one of the top-level scripts the way a user does; capture its output."""
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})},
+    )

@@ -1,0 +1,6 @@
+"""python train.py --help: see README.md. The logic lives in kfdeb/ (cli.train_main)."""
+
+from kfdeb import cli
+
+if __name__ == "__main__":
+    cli.run(cli.train_main)
