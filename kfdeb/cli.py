@@ -90,3 +90,62 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result.figures, indent=2) + "\n", encoding="utf-8")
     return 0
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    import argparse
+    from pathlib import Path
+
+    from kfdeb.onnx import DEFAULT_OPSET, FP16_RELATIVE_TOLERANCE, FP32_TOLERANCE, METADATA_FILE
+
+    parser = argparse.ArgumentParser(
+        prog="export.py",
+        description="Export a sentence encoder (encoder + mean pooling [+ normalize]) as one ONNX graph with "
+                    "inputs input_ids, attention_mask and outputs sentence_embedding, token_embeddings; "
+                    "check it against PyTorch on onnxruntime.",
+    )
+    parser.add_argument("ckpt", help="kfdeb output dir, Hugging Face or sentence-transformers folder")
+    parser.add_argument("--output", default=None, metavar="PATH", help="the .onnx to write (default: CKPT/onnx/model.onnx)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, 14 to 20 (default {DEFAULT_OPSET})")
+    parser.add_argument("--quantize", default=None, metavar="int8",
+                        help="also write MODEL.int8.onnx (dynamic int8) and compare size, agreement and speed")
+    parser.add_argument("--fp16", action="store_true", help="also write MODEL.fp16.onnx (fp16 inside, float32 in/out)")
+    parser.add_argument("--max_seq_length", type=int, default=None, help="recorded for the ONNX encoder (default: the model's own)")
+    parser.add_argument("--no-check", dest="check", action="store_false",
+                        help="skip the onnxruntime-vs-PyTorch comparison (on by default)")
+    args = parser.parse_args(argv)
+    quiet_third_party()
+    import kfdeb.onnx as kfdeb_onnx
+    from kfdeb.data import BUNDLED_DATA_DIR, read_sts
+    from kfdeb.model import load_encoder, resolve_model_dir
+
+    if args.output is None and not Path(args.ckpt).is_dir():
+        resolve_model_dir(args.ckpt)  # a missing folder or a file: its own message
+        raise UserInputError(f"{args.ckpt}: not a local folder, so there is no default output; pass --output PATH.onnx")
+    output = Path(args.output) if args.output else Path(args.ckpt) / "onnx" / "model.onnx"
+    # bad flags and a missing [onnx] extra fail before the model loads
+    kfdeb_onnx.check_arguments(output, args.opset, args.quantize)
+    kfdeb_onnx.require("onnx")
+    kfdeb_onnx.require("onnxruntime")
+    encoder = load_encoder(args.ckpt, max_seq_length=args.max_seq_length, device="cpu")
+    result = kfdeb_onnx.export(encoder, output, args.opset, args.check, args.quantize, args.fp16)
+    for variant, diffs in result.max_abs_diff.items():
+        limit = f"{FP32_TOLERANCE:g}" if variant == "fp32" else f"{FP16_RELATIVE_TOLERANCE:g} x max |value|"
+        print(f"check {variant}: max abs diff to PyTorch on onnxruntime (batches of 1, 3, 5 sentences, padded): "
+              + ", ".join(f"{name} {diff:.2e}" for name, diff in diffs.items()) + f" (tolerance {limit}): ok")
+    if not args.check:
+        print("check skipped (--no-check)")
+    for variant, path in result.paths.items():
+        what = f"opset {args.opset}; inputs input_ids, attention_mask; outputs sentence_embedding, token_embeddings"
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB" + (f", {what})" if variant == "fp32" else ")"))
+    print(f"wrote the tokenizer and {METADATA_FILE} beside it")
+    if args.quantize or args.fp16:
+        pairs = read_sts(BUNDLED_DATA_DIR / "KorSTS" / "sts-dev.tsv")
+        sentences = list(dict.fromkeys(s for p in pairs for s in (p.sentence1, p.sentence2)))[:512]
+        rows = kfdeb_onnx.compare(encoder, result.paths, sentences)
+        print(f"| engine ({len(sentences)} KorSTS dev sentences, batch 32, CPU) | file MB | cosine to PyTorch fp32 "
+              "(mean / min) | sentences/s |\n|---|---|---|---|")
+        for row in rows:
+            size = f"{row.file_bytes / 1e6:.1f}" if row.file_bytes is not None else "-"
+            print(f"| {row.name} | {size} | {row.cosine_mean:.5f} / {row.cosine_min:.5f} | {row.sentences_per_second:.1f} |")
+    return 0

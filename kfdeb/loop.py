@@ -250,9 +250,11 @@ class StepMeter:
         bad = [(s, run.tasks[i].name) for i, s in enumerate(self.first_bad_step.tolist()) if s >= 0]
         if bad:
             at, name = min(bad)
+            last = checkpoint.latest(run.output_dir)
+            kept = f"the last good state ({last.name}) stays in {last.parent}" if last else "no state had been saved yet"
             raise FloatingPointError(
-                f"the {name} loss is not finite at step {at}; training stopped, the last good state and best model "
-                f"stay in {run.output_dir} (lower --learning_rate, or use --amp bf16 instead of fp16)"
+                f"the {name} loss is not finite at step {at}; training stopped and {kept} "
+                "(lower --learning_rate, or use --amp bf16 instead of fp16)"
             )
         seconds = time.perf_counter() - self.started
         rate = sum(t.batch_size for t in run.tasks) * self.steps / seconds if seconds > 0 else 0.0
@@ -313,7 +315,6 @@ def save_state(run: Run, progress: Progress) -> None:
             "world_size": ctx.world_size,
         })
         checkpoint.commit(scratch, progress.step)
-        plot_curves(run.output_dir / "metrics.jsonl", run.output_dir / "curves.png")
     distributed.barrier(ctx)  # nobody runs ahead of a state that is not committed yet
 
 
@@ -350,6 +351,8 @@ def evaluate_and_keep_best(run: Run, progress: Progress, epoch: int) -> None:
             run.encoder.save(run.output_dir, {"base_model": run.config.model_name_or_path, "step": progress.step,
                                               "dev": result.figures, "config": run.config.to_dict()})
     run.log.write(step=progress.step, epoch=epoch, split="dev", score=score, best=improved, **result.figures)
+    if run.ctx.is_main:
+        plot_curves(run.output_dir / "metrics.jsonl", run.output_dir / "curves.png")  # ~0.5 s: only with new dev points
     best = "best" if improved else f"best {progress.best_score:.2f} at step {progress.best_step}"
     _say(run, f"step {progress.step}: dev {run.config.metric_for_best} {score:.2f} ({best})")
     distributed.barrier(run.ctx)  # the best model is on disk before anyone moves on
@@ -409,6 +412,9 @@ def setup(config: TrainConfig, ctx: distributed.Context) -> Run:
     dev_pairs, test_pairs = read_sts(sts_path(data_dir, "dev")), read_sts(sts_path(data_dir, "test"))
     encoder = load_encoder(_model_source(config, output_dir, ctx), max_seq_length=config.max_seq_length, device=ctx.device)
     encoder.metadata = {"base_model": config.model_name_or_path}
+    frozen = encoder.freeze_unused_parameters()
+    if frozen:
+        distributed.print0(ctx, f"not trained (the sentence embedding does not use them): {', '.join(frozen)}")
     tasks = build_tasks(config, examples, encoder, ctx)
     steps_per_epoch = min(len(task.sampler) for task in tasks)
     total_steps = config.max_steps or steps_per_epoch * config.num_epochs

@@ -161,6 +161,26 @@ class SentenceEncoder(torch.nn.Module):
         embeddings = masked_mean_pool(hidden, attention_mask)
         return F.normalize(embeddings, dim=-1) if self.normalize else embeddings
 
+    def freeze_unused_parameters(self) -> list[str]:
+        """Stop training parameters the sentence embedding does not depend on (e.g. BERT's pooler).
+
+        Found by one tiny forward/backward: a parameter outside the graph gets no gradient. The
+        reference never updated them either (AdamW skips parameters without a gradient), and DDP
+        needs every trained parameter to take part in each backward.
+        """
+        ids = [self.tokenizer.cls_token_id or self.pad_id, self.tokenizer.sep_token_id or self.pad_id]
+        was_training = self.training
+        self.eval()  # no dropout: this probe must not draw from the RNG the training run will use
+        self.zero_grad(set_to_none=True)
+        self.embed_ids([ids]).sum().backward()
+        self.train(was_training)
+        unused = [name for name, p in self.named_parameters() if p.requires_grad and p.grad is None]
+        for name, param in self.named_parameters():
+            param.grad = None
+            if name in unused:
+                param.requires_grad_(False)
+        return unused
+
     def embed_ids(self, sequences: Sequence[Sequence[int]], pad_to_multiple_of: int = 1) -> torch.Tensor:
         """Embeddings of already tokenized sentences, padded together into one batch."""
         input_ids, attention_mask = pad_batch(sequences, self.pad_id, pad_to_multiple_of)

@@ -36,13 +36,14 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
         loss_axis.plot(*zip(*points), label=f"{task} loss")
     loss_axis.set_xlabel("step")
     loss_axis.set_ylabel("training loss")
-    loss_axis.legend()
     dev = [(r["step"], r["cosine_spearman"]) for r in rows if r.get("split") == "dev"]
     if dev:
         dev_axis.plot(*zip(*dev), marker="o", label="dev cosine Spearman")
     dev_axis.set_xlabel("step")
     dev_axis.set_ylabel("KorSTS dev cosine Spearman (x100)")
-    dev_axis.legend()
+    for axis in (loss_axis, dev_axis):
+        if axis.lines:
+            axis.legend()
     figure.tight_layout()
     scratch = png_path.with_name(f".{png_path.name}.tmp-{os.getpid()}.png")
     figure.savefig(scratch, dpi=100)

@@ -54,3 +54,24 @@ def run_script(script: str, *args: str, timeout: float = 240, env: dict | None =
         [sys.executable, str(REPO / script), *map(str, args)],
         capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})},
     )
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory, bundled_dir) -> Path:
+    """A kor-nlu-datasets-shaped folder cut from the bundled files, small enough for quick runs."""
+    root = tmp_path_factory.mktemp("kor-nlu-small")
+    cuts = {"KorNLI/xnli.dev.ko.tsv": ("KorNLI/small.train.ko.tsv", 901), "KorSTS/sts-train.tsv": ("KorSTS/sts-train.tsv", 401),
+            "KorSTS/sts-dev.tsv": ("KorSTS/sts-dev.tsv", 201), "KorSTS/sts-test.tsv": ("KorSTS/sts-test.tsv", 201)}
+    for source, (target, lines) in cuts.items():
+        (root / target).parent.mkdir(parents=True, exist_ok=True)
+        text = (bundled_dir / source).read_text(encoding="utf-8").splitlines(keepends=True)[:lines]
+        (root / target).write_text("".join(text), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_deberta_dropout(tmp_path_factory) -> Path:
+    """The tiny DeBERTa-v2 with dropout 0.1, for runs whose exactness depends on the RNG state."""
+    from kfdeb.tiny import build_tiny_deberta
+
+    return build_tiny_deberta(tmp_path_factory.mktemp("tiny-deberta-dropout"), seed=0, dropout=0.1)

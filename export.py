@@ -1,0 +1,6 @@
+"""python export.py --help: see README.md. The logic lives in kfdeb/ (cli.export_main, kfdeb/onnx.py)."""
+
+from kfdeb import cli
+
+if __name__ == "__main__":
+    cli.run(cli.export_main)

@@ -1,0 +1,411 @@
+"""The whole sentence encoder as one ONNX graph: export, verification, int8/fp16 variants, and a runner.
+
+The graph is `SentenceEncoder.forward` itself, traced by torch's TorchScript-based exporter
+(`torch.onnx.export(..., dynamo=False)`; the dynamo exporter needs onnxscript):
+
+    inputs   input_ids (B x L, int64), attention_mask (B x L, int64; 1 = token, 0 = padding)
+    outputs  token_embeddings   h = the encoder's last hidden states           (B x L x H, float32)
+             sentence_embedding e_b = sum_l m_bl h_bl / max(sum_l m_bl, 1e-9)  (B x H, float32),
+                                then e_b / ||e_b|| if the model ends in a Normalize module
+B and L are dynamic. There is no token_type_ids input: SentenceEncoder.forward never passes one,
+so BERT-style models use their all-zero default (segment 0, what a single sentence is) and
+DeBERTa-v2 with type_vocab_size 0 has none; a runtime that tokenizes with tokenizer.json drops
+the token_type_ids it returns. Pooling stays in one place: the exporter inlines our
+MaskedMeanPool autograd.Function into its bmm (MatMul) and division, and token_embeddings are
+the same hidden states, caught on their way into the pooling by a forward hook.
+
+Files (beside the .onnx; written to a scratch folder, checked, then renamed into place with the
+.onnx files last, so a failed export leaves nothing and a reader never sees a half-written graph):
+    model.onnx          fp32 graph; onnx.checker-valid; compared with PyTorch on onnxruntime
+    model.int8.onnx     --quantize int8: onnxruntime quantize_dynamic, QInt8 weights (MatMul with
+                        one scale per output column, embedding Gathers), activations quantized
+                        per batch at run time. Per-column, not per-tensor, scales: on KorSTS
+                        sentences all-MiniLM-L6-v2 keeps mean cosine 0.987 to fp32 instead of 0.889
+    model.fp16.onnx     --fp16: fp16 weights and arithmetic, float32 inputs/outputs kept
+    tokenizer.json ...  tokenizer.save_pretrained, for any runtime
+    kfdeb_onnx.json     max_seq_length, do_lower_case, normalize, pad id: how OnnxEncoder tokenizes
+
+Verification runs the new graph on batches whose sizes (1, 3, 5) and lengths (up to
+max_seq_length, padded rows included) differ from the export example (2 sentences), and compares
+the embeddings (token states at real tokens only) with PyTorch: fp32 must agree to 1e-4 (seen:
+~1e-6). fp16 must agree to FP16_RELATIVE_TOLERANCE x the largest |value| of that output: fp16
+keeps 11 significant bits (a rounding is up to 2^-11 ~ 4.9e-4 relative), and a few dozen
+roundings compound through the layers, so 1e-2 relative passes a sound conversion while a broken
+one (overflow, a dropped cast: errors of order 1) still fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kfdeb.data import pad_batch
+from kfdeb.errors import UserInputError
+from kfdeb.model import SentenceEncoder, _read_json
+
+# 14: the lowest opset whose DeBERTa-v2 graph onnxruntime accepts and that we test; 20: the
+# TorchScript exporter's highest own opset (above it torch converts with onnx's version converter).
+SUPPORTED_OPSETS = range(14, 21)
+DEFAULT_OPSET = 17
+INPUT_NAMES = ("input_ids", "attention_mask")
+OUTPUT_NAMES = ("sentence_embedding", "token_embeddings")
+VARIANTS = {"fp16", "int8"}  # written beside model.onnx as model.<variant>.onnx
+METADATA_FILE = "kfdeb_onnx.json"
+FP32_TOLERANCE = 1e-4
+FP16_RELATIVE_TOLERANCE = 1e-2
+INSTALL_HINT = 'pip install ".[onnx]" (onnx and onnxruntime)'
+
+_EXAMPLE = ["한국어 문장 인코더를 하나의 그래프로 내보낸다.", "예시 문장"]
+_CHECK_BATCHES = [
+    ["고양이"],
+    ["한 남자가 큰 플루트를 연주하고 있다.", "비행기가 이륙하고 있다.", ""],
+    ["남자가 피자에 치즈를 뿌리고 있다. " * 200,  # truncated to max_seq_length
+     "A man is playing a flute.", "세 명의 아이들이 공원에서 축구를 하고 있다.", "!", "오늘 날씨가 맑다"],
+]
+
+
+def require(name: str) -> ModuleType:
+    """onnx / onnxruntime, imported only when used: they are the optional [onnx] extra."""
+    try:
+        return __import__(name)
+    except ImportError:
+        raise UserInputError(f"{name} is not installed; ONNX export and .onnx models need {INSTALL_HINT}") from None
+
+
+def sibling(path: str | os.PathLike, variant: str) -> Path:
+    """model.onnx -> model.int8.onnx / model.fp16.onnx (same folder, same tokenizer)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.{variant}.onnx")
+
+
+def check_arguments(output: str | os.PathLike, opset: int, quantize: str | None = None) -> None:
+    """The export's flags, checked before any model is loaded."""
+    if Path(output).suffix != ".onnx":
+        raise UserInputError(f"--output {output}: the file name must end in .onnx (kfdeb.load and evaluate.py look for it)")
+    if opset not in SUPPORTED_OPSETS:
+        raise UserInputError(
+            f"--opset {opset}: not supported (use {SUPPORTED_OPSETS.start} to {SUPPORTED_OPSETS.stop - 1}; "
+            f"default {DEFAULT_OPSET})"
+        )
+    if quantize not in (None, "int8"):
+        raise UserInputError(f"--quantize {quantize}: only int8 is supported")
+
+
+class _ExportGraph(torch.nn.Module):
+    """SentenceEncoder.forward unchanged, also returning the token states it pooled."""
+
+    def __init__(self, encoder: SentenceEncoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        caught: list[torch.Tensor] = []
+        hook = self.encoder.transformer.register_forward_hook(lambda _m, _a, out: caught.append(out[0]))
+        try:
+            sentence = self.encoder(input_ids, attention_mask)
+        finally:
+            hook.remove()
+        return sentence, caught[0]
+
+
+def _torch_export(encoder: SentenceEncoder, path: Path, opset: int) -> None:
+    input_ids, attention_mask = pad_batch(encoder.tokenize(_EXAMPLE), encoder.pad_id)
+    dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+               "sentence_embedding": {0: "batch"}, "token_embeddings": {0: "batch", 1: "sequence"}}
+    was_training, device = encoder.training, encoder.device
+    encoder.eval().cpu()  # traced on the CPU so the graph holds no device-specific constants
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # TracerWarnings about Python-side shape arithmetic, verified below
+            torch.onnx.export(
+                _ExportGraph(encoder), (input_ids, attention_mask), str(path), dynamo=False,
+                opset_version=opset, input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+                dynamic_axes=dynamic, do_constant_folding=True,
+            )
+    except Exception as err:  # an architecture or op the exporter cannot express
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserInputError(
+            f"{type(encoder.transformer).__name__}: ONNX export failed at opset {opset} ({reason[:200]})"
+        ) from None
+    finally:
+        encoder.train(was_training).to(device)
+    require("onnx").checker.check_model(str(path))
+
+
+def _session(path: str | os.PathLike, providers: Sequence[str] | None = None):
+    ort = require("onnxruntime")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: fp16 graphs log a warning per node CPU cannot constant-fold
+    try:
+        return ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
+    except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/NoSuchFile types
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserInputError(f"{path}: onnxruntime cannot open it ({reason[:200]})") from None
+
+
+def verify(path: str | os.PathLike, encoder: SentenceEncoder, relative: bool = False,
+           tolerance: float = FP32_TOLERANCE) -> dict[str, float]:
+    """Max |ONNX - PyTorch| per output on the check batches; UserInputError above the tolerance.
+
+    relative: the tolerance is a fraction of the output's largest |value| (used for fp16).
+    """
+    session = _session(path)
+    worst = {name: 0.0 for name in OUTPUT_NAMES}
+    scale = {name: 0.0 for name in OUTPUT_NAMES}
+    for sentences in _CHECK_BATCHES:
+        input_ids, attention_mask = pad_batch(encoder.tokenize(sentences), encoder.pad_id)
+        reference = _pytorch_outputs(encoder, input_ids, attention_mask)
+        try:
+            got = session.run(list(OUTPUT_NAMES), {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()})
+        except Exception as err:  # e.g. a shape the tracer froze to the example's
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserInputError(
+                f"{Path(path).name}: onnxruntime fails on a batch of {input_ids.shape[0]} x {input_ids.shape[1]} "
+                f"tokens ({reason[:200]}); nothing was written"
+            ) from None
+        real = attention_mask.numpy()[..., None].astype(bool)  # padding positions hold no defined value
+        for name, expected, actual in zip(OUTPUT_NAMES, reference, got):
+            if name == "token_embeddings":
+                expected, actual = np.where(real, expected, 0), np.where(real, actual, 0)
+            worst[name] = max(worst[name], float(np.abs(actual - expected).max()))
+            scale[name] = max(scale[name], float(np.abs(expected).max()))
+    for name in OUTPUT_NAMES:
+        allowed = tolerance * max(scale[name], 1.0) if relative else tolerance
+        if not worst[name] <= allowed:  # also catches nan
+            raise UserInputError(
+                f"{Path(path).name}: {name} differs from PyTorch by up to {worst[name]:.3g} on onnxruntime "
+                f"(tolerance {allowed:.3g}); nothing was written (--no-check skips this check)"
+            )
+    return worst
+
+
+def _pytorch_outputs(encoder: SentenceEncoder, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[np.ndarray]:
+    """What the graph computes, from the PyTorch module it was traced from (eval mode, no dropout)."""
+    was_training = encoder.training
+    try:
+        with torch.inference_mode():
+            outputs = _ExportGraph(encoder).eval()(input_ids.to(encoder.device), attention_mask.to(encoder.device))
+    finally:
+        encoder.train(was_training)
+    return [t.float().cpu().numpy() for t in outputs]
+
+
+def _quantize_int8(source: Path, target: Path) -> None:
+    import logging
+
+    require("onnx")
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    disabled = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # it logs advice on pre-processing (which fails on these graphs) to root
+    try:
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)
+    finally:
+        logging.disable(disabled)
+
+
+def _convert_fp16(source: Path, target: Path) -> None:
+    onnx = require("onnx")
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it warns about constants clamped into the fp16 range
+        model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+    onnx.save(model, str(target))
+    onnx.checker.check_model(str(target))
+
+
+def _runtime_metadata(encoder: SentenceEncoder, opset: int) -> dict[str, Any]:
+    config = encoder.transformer.config
+    # the longest input the graph can take: absolute position embeddings end, relative attention does not
+    limit = getattr(config, "max_position_embeddings", None) if getattr(config, "position_biased_input", True) else None
+    return {
+        "format": "kfdeb-onnx/1",
+        "max_seq_length": encoder.max_seq_length,
+        "length_limit": limit,
+        "do_lower_case": encoder.do_lower_case,
+        "normalize": encoder.normalize,
+        "pad_token_id": encoder.pad_id,
+        "dimension": encoder.dimension,
+        "model_type": getattr(config, "model_type", None),
+        "opset": opset,
+        "inputs": list(INPUT_NAMES),
+        "outputs": list(OUTPUT_NAMES),
+    }
+
+
+@dataclass
+class ExportResult:
+    paths: dict[str, Path]  # "fp32" / "fp16" / "int8" -> written graph
+    max_abs_diff: dict[str, dict[str, float]]  # variant -> output -> max |ONNX - PyTorch| (checked ones)
+
+
+def export(encoder: SentenceEncoder, output: str | os.PathLike, opset: int = DEFAULT_OPSET, check: bool = True,
+           quantize: str | None = None, fp16: bool = False) -> ExportResult:
+    """Write `output` (fp32), its tokenizer and kfdeb_onnx.json, and the chosen variants beside it."""
+    output = Path(output)
+    check_arguments(output, opset, quantize)
+    require("onnx")
+    require("onnxruntime")
+    folder_existed = output.parent.exists()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".kfdeb-onnx-", dir=output.parent))
+    try:
+        encoder.tokenizer.save_pretrained(scratch)
+        (scratch / METADATA_FILE).write_text(json.dumps(_runtime_metadata(encoder, opset), indent=2) + "\n")
+        staged = {"fp32": scratch / output.name}
+        diffs = {}
+        _torch_export(encoder, staged["fp32"], opset)
+        if check:
+            diffs["fp32"] = verify(staged["fp32"], encoder)
+        if fp16:
+            staged["fp16"] = scratch / sibling(output, "fp16").name
+            _convert_fp16(staged["fp32"], staged["fp16"])
+            if check:
+                diffs["fp16"] = verify(staged["fp16"], encoder, relative=True, tolerance=FP16_RELATIVE_TOLERANCE)
+        if quantize:
+            staged["int8"] = scratch / sibling(output, "int8").name
+            _quantize_int8(staged["fp32"], staged["int8"])
+        graphs = set(staged.values())
+        # tokenizer and metadata first, graphs last: whoever sees a new .onnx also sees how to feed it
+        for path in sorted(scratch.rglob("*"), key=lambda p: p in graphs):
+            if path.is_file():
+                target = output.parent / path.relative_to(scratch)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+        for variant in VARIANTS.difference(staged):  # an older export's: it no longer matches model.onnx
+            sibling(output, variant).unlink(missing_ok=True)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if not folder_existed:
+            shutil.rmtree(output.parent, ignore_errors=True)  # we made it; nothing of ours is finished
+        raise
+    shutil.rmtree(scratch, ignore_errors=True)
+    return ExportResult({k: output.parent / v.name for k, v in staged.items()}, diffs)
+
+
+class OnnxEncoder:
+    """Runs an exported graph with onnxruntime: `encode` behaves like SentenceEncoder.encode."""
+
+    # the very same truncation, special tokens and lowercasing as the PyTorch encoder
+    tokenize = SentenceEncoder.tokenize
+
+    def __init__(self, session: Any, tokenizer: Any, max_seq_length: int, do_lower_case: bool, pad_id: int,
+                 dimension: int, path: Path):
+        self.session = session
+        self.tokenizer = tokenizer
+        self.max_seq_length = max_seq_length
+        self.do_lower_case = do_lower_case
+        self.pad_id = pad_id
+        self.dimension = dimension
+        self.path = path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, max_seq_length: int | None = None,
+             providers: Sequence[str] | None = None) -> "OnnxEncoder":
+        """Open a graph written by export.py; its tokenizer and kfdeb_onnx.json lie beside it."""
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise UserInputError(f"{path}: no such ONNX file")
+        if not (path.parent / METADATA_FILE).is_file():
+            raise UserInputError(
+                f"{path}: no {METADATA_FILE} beside it; kfdeb reads graphs written by export.py "
+                "(it stores the tokenizer and its settings next to the .onnx)"
+            )
+        meta = _read_json(path.parent / METADATA_FILE)
+        if not isinstance(meta, dict) or meta.get("format") != "kfdeb-onnx/1":
+            raise UserInputError(f"{path.parent / METADATA_FILE}: not written by this kfdeb (expected format kfdeb-onnx/1)")
+        session = _session(path, providers)
+        names = {i.name for i in session.get_inputs()}, {o.name for o in session.get_outputs()}
+        if names[0] != set(INPUT_NAMES) or "sentence_embedding" not in names[1]:
+            raise UserInputError(f"{path}: expected inputs {', '.join(INPUT_NAMES)} and output sentence_embedding")
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent))
+        except (OSError, ValueError, KeyError) as err:
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserInputError(f"{path.parent}: cannot load the tokenizer ({first_line[:200]})") from None
+        length = max_seq_length or meta["max_seq_length"]
+        if meta.get("length_limit"):
+            length = min(length, meta["length_limit"])
+        return cls(session, tokenizer, int(length), bool(meta["do_lower_case"]), int(meta["pad_token_id"]),
+                   int(meta["dimension"]), path)
+
+    @property
+    def device_name(self) -> str:
+        return f"onnxruntime {self.session.get_providers()[0]}"
+
+    def embed_ids(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        input_ids, attention_mask = pad_batch(sequences, self.pad_id)
+        feed = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
+        return self.session.run(["sentence_embedding"], feed)[0]
+
+    def encode(
+        self,
+        sentences: Sequence[str],
+        batch_size: int = 32,
+        normalize: bool = False,
+        device: str | None = None,
+        convert_to_numpy: bool = False,
+        show_progress: bool = False,
+    ) -> torch.Tensor | np.ndarray:
+        """float32 embeddings (N x H) in input order; length-sorted batches as in SentenceEncoder.encode.
+
+        device is accepted for the same signature; the session's providers decide where it runs.
+        """
+        if isinstance(sentences, str):
+            raise TypeError("encode takes a list of sentences; wrap a single sentence in a list")
+        ids = self.tokenize(sentences)
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        batches = range(0, len(order), batch_size)
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="encode", unit="batch")
+        embeddings = torch.empty((len(ids), self.dimension), dtype=torch.float32)
+        for start in batches:
+            rows = order[start : start + batch_size]
+            embeddings[torch.as_tensor(rows)] = torch.from_numpy(self.embed_ids([ids[i] for i in rows])).float()
+        if normalize:
+            embeddings = F.normalize(embeddings, dim=-1)
+        return embeddings.numpy() if convert_to_numpy else embeddings
+
+
+@dataclass
+class EngineRow:
+    name: str
+    file_bytes: int | None
+    sentences_per_second: float
+    cosine_mean: float  # per-sentence cosine to the PyTorch fp32 embeddings
+    cosine_min: float
+
+
+def compare(encoder: SentenceEncoder, graphs: dict[str, Path], sentences: Sequence[str],
+            batch_size: int = 32) -> list[EngineRow]:
+    """Speed and agreement of PyTorch fp32 and each graph on the same sentences (CPU, in turn)."""
+    engines: list[tuple[str, Any, int | None]] = [("PyTorch fp32", encoder, None)]
+    engines += [(f"ONNX {variant}", OnnxEncoder.load(path, encoder.max_seq_length), path.stat().st_size)
+                for variant, path in graphs.items()]
+    rows, reference = [], None
+    for name, engine, size in engines:
+        engine.encode(sentences[:batch_size], batch_size=batch_size)  # warm-up: allocations, lazy init
+        start = time.perf_counter()
+        vectors = engine.encode(sentences, batch_size=batch_size)
+        seconds = time.perf_counter() - start
+        reference = vectors if reference is None else reference
+        cosine = F.cosine_similarity(vectors, reference, dim=-1)
+        rows.append(EngineRow(name, size, len(sentences) / seconds, float(cosine.mean()), float(cosine.min())))
+    return rows

@@ -1,0 +1,66 @@
+"""TrainConfig (kfdeb/config.py): reference defaults, presets, config files, precedence, validation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kfdeb.config import parse_args, resolve
+from kfdeb.errors import UserInputError
+
+
+def test_defaults_are_the_reference_multitask_recipe():
+    config = parse_args([])
+    assert (config.model_name_or_path, config.data_dir, config.max_seq_length, config.nli_batch_size,
+            config.sts_batch_size, config.num_epochs, config.eval_steps, config.learning_rate, config.warmup_ratio,
+            config.weight_decay, config.max_grad_norm, config.output_dir, config.seed, config.optimizer, config.tasks) == (
+        "kakaobank/kf-deberta-base", "kor-nlu-datasets", 256, 64, 8, 10, 1000, 2e-5, 0.1, 0.01, 1.0, "output", 42,
+        "per_task", "nli,sts")
+
+
+@pytest.mark.parametrize("preset,expected", [
+    ("multitask", {"tasks": "nli,sts", "max_seq_length": 256, "nli_batch_size": 64, "sts_batch_size": 8, "num_epochs": 10, "seed": 42}),
+    ("nli", {"tasks": "nli", "nli_batch_size": 64, "num_epochs": 1, "max_seq_length": 128, "seed": 777, "warmup_ratio": 0.1}),
+    ("sts", {"tasks": "sts", "sts_batch_size": 8, "num_epochs": 5, "max_seq_length": 128, "seed": 777}),
+    ("smoke", {"model_name_or_path": "kfdeb:tiny-deberta", "data_dir": "kfdeb:bundled", "nli_train_glob": "KorNLI/xnli.*.ko.tsv"}),
+])
+def test_presets_resolve_to_their_recipes(preset, expected):
+    config = parse_args(["--preset", preset])
+    assert {key: getattr(config, key) for key in expected} == expected
+    assert config.preset == preset
+
+
+def test_precedence_defaults_preset_file_flags(tmp_path):
+    (tmp_path / "run.yaml").write_text("preset: nli\nnum_epochs: 3\nlearning_rate: 5.0e-5\nseed: 1\n")
+    (tmp_path / "run.json").write_text(json.dumps({"num_epochs": 4, "amp": "bf16"}))
+    from_yaml = parse_args(["--config", str(tmp_path / "run.yaml"), "--seed", "9"])
+    assert (from_yaml.tasks, from_yaml.max_seq_length) == ("nli", 128)  # the file's preset
+    assert (from_yaml.num_epochs, from_yaml.learning_rate) == (3, 5e-5)  # the file over the preset
+    assert from_yaml.seed == 9  # the flag over the file
+    from_json = parse_args(["--preset", "sts", "--config", str(tmp_path / "run.json"), "--resume"])
+    assert (from_json.tasks, from_json.num_epochs, from_json.amp, from_json.resume) == ("sts", 4, "bf16", True)
+
+
+@pytest.mark.parametrize("content,message", [
+    ("nonsense: 1\n", "nonsense: unknown config key"),
+    ("num_epochs: many\n", "num_epochs: expected int, got 'many'"),
+    ("[1, 2]\n", "expected a mapping of config keys"),
+    ("num_epochs: [\n", "not valid YAML"),
+])
+def test_bad_config_files_are_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    with pytest.raises(UserInputError) as err:
+        parse_args(["--config", str(path)])
+    assert str(err.value).startswith(str(path)) and message in str(err.value)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"tasks": "nli,qa"}, "--tasks 'nli,qa'"),
+    ({"nli_batch_size": 0}, "--nli_batch_size 0: must be at least 1"),
+    ({"warmup_ratio": 1.5}, "--warmup_ratio 1.5"),
+])
+def test_invalid_values_are_refused(overrides, message):
+    with pytest.raises(UserInputError, match=message.replace("(", r"\(")):
+        resolve(overrides)

@@ -1,0 +1,185 @@
+"""Data parallelism (gloo on CPU, loopback only): N ranks learn what one process learns."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import REPO
+from kfdeb import checkpoint
+from kfdeb.losses import cosine_mse_loss, in_batch_negatives_loss
+
+ENV = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _gathered_loss_worker(rank: int, world: int, port: int, inputs: dict, results: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        b = inputs["anchors"].shape[0] // world
+        local = {k: v[rank * b:(rank + 1) * b].clone().requires_grad_() for k, v in inputs.items() if k != "labels"}
+        nli = in_batch_negatives_loss(local["anchors"], local["positives"], local["negatives"])
+        sts = cosine_mse_loss(local["anchors"], local["positives"], inputs["labels"][rank * b:(rank + 1) * b],
+                              global_batch_size=inputs["anchors"].shape[0])
+        (nli + sts).backward()
+        results[rank] = {"loss": (nli + sts).item(), **{k: v.grad for k, v in local.items()}}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gathered_losses_equal_the_single_process_loss_and_gradients():
+    generator = torch.Generator().manual_seed(0)
+    inputs = {k: torch.randn(8, 6, dtype=torch.float64, generator=generator) for k in ("anchors", "positives", "negatives")}
+    inputs["labels"] = torch.rand(8, dtype=torch.float64, generator=generator)
+    single = {k: v.clone().requires_grad_() for k, v in inputs.items() if k != "labels"}
+    loss = in_batch_negatives_loss(single["anchors"], single["positives"], single["negatives"]) + \
+        cosine_mse_loss(single["anchors"], single["positives"], inputs["labels"])
+    loss.backward()
+    world = 2
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.start_processes(_gathered_loss_worker, args=(world, free_port(), inputs, results), nprocs=world,
+                           start_method="spawn")
+        results = dict(results)
+    # each rank's loss is its share: their mean is the global loss
+    assert sum(r["loss"] for r in results.values()) / world == pytest.approx(loss.item(), abs=1e-12)
+    for rank, result in results.items():
+        for name in ("anchors", "positives", "negatives"):
+            # the rank's input gradient is W x the single-process one; DDP's averaging divides it back
+            expected = single[name].grad[rank * 4:(rank + 1) * 4]
+            torch.testing.assert_close(result[name] / world, expected, rtol=0, atol=1e-12, msg=f"rank {rank} {name}")
+
+
+@pytest.fixture(scope="module")
+def ddp_data(small_data, tmp_path_factory) -> Path:
+    """small_data with a 21-pair STS train: batches of 4 end in a 1-pair batch that one of two ranks lacks.
+
+    The STS pairs of identical sentences are left out. Their gradient is zero in exact arithmetic
+    (cos(u, u) = 1 whatever u) but +-1e-9 in float32, with a sign that depends on how the batch
+    was split; Adam normalises that into a full +-lr step, so any change of batching (more
+    ranks, or another engine) moves those weights by ~lr. That is Adam's, not the engine's.
+    """
+    root = tmp_path_factory.mktemp("ddp-data")
+    for part in ("KorNLI", "KorSTS"):
+        (root / part).mkdir()
+        for file in (small_data / part).iterdir():
+            lines = file.read_text(encoding="utf-8").splitlines(keepends=True)
+            if file.name == "sts-train.tsv":
+                lines = [l for l in lines if l.rstrip("\n").split("\t")[5] != l.rstrip("\n").split("\t")[6]][:22]
+            (root / part / file.name).write_text("".join(lines), encoding="utf-8")
+    return root
+
+
+def train_args(model, data, out, *extra) -> list[str]:
+    return [str(REPO / "train.py"), "--model_name_or_path", str(model), "--data_dir", str(data),
+            "--nli_train_glob", "KorNLI/*.train.ko.tsv", "--nli_batch_size", "16", "--sts_batch_size", "4",
+            "--max_seq_length", "64", "--max_steps", "12", "--eval_steps", "4", "--save_steps", "4",
+            "--logging_steps", "1", "--learning_rate", "1e-4", "--device", "cpu", "--output_dir", str(out),
+            "--progress", "false", *extra]
+
+
+def torchrun(port: int, *args: str, nnodes: int = 1, nproc: int = 2, node_rank: int | None = None) -> list[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}",
+               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--max_restarts", "0"]
+    if node_rank is not None:
+        command += ["--node_rank", str(node_rank)]
+    return command + list(args)
+
+
+def losses_and_weights(out: Path):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = {(r["step"], r["task"]): (r["loss"], r["grad_norm"]) for r in rows if "task" in r}
+    return losses, checkpoint.read_part(checkpoint.latest(out), "train")["model"]
+
+
+def assert_same_training(reference: Path, other: Path) -> None:
+    expected_losses, expected_weights = losses_and_weights(reference)
+    losses, weights = losses_and_weights(other)
+    assert sorted(losses) == sorted(expected_losses) and len(losses) == 24  # 12 steps x (NLI, STS)
+    for key, (loss, grad_norm) in expected_losses.items():
+        assert losses[key][0] == pytest.approx(loss, abs=1e-5), key
+        # Adam's step does not see a gradient's scale; the clipped norm does: a mis-scaled DDP loss shows here
+        assert losses[key][1] == pytest.approx(grad_norm, rel=1e-4), key
+    for name, tensor in expected_weights.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tiny_deberta, ddp_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "out"
+    result = subprocess.run([sys.executable, *train_args(tiny_deberta, ddp_data, out)], capture_output=True,
+                            text=True, timeout=300, env=ENV)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_two_ranks_give_the_single_process_losses_and_weights(tiny_deberta, ddp_data, single_process_run, tmp_path):
+    out = tmp_path / "ddp"
+    result = subprocess.run(torchrun(free_port(), *train_args(tiny_deberta, ddp_data, out)), capture_output=True,
+                            text=True, timeout=300, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout and result.stdout.count("best model (step") == 1  # rank 0 talks
+    assert_same_training(single_process_run, out)
+
+
+def test_two_nodes_on_loopback_match_the_single_process(tiny_deberta, ddp_data, single_process_run, tmp_path):
+    out = tmp_path / "nodes"
+    port = free_port()
+    nodes = [subprocess.Popen(torchrun(port, *train_args(tiny_deberta, ddp_data, out), nnodes=2, nproc=1, node_rank=r),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for r in (0, 1)]
+    for node in nodes:
+        _, stderr = node.communicate(timeout=300)
+        assert node.returncode == 0, stderr[-3000:]
+    assert_same_training(single_process_run, out)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def test_a_killed_rank_ends_the_job_within_a_minute(tiny_deberta, ddp_data, tmp_path):
+    out = tmp_path / "killed"
+    launcher = subprocess.Popen(torchrun(free_port(), *train_args(tiny_deberta, ddp_data, out, "--max_steps", "100000",
+                                                                   "--eval_steps", "100000", "--save_steps", "100000")),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    deadline = time.time() + 120
+    while time.time() < deadline and launcher.poll() is None:  # wait until both ranks are training
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and metrics.read_text().count("\n") >= 4:
+            break
+        time.sleep(0.2)
+    workers = _children(launcher.pid)
+    assert launcher.poll() is None and len(workers) == 2
+    os.kill(max(workers), signal.SIGKILL)  # one rank dies, as on an OOM kill
+    killed_at = time.time()
+    launcher.wait(timeout=90)
+    assert launcher.returncode != 0
+    assert time.time() - killed_at < 60
+    for pid in workers:  # no orphan left behind
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]

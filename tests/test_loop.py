@@ -1,0 +1,201 @@
+"""The training loop (kfdeb/loop.py): one step against sentence-transformers, outputs, resume, NaN."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, run_script
+from kfdeb import checkpoint, distributed
+from kfdeb.config import resolve
+from kfdeb.data import nli_triplets, read_nli, read_sts
+from kfdeb.loop import build_tasks, task_loss, train, update
+from kfdeb.model import load_encoder
+from kfdeb.optim import build_adamw, build_scheduler, warmup_linear
+
+
+def small_config(model, data, out, **overrides):
+    values = {"model_name_or_path": str(model), "data_dir": str(data), "nli_train_glob": "KorNLI/*.train.ko.tsv",
+              "nli_batch_size": 16, "sts_batch_size": 8, "max_seq_length": 64, "max_steps": 12, "eval_steps": 6,
+              "save_steps": 6, "logging_steps": 3, "learning_rate": 1e-4, "output_dir": str(out), "progress": False}
+    return resolve({**values, **overrides})
+
+
+def test_one_step_equals_sentence_transformers(tiny_deberta, small_data):
+    """Same weights, same batches: losses, gradients and post-AdamW parameters of both objectives agree."""
+    st = pytest.importorskip("sentence_transformers")
+    from sentence_transformers import InputExample
+    from sentence_transformers.sentence_transformer.losses import CosineSimilarityLoss, MultipleNegativesRankingLoss
+
+    triplets = nli_triplets(read_nli(small_data / "KorNLI" / "small.train.ko.tsv").pairs, seed=0)[:16]
+    pairs = read_sts(small_data / "KorSTS" / "sts-train.tsv")[:8]
+    config = small_config(tiny_deberta, small_data, "unused", nli_batch_size=16, sts_batch_size=8)
+    ctx = distributed.Context(0, 0, 1, torch.device("cpu"))
+    encoder = load_encoder(tiny_deberta, max_seq_length=64)
+    examples = {"nli": (triplets, None),
+                "sts": ([(p.sentence1, p.sentence2) for p in pairs], np.array([p.label for p in pairs], dtype=np.float32))}
+    tasks = build_tasks(config, examples, encoder, ctx)
+
+    reference = st.SentenceTransformer(str(tiny_deberta), device="cpu")
+    reference.max_seq_length = 64
+    reference_losses = {"nli": MultipleNegativesRankingLoss(reference, scale=20.0), "sts": CosineSimilarityLoss(reference)}
+    reference_batches = {"nli": [InputExample(texts=list(t)) for t in triplets],
+                         "sts": [InputExample(texts=[p.sentence1, p.sentence2], label=p.label) for p in pairs]}
+    lr, decay = 1e-3, 0.01
+    for task in tasks:  # NLI then STS, each followed by its own AdamW step, as in the loop
+        ours_optimizer = build_adamw(encoder.named_parameters(), lr, decay, fused=True)
+        ours_loss = task_loss(encoder, task, list(range(len(examples[task.name][0]))), ctx, encoder.pad_id, 1)
+        ours_loss.backward()
+        ours_grads = {n: p.grad.clone() for n, p in encoder.transformer.named_parameters()}
+
+        loss_model = reference_losses[task.name]
+        features, labels = reference.smart_batching_collate(reference_batches[task.name])
+        theirs_loss = loss_model(features, labels)
+        theirs_loss.backward()
+        assert ours_loss.item() == pytest.approx(theirs_loss.item(), abs=1e-5), task.name
+        theirs_params = dict(reference[0].auto_model.named_parameters())
+        for name, grad in ours_grads.items():
+            torch.testing.assert_close(grad, theirs_params[name].grad, rtol=0, atol=1e-5, msg=f"{task.name} {name}")
+
+        no_decay = ["bias", "LayerNorm.bias", "LayerNorm.weight"]
+        named = list(loss_model.named_parameters())
+        theirs_optimizer = torch.optim.AdamW(
+            [{"params": [p for n, p in named if not any(k in n for k in no_decay)], "weight_decay": decay},
+             {"params": [p for n, p in named if any(k in n for k in no_decay)], "weight_decay": 0.0}], lr=lr)
+        torch.nn.utils.clip_grad_norm_(loss_model.parameters(), 1.0)
+        theirs_optimizer.step()
+        theirs_optimizer.zero_grad()
+        update(list(encoder.parameters()), ours_optimizer, build_scheduler(ours_optimizer, 0, 10), None, 1.0)
+        for name, param in encoder.transformer.named_parameters():
+            torch.testing.assert_close(param, theirs_params[name], rtol=0, atol=1e-5, msg=f"{task.name} {name}")
+
+
+def test_short_run_writes_every_output(tiny_deberta, small_data, tmp_path):
+    out = tmp_path / "run"
+    summary = train(small_config(tiny_deberta, small_data, out))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "task" in r]
+    assert [(r["step"], r["task"]) for r in train_rows] == [(s, t) for s in (3, 6, 9, 12) for t in ("nli", "sts")]
+    for row in train_rows:  # lr after `step` scheduler steps: base * warmup_linear(step), warmup ceil(1.2) = 2
+        assert row["lr"] == pytest.approx(1e-4 * warmup_linear(row["step"], 2, 12), rel=1e-9)
+        assert np.isfinite(row["loss"]) and row["grad_norm"] > 0 and row["examples_per_s"] > 0
+    dev = [r for r in rows if r.get("split") == "dev"]
+    assert [r["step"] for r in dev] == [6, 12]
+    best = max(dev, key=lambda r: r["score"])
+    assert summary["best_step"] == best["step"]
+    assert rows[-1]["split"] == "test" and rows[-1]["best_step"] == best["step"]
+
+    metadata = json.loads((out / "kfdeb.json").read_text())
+    assert metadata["best_step"] == best["step"] and metadata["test"] == summary["test"]
+    assert metadata["dev"]["cosine_spearman"] == pytest.approx(best["cosine_spearman"], abs=1e-3)
+    assert json.loads((out / "train_config.json").read_text())["max_steps"] == 12
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlanguage:\n- ko\n") and f"{summary['test']['cosine_spearman']:.2f}" in card
+    assert checkpoint.latest(out).name == "step-00000012"
+    st = pytest.importorskip("sentence_transformers")
+    reloaded = st.SentenceTransformer(str(out), device="cpu").encode(["문장 하나"])
+    np.testing.assert_allclose(reloaded, load_encoder(out).encode(["문장 하나"], convert_to_numpy=True), atol=1e-5)
+
+
+def test_joint_optimizer_and_bf16_autocast_run(tiny_deberta, small_data, tmp_path):
+    joint = train(small_config(tiny_deberta, small_data, tmp_path / "joint", optimizer="joint", max_steps=4,
+                               eval_steps=4, save_steps=4, logging_steps=2))
+    bf16 = train(small_config(tiny_deberta, small_data, tmp_path / "bf16", amp="bf16", max_steps=4,
+                              eval_steps=4, save_steps=4, logging_steps=2))
+    for summary in (joint, bf16):
+        assert np.isfinite(summary["test"]["cosine_spearman"])
+    saved = checkpoint.read_part(checkpoint.latest(tmp_path / "joint"), "train")
+    assert len(saved["optimizers"]) == 1 and len(saved["schedulers"]) == 1
+
+
+def test_fp16_uses_a_grad_scaler(tiny_deberta, small_data, tmp_path):
+    # fp16 autocast on a CPU without fp16 units is slow: two small steps are enough to go through the scaler
+    train(small_config(tiny_deberta, small_data, tmp_path / "fp16", amp="fp16", max_steps=2, eval_steps=2,
+                       save_steps=2, logging_steps=2, nli_batch_size=8))
+    saved = checkpoint.read_part(checkpoint.latest(tmp_path / "fp16"), "train")
+    assert saved["scaler"] is not None and saved["scaler"]["scale"] > 0
+
+
+def train_command(model, data, out, *extra):
+    return [sys.executable, str(REPO / "train.py"), "--model_name_or_path", str(model), "--data_dir", str(data),
+            "--nli_train_glob", "KorNLI/*.train.ko.tsv", "--nli_batch_size", "16", "--max_seq_length", "64",
+            "--max_steps", "24", "--eval_steps", "10", "--save_steps", "3", "--logging_steps", "2",
+            "--learning_rate", "5e-4", "--output_dir", str(out), "--progress", "false", *extra]
+
+
+def final_state(out: Path):
+    saved = checkpoint.read_part(checkpoint.latest(out), "train")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.pop("examples_per_s", None)  # a timing, not a result
+    return saved, rows
+
+
+def test_sigkill_and_resume_give_the_uninterrupted_result(tiny_deberta_dropout, small_data, tmp_path):
+    """Killed (SIGKILL, at whatever instant, possibly mid-save) twice and resumed: same weights and metrics."""
+    reference = subprocess.run(train_command(tiny_deberta_dropout, small_data, tmp_path / "straight"),
+                               capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for kill_after in (5, 14):
+        args = train_command(tiny_deberta_dropout, small_data, out) + (["--resume"] if kill_after != 6 else [])
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        deadline = time.time() + 120
+        while time.time() < deadline and process.poll() is None:
+            state = checkpoint.latest(out)
+            if state is not None and int(state.name.split("-")[1]) >= kill_after:
+                process.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+        assert process.wait(timeout=60) == -signal.SIGKILL, process.stderr.read().decode()
+        checkpoint.read_part(checkpoint.latest(out), "train")  # whatever instant it died, the latest state loads
+    resumed = subprocess.run(train_command(tiny_deberta_dropout, small_data, out, "--resume"),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    expected, expected_rows = final_state(tmp_path / "straight")
+    got, got_rows = final_state(out)
+    assert got["progress"]["step"] == expected["progress"]["step"] == 24
+    for name, tensor in expected["model"].items():
+        torch.testing.assert_close(got["model"][name], tensor, rtol=0, atol=1e-6, msg=name)
+    assert got_rows == expected_rows
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "straight" / "model.safetensors").read_bytes()
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_state(tiny_deberta, small_data, tmp_path):
+    out = tmp_path / "nan"
+    result = run_script("train.py", "--model_name_or_path", tiny_deberta, "--data_dir", small_data,
+                        "--nli_train_glob", "KorNLI/*.train.ko.tsv", "--nli_batch_size", "16", "--max_steps", "40",
+                        "--save_steps", "1", "--eval_steps", "100", "--learning_rate", "1e4", "--warmup_ratio", "0.5",
+                        "--max_grad_norm", "1e30", "--output_dir", out, "--progress", "false")
+    assert result.returncode == 1
+    message = result.stderr.strip()
+    assert message.startswith("error: the ") and " loss is not finite at step " in message and len(message.splitlines()) == 1
+    bad_step = int(message.split(" loss is not finite at step ")[1].split(";")[0])
+    last = checkpoint.latest(out)
+    assert last.name == f"step-{bad_step - 1:08d}" and last.name in message
+    saved = checkpoint.read_part(last, "train")
+    assert all(torch.isfinite(t).all() for t in saved["model"].values())
+
+
+def test_output_dir_with_a_previous_run_needs_resume_or_overwrite(tiny_deberta, small_data, tmp_path):
+    out = tmp_path / "twice"
+    train(small_config(tiny_deberta, small_data, out, max_steps=2, eval_steps=2, save_steps=2))
+    result = run_script("train.py", "--model_name_or_path", tiny_deberta, "--data_dir", small_data,
+                        "--nli_train_glob", "KorNLI/*.train.ko.tsv", "--output_dir", out, "--progress", "false")
+    assert result.returncode == 2
+    assert "holds a previous run's state; pass --resume to continue it, --overwrite_output_dir" in result.stderr
+    missing = run_script("train.py", "--model_name_or_path", tiny_deberta, "--data_dir", tmp_path / "nowhere",
+                         "--output_dir", tmp_path / "x", "--progress", "false")
+    assert missing.returncode == 2 and "git clone https://github.com/kakaobrain/kor-nlu-datasets" in missing.stderr

@@ -1,0 +1,190 @@
+"""export.py and kfdeb/onnx.py: one ONNX graph per tiny model, checked against PyTorch on onnxruntime."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_script
+from kfdeb.errors import UserInputError
+from kfdeb.evaluation import evaluate_split
+from kfdeb.metrics import FIGURE_KEYS
+from kfdeb.model import load_encoder
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+import kfdeb  # noqa: E402
+import kfdeb.onnx as kfdeb_onnx  # noqa: E402
+from kfdeb.onnx import INPUT_NAMES, OUTPUT_NAMES, OnnxEncoder, export  # noqa: E402
+
+# lengths 2 .. max_seq_length (the long one is truncated), the empty one is [CLS] [SEP] only
+SENTENCES = ["비행기가 이륙하고 있다.", "고양이", "", "한 남자가 큰 플루트를 연주하고 있다.",
+             "남자가 피자에 치즈를 뿌리고 있다. " * 40, "A man is slicing a tomato.", "세 명의 아이들이 공원에서 축구를 하고 있다.",
+             "?", "여자가 양파를 썰고 있다. 그리고 남자는 노래를 부른다."]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_deberta, tiny_bert):
+    """Each tiny model exported once (DeBERTa-v2 also as int8 and fp16): name -> (folder, encoder, result)."""
+    graphs = {}
+    for name, folder, variants in [("deberta", tiny_deberta, {"quantize": "int8", "fp16": True}),
+                                   ("bert", tiny_bert, {})]:
+        encoder = load_encoder(folder, max_seq_length=64)
+        result = export(encoder, tmp_path_factory.mktemp(f"onnx-{name}") / "model.onnx", **variants)
+        graphs[name] = (folder, encoder, result)
+    return graphs
+
+
+@pytest.mark.parametrize("name", ["deberta", "bert"])
+def test_fp32_graph_equals_pytorch_on_new_shapes_with_padding(exported, name):
+    _, encoder, result = exported[name]
+    assert max(result.max_abs_diff["fp32"].values()) < 1e-4  # the built-in check ran and passed
+    onnx_encoder = OnnxEncoder.load(result.paths["fp32"])
+    for batch_size in (1, 4, 7):  # the export example was 2 sentences
+        ours = onnx_encoder.encode(SENTENCES, batch_size=batch_size, convert_to_numpy=True)
+        reference = encoder.encode(SENTENCES, batch_size=batch_size, convert_to_numpy=True)
+        np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-4)
+    # token states too, straight from the session, on one padded batch
+    from kfdeb.data import pad_batch
+
+    input_ids, attention_mask = pad_batch(encoder.tokenize(SENTENCES), encoder.pad_id)
+    assert input_ids.shape[1] == 64 and attention_mask.sum(1).min() < 64  # rows of padding
+    feed = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
+    sentence, tokens = onnx_encoder.session.run(list(OUTPUT_NAMES), feed)
+    with torch.inference_mode():
+        hidden = encoder.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        np.testing.assert_allclose(sentence, encoder(input_ids, attention_mask).numpy(), rtol=0, atol=1e-4)
+    real = attention_mask.numpy()[..., None].astype(bool)
+    assert np.abs(np.where(real, tokens - hidden.numpy(), 0)).max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["deberta", "bert"])
+def test_graph_passes_the_checker_with_the_documented_interface(exported, name):
+    folder = exported[name][2].paths["fp32"].parent
+    for path in exported[name][2].paths.values():
+        onnx.checker.check_model(str(path))
+    graph = onnx.load(str(exported[name][2].paths["fp32"])).graph
+    assert tuple(i.name for i in graph.input) == INPUT_NAMES  # no token_type_ids, even for BERT
+    assert tuple(o.name for o in graph.output) == OUTPUT_NAMES
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*graph.input, *graph.output]}
+    assert dims["input_ids"] == ["batch", "sequence"] and dims["sentence_embedding"][0] == "batch"
+    assert dims["token_embeddings"][:2] == ["batch", "sequence"]
+    meta = json.loads((folder / kfdeb_onnx.METADATA_FILE).read_text())
+    assert meta["max_seq_length"] == 64 and meta["do_lower_case"] is False and meta["normalize"] is False
+    assert (folder / "tokenizer.json").is_file()
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no scratch left
+
+
+def test_onnx_encoder_mirrors_encode(exported):
+    _, encoder, result = exported["deberta"]
+    model = kfdeb.load(result.paths["fp32"])  # the package-level loader dispatches on .onnx
+    assert isinstance(model, OnnxEncoder) and model.dimension == encoder.dimension == 64
+    assert model.max_seq_length == 64 and model.device_name == "onnxruntime CPUExecutionProvider"
+    vectors = model.encode(SENTENCES, batch_size=3)
+    assert isinstance(vectors, torch.Tensor) and vectors.dtype == torch.float32 and vectors.shape == (len(SENTENCES), 64)
+    one_by_one = torch.cat([model.encode([s]) for s in SENTENCES])  # input order restored
+    torch.testing.assert_close(vectors, one_by_one, rtol=0, atol=1e-5)
+    unit = model.encode(SENTENCES, normalize=True, convert_to_numpy=True)
+    assert isinstance(unit, np.ndarray) and np.allclose(np.linalg.norm(unit, axis=1), 1, atol=1e-5)
+    assert model.encode([]).shape == (0, 64)
+    with pytest.raises(TypeError):
+        model.encode("한 문장")
+    assert OnnxEncoder.load(result.paths["fp32"], max_seq_length=8).max_seq_length == 8
+
+
+def test_int8_and_fp16_agree_with_pytorch(exported, bundled_dir):
+    from kfdeb.data import read_sts
+
+    _, encoder, result = exported["deberta"]
+    paths = result.paths
+    assert paths["int8"].name == "model.int8.onnx" and paths["fp16"].name == "model.fp16.onnx"
+    assert paths["int8"].stat().st_size < paths["fp32"].stat().st_size / 2
+    assert result.max_abs_diff["fp16"]["sentence_embedding"] < 1e-2
+    pairs = read_sts(bundled_dir / "KorSTS" / "sts-test.tsv")[:100]
+    sentences = [s for p in pairs for s in (p.sentence1, p.sentence2)]
+    rows = {row.name: row for row in kfdeb_onnx.compare(encoder, paths, sentences)}
+    assert rows["ONNX fp32"].cosine_min > 0.99999
+    assert rows["ONNX int8"].cosine_mean >= 0.99  # measured 0.9999 on this random tiny model
+    assert rows["ONNX fp16"].cosine_mean >= 0.999
+    assert all(row.sentences_per_second > 0 for row in rows.values())
+
+
+def test_evaluate_reads_onnx_with_the_checkpoint_figures(exported, tmp_path, bundled_dir):
+    folder, _, result = exported["deberta"]
+    data_dir = tmp_path / "data"  # the first 400 KorSTS dev pairs: the same comparison in a quarter of the time
+    (data_dir / "KorSTS").mkdir(parents=True)
+    lines = (bundled_dir / "KorSTS" / "sts-dev.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+    (data_dir / "KorSTS" / "sts-dev.tsv").write_text("".join(lines[:401]), encoding="utf-8")
+    run = run_script("evaluate.py", result.paths["fp32"], "--split", "dev", "--data_dir", data_dir,
+                     "--json", tmp_path / "onnx.json")
+    assert run.returncode == 0, run.stderr
+    assert "onnxruntime CPUExecutionProvider" in run.stdout and f"{result.paths['fp32'].parent.name}/model.onnx" in run.stdout
+    figures = json.loads((tmp_path / "onnx.json").read_text())
+    # what `evaluate.py CKPT --split dev --json` writes, computed in-process (the same functions)
+    reference = evaluate_split(load_encoder(folder, max_seq_length=64), data_dir, "dev").figures
+    assert tuple(figures) == FIGURE_KEYS
+    assert max(abs(figures[k] - reference[k]) for k in FIGURE_KEYS) < 0.1  # seen: ~1e-4
+
+
+def test_export_bad_input_is_one_line_and_writes_nothing(tiny_deberta, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("no model here")
+    run = run_script("export.py", tmp_path)  # the script as a user runs it
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.startswith("error: ") and "not a model folder" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == [tmp_path / "notes.txt"]  # no onnx/ folder, nothing half-written
+
+    from kfdeb import cli
+
+    for args, message in [(["--opset", "9"], "--opset 9: not supported (use 14 to 20"),
+                          (["--quantize", "int4"], "--quantize int4: only int8"),
+                          (["--output", tmp_path / "out" / "model.bin"], "must end in .onnx")]:
+        with pytest.raises(SystemExit) as exit_status:  # cli.run: the same path as export.py, in-process
+            cli.run(lambda: cli.export_main([str(tiny_deberta), "--output", str(tmp_path / "out" / "model.onnx"),
+                                             *map(str, args)]))
+        err = capsys.readouterr().err
+        assert exit_status.value.code == 2 and err.startswith("error: ") and message in err, err
+        assert len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "out").exists()
+
+
+def test_failed_export_or_check_leaves_nothing(exported, tmp_path, monkeypatch):
+    _, encoder, _ = exported["bert"]
+    existing = tmp_path / "existing"
+    existing.mkdir()
+
+    def broken_export(*args, **kwargs):
+        raise RuntimeError("Unsupported: ONNX export of operator foo\nmore detail")
+
+    monkeypatch.setattr(torch.onnx, "export", broken_export)
+    with pytest.raises(UserInputError, match="ONNX export failed at opset 17 \\(Unsupported: ONNX export of operator foo\\)"):
+        export(encoder, tmp_path / "new" / "model.onnx")
+    assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+
+    def failed_check(path, *args, **kwargs):
+        raise UserInputError(f"{path}: differs")
+
+    monkeypatch.setattr(kfdeb_onnx, "verify", failed_check)
+    with pytest.raises(UserInputError, match="differs"):
+        export(encoder, existing / "model.onnx")
+    assert list(existing.iterdir()) == []
+    with pytest.raises(UserInputError, match="--opset 21: not supported"):
+        export(encoder, existing / "model.onnx", opset=21)
+    with pytest.raises(UserInputError, match="must end in .onnx"):
+        export(encoder, existing / "model.bin")
+
+
+def test_missing_onnxruntime_and_foreign_onnx_files_are_one_line_errors(exported, tmp_path, monkeypatch):
+    (tmp_path / "model.onnx").write_bytes(exported["bert"][2].paths["fp32"].read_bytes())
+    with pytest.raises(UserInputError, match="no kfdeb_onnx.json beside it"):
+        OnnxEncoder.load(tmp_path / "model.onnx")
+    with pytest.raises(UserInputError, match="no such ONNX file"):
+        OnnxEncoder.load(tmp_path / "missing.onnx")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what an environment without the extra sees
+    with pytest.raises(UserInputError, match=r'onnxruntime is not installed; .*pip install "\.\[onnx\]"'):
+        OnnxEncoder.load(exported["bert"][2].paths["fp32"])
