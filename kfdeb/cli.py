@@ -110,7 +110,8 @@ def export_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantize", default=None, metavar="int8",
                         help="also write MODEL.int8.onnx (dynamic int8) and compare size, agreement and speed")
     parser.add_argument("--fp16", action="store_true", help="also write MODEL.fp16.onnx (fp16 inside, float32 in/out)")
-    parser.add_argument("--max_seq_length", type=int, default=None, help="recorded for the ONNX encoder (default: the model's own)")
+    parser.add_argument("--max_seq_length", type=int, default=None,
+                        help="truncation length recorded for the ONNX encoder (default: the model's own)")
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="skip the onnxruntime-vs-PyTorch comparison (on by default)")
     args = parser.parse_args(argv)
@@ -147,5 +148,6 @@ def export_main(argv: list[str] | None = None) -> int:
               "(mean / min) | sentences/s |\n|---|---|---|---|")
         for row in rows:
             size = f"{row.file_bytes / 1e6:.1f}" if row.file_bytes is not None else "-"
-            print(f"| {row.name} | {size} | {row.cosine_mean:.5f} / {row.cosine_min:.5f} | {row.sentences_per_second:.1f} |")
+            print(f"| {row.name} | {size} | {row.cosine_mean:.5f} / {row.cosine_min:.5f} "
+                  f"| {row.sentences_per_second:.1f} |")
     return 0

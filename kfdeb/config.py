@@ -109,7 +109,6 @@ _CHOICES = {
     "optimizer": ("per_task", "joint"),
     "amp": ("auto", "none", "bf16", "fp16"),
     "metric_for_best": METRICS_FOR_BEST,
-    "preset": ("",) + tuple(PRESETS),
 }
 
 
@@ -136,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
         else:
             kwargs["type"] = type(default)
-        if name in _CHOICES:
-            kwargs["choices"] = _CHOICES[name]
+        if name in _CHOICES or name == "preset":
+            kwargs["choices"] = _CHOICES.get(name, tuple(PRESETS))
         parser.add_argument(f"--{name}", **kwargs)
     return parser
 
@@ -207,7 +206,7 @@ def validate(config: TrainConfig) -> None:
         raise UserInputError(f"--warmup_ratio {config.warmup_ratio}: must be in [0, 1]")
     if config.learning_rate <= 0 or config.weight_decay < 0 or config.max_grad_norm <= 0:
         raise UserInputError("--learning_rate and --max_grad_norm must be > 0, --weight_decay >= 0")
-    for name, choices in _CHOICES.items():
+    for name, choices in {**_CHOICES, "preset": ("",) + tuple(PRESETS)}.items():
         if getattr(config, name) not in choices:
             raise UserInputError(f"--{name} {getattr(config, name)!r}: expected one of {', '.join(c for c in choices if c)}")
 

@@ -168,7 +168,8 @@ def verify(path: str | os.PathLike, encoder: SentenceEncoder, relative: bool = F
         input_ids, attention_mask = pad_batch(encoder.tokenize(sentences), encoder.pad_id)
         reference = _pytorch_outputs(encoder, input_ids, attention_mask)
         try:
-            got = session.run(list(OUTPUT_NAMES), {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()})
+            feed = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
+            got = session.run(list(OUTPUT_NAMES), feed)
         except Exception as err:  # e.g. a shape the tracer froze to the example's
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserInputError(

@@ -199,3 +199,21 @@ def test_output_dir_with_a_previous_run_needs_resume_or_overwrite(tiny_deberta, 
     missing = run_script("train.py", "--model_name_or_path", tiny_deberta, "--data_dir", tmp_path / "nowhere",
                          "--output_dir", tmp_path / "x", "--progress", "false")
     assert missing.returncode == 2 and "git clone https://github.com/kakaobrain/kor-nlu-datasets" in missing.stderr
+
+
+@pytest.mark.parametrize("task", ["nli", "sts"])
+def test_single_task_recipes_train_and_evaluate(tiny_deberta, small_data, tmp_path, task):
+    out = tmp_path / task
+    summary = train(small_config(tiny_deberta, small_data, out, tasks=task, max_steps=0, num_epochs=1,
+                                 eval_steps=1000, save_steps=1000, logging_steps=10))
+    if task == "nli":
+        triplets = nli_triplets(read_nli(small_data / "KorNLI" / "small.train.ko.tsv").pairs, seed=42)
+        expected_steps = len(triplets) // 16  # full no-duplicate batches
+    else:
+        expected_steps = -(-len(read_sts(small_data / "KorSTS" / "sts-train.tsv")) // 8)  # last batch short
+    assert summary["total_steps"] == expected_steps
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["task"] for r in rows if "task" in r} == {task}
+    assert [r["step"] for r in rows if r.get("split") == "dev"] == [expected_steps]  # the epoch end
+    assert json.loads((out / "train_config.json").read_text())["tasks"] == task
+    assert np.isfinite(summary["test"]["cosine_spearman"])

@@ -9,17 +9,18 @@ import numpy as np
 import pytest
 import torch
 
+import kfdeb
+import kfdeb.onnx as kfdeb_onnx
 from conftest import run_script
+from kfdeb.data import pad_batch, read_sts
 from kfdeb.errors import UserInputError
 from kfdeb.evaluation import evaluate_split
 from kfdeb.metrics import FIGURE_KEYS
 from kfdeb.model import load_encoder
+from kfdeb.onnx import INPUT_NAMES, OUTPUT_NAMES, OnnxEncoder, export
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-import kfdeb  # noqa: E402
-import kfdeb.onnx as kfdeb_onnx  # noqa: E402
-from kfdeb.onnx import INPUT_NAMES, OUTPUT_NAMES, OnnxEncoder, export  # noqa: E402
+onnx = pytest.importorskip("onnx")  # kfdeb.onnx imports them only when used; they are the [onnx] extra
+pytest.importorskip("onnxruntime")
 
 # lengths 2 .. max_seq_length (the long one is truncated), the empty one is [CLS] [SEP] only
 SENTENCES = ["비행기가 이륙하고 있다.", "고양이", "", "한 남자가 큰 플루트를 연주하고 있다.",
@@ -49,8 +50,6 @@ def test_fp32_graph_equals_pytorch_on_new_shapes_with_padding(exported, name):
         reference = encoder.encode(SENTENCES, batch_size=batch_size, convert_to_numpy=True)
         np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-4)
     # token states too, straight from the session, on one padded batch
-    from kfdeb.data import pad_batch
-
     input_ids, attention_mask = pad_batch(encoder.tokenize(SENTENCES), encoder.pad_id)
     assert input_ids.shape[1] == 64 and attention_mask.sum(1).min() < 64  # rows of padding
     feed = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
@@ -70,7 +69,8 @@ def test_graph_passes_the_checker_with_the_documented_interface(exported, name):
     graph = onnx.load(str(exported[name][2].paths["fp32"])).graph
     assert tuple(i.name for i in graph.input) == INPUT_NAMES  # no token_type_ids, even for BERT
     assert tuple(o.name for o in graph.output) == OUTPUT_NAMES
-    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*graph.input, *graph.output]}
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in [*graph.input, *graph.output]}
     assert dims["input_ids"] == ["batch", "sequence"] and dims["sentence_embedding"][0] == "batch"
     assert dims["token_embeddings"][:2] == ["batch", "sequence"]
     meta = json.loads((folder / kfdeb_onnx.METADATA_FILE).read_text())
@@ -97,8 +97,6 @@ def test_onnx_encoder_mirrors_encode(exported):
 
 
 def test_int8_and_fp16_agree_with_pytorch(exported, bundled_dir):
-    from kfdeb.data import read_sts
-
     _, encoder, result = exported["deberta"]
     paths = result.paths
     assert paths["int8"].name == "model.int8.onnx" and paths["fp16"].name == "model.fp16.onnx"
@@ -122,7 +120,8 @@ def test_evaluate_reads_onnx_with_the_checkpoint_figures(exported, tmp_path, bun
     run = run_script("evaluate.py", result.paths["fp32"], "--split", "dev", "--data_dir", data_dir,
                      "--json", tmp_path / "onnx.json")
     assert run.returncode == 0, run.stderr
-    assert "onnxruntime CPUExecutionProvider" in run.stdout and f"{result.paths['fp32'].parent.name}/model.onnx" in run.stdout
+    assert "onnxruntime CPUExecutionProvider" in run.stdout
+    assert f"| {result.paths['fp32'].parent.name}/model.onnx (dev) |" in run.stdout
     figures = json.loads((tmp_path / "onnx.json").read_text())
     # what `evaluate.py CKPT --split dev --json` writes, computed in-process (the same functions)
     reference = evaluate_split(load_encoder(folder, max_seq_length=64), data_dir, "dev").figures
@@ -152,7 +151,7 @@ def test_export_bad_input_is_one_line_and_writes_nothing(tiny_deberta, tmp_path,
         assert not (tmp_path / "out").exists()
 
 
-def test_failed_export_or_check_leaves_nothing(exported, tmp_path, monkeypatch):
+def test_failed_export_or_check_leaves_nothing_and_stale_variants_go(exported, tmp_path, monkeypatch):
     _, encoder, _ = exported["bert"]
     existing = tmp_path / "existing"
     existing.mkdir()
@@ -161,7 +160,7 @@ def test_failed_export_or_check_leaves_nothing(exported, tmp_path, monkeypatch):
         raise RuntimeError("Unsupported: ONNX export of operator foo\nmore detail")
 
     monkeypatch.setattr(torch.onnx, "export", broken_export)
-    with pytest.raises(UserInputError, match="ONNX export failed at opset 17 \\(Unsupported: ONNX export of operator foo\\)"):
+    with pytest.raises(UserInputError, match=r"ONNX export failed at opset 17 \(Unsupported: ONNX export of operator foo\)$"):
         export(encoder, tmp_path / "new" / "model.onnx")
     assert not (tmp_path / "new").exists()
     monkeypatch.undo()
@@ -173,6 +172,12 @@ def test_failed_export_or_check_leaves_nothing(exported, tmp_path, monkeypatch):
     with pytest.raises(UserInputError, match="differs"):
         export(encoder, existing / "model.onnx")
     assert list(existing.iterdir()) == []
+    (existing / "model.int8.onnx").write_bytes(b"an older export's")  # would no longer match model.onnx
+    encoder.train()
+    export(encoder, existing / "model.onnx", check=False)
+    assert encoder.training  # the caller's mode is kept
+    assert sorted(p.name for p in existing.glob("*.onnx")) == ["model.onnx"]
+    encoder.eval()
     with pytest.raises(UserInputError, match="--opset 21: not supported"):
         export(encoder, existing / "model.onnx", opset=21)
     with pytest.raises(UserInputError, match="must end in .onnx"):
