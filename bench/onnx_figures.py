@@ -7,8 +7,9 @@ distinct sentence of the KorSTS split with each engine in turn, `--rounds` times
 engines (never two at once: on a 2-core machine they would stall each other). Prints one markdown
 table: the 8 KorSTS figures of each engine (from the first round's embeddings, through
 kfdeb.evaluation.evaluate_sts, as evaluate.py computes them), the per-sentence cosine between each
-engine's embeddings and PyTorch fp32's (mean / min), the median sentences/s over the rounds (min
-and max beside it) and the file size. Timings on a shared machine are noisy: report the spread.
+engine's embeddings and PyTorch fp32's (mean / min), sentences/s over the rounds (best / median /
+worst) and the file size. On a shared 2-core machine a busy neighbour stalls torch's threads
+(10x slower rounds were seen): the best round is the closest to an idle machine; report the spread.
 """
 
 from __future__ import annotations
@@ -76,15 +77,15 @@ def main() -> None:
           f"{args.rounds} rounds; check: max abs diff fp32 ONNX vs PyTorch "
           + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
     print("| Engine | " + " | ".join(FIGURE_KEYS) + " | cosine to PyTorch fp32 (mean / min) "
-          "| sentences/s median (min-max) | file MB |")
+          "| sentences/s best / median / worst | file MB |")
     print("|---" * (len(FIGURE_KEYS) + 4) + "|")
     for name in engines:
         cosine = F.cosine_similarity(torch.as_tensor(vectors[name]), torch.as_tensor(vectors["PyTorch fp32"]), dim=-1)
         speed = speeds[name]
         size = f"{sizes[name] / 1e6:.1f}" if name in sizes else "-"
         print(table_row(name, figures[name])
-              + f" {cosine.mean():.5f} / {cosine.min():.5f} | {statistics.median(speed):.1f} "
-              f"({min(speed):.1f}-{max(speed):.1f}) | {size} |")
+              + f" {cosine.mean():.5f} / {cosine.min():.5f} | {max(speed):.1f} / {statistics.median(speed):.1f} "
+              f"/ {min(speed):.1f} | {size} |")
 
 
 if __name__ == "__main__":

@@ -449,7 +449,7 @@ def start_or_resume(run: Run) -> Progress:
     return progress
 
 
-def finish(run: Run, progress: Progress) -> dict[str, Any]:
+def finish(run: Run, progress: Progress, train_seconds: float) -> dict[str, Any]:
     """Evaluate the best checkpoint on dev and test; write its metadata, the model card, the plot."""
     ctx, output_dir = run.ctx, run.output_dir
     if progress.best_step < 0 and ctx.is_main:  # every evaluation was NaN: keep the last weights
@@ -459,7 +459,7 @@ def finish(run: Run, progress: Progress) -> dict[str, Any]:
     dev = evaluate(best, run.dev_pairs, ctx, run.config.eval_batch_size)
     test = evaluate(best, run.test_pairs, ctx, run.config.eval_batch_size)
     summary = {"best_step": progress.best_step, "total_steps": run.total_steps, "dimension": best.dimension,
-               "dev": dev.figures, "test": test.figures}
+               "train_seconds": train_seconds, "dev": dev.figures, "test": test.figures}
     if ctx.is_main:
         run.log.write(step=progress.step, split="test", best_step=progress.best_step, **test.figures)
         best.save(output_dir, {"dev": dev.figures, "test": test.figures, "best_step": progress.best_step})
@@ -491,6 +491,7 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
 
         bar = tqdm(total=run.total_steps, initial=progress.step, desc="train", unit="step", mininterval=1.0)
     run.model.train()
+    started = time.perf_counter()
     while progress.step < run.total_steps:
         step = progress.step + 1  # 1-based: the step being taken
         for t, task in enumerate(run.tasks):  # NLI, then STS
@@ -520,4 +521,4 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
         meter.restart_clock()
     if bar is not None:
         bar.close()
-    return finish(run, progress)
+    return finish(run, progress, train_seconds=time.perf_counter() - started)  # steps, evaluations and saves

@@ -5,7 +5,8 @@ optionally L2-normalised (models whose sentence-transformers folder ends in a No
 Text is tokenized once into id lists truncated to max_seq_length ([CLS] ... [SEP] included);
 batches are padded to their own longest row, never to max_seq_length.
 
-Loads: a kfdeb checkpoint, any Hugging Face encoder folder, a sentence-transformers folder (v2
+DeBERTa-v2 encoders get the windowed disentangled-attention bias of deberta.py (same results,
+less work). Loads: a kfdeb checkpoint, any Hugging Face encoder folder, a sentence-transformers folder (v2
 layout, mean pooling; other poolings are refused), or a hub id (only where the hub is reachable).
 
 Checkpoint format (what `save` writes; `SentenceTransformer(dir)` and `AutoModel.from_pretrained(dir)`
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kfdeb import deberta
 from kfdeb.data import pad_batch
 from kfdeb.errors import UserInputError
 from kfdeb.pooling import masked_mean_pool
@@ -310,6 +312,8 @@ def load_encoder(
     except (OSError, ValueError, KeyError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserInputError(f"{transformer_dir}: cannot load the encoder ({first_line[:200]})") from None
+    if transformer.config.model_type == "deberta-v2":
+        deberta.install(transformer)  # same maths, only the relative positions a batch can use
     length = max_seq_length or saved_length or DEFAULT_MAX_SEQ_LENGTH
     model_limit = getattr(transformer.config, "max_position_embeddings", None)
     if getattr(transformer.config, "position_biased_input", True) and model_limit and length > model_limit:

