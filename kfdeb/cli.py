@@ -151,3 +151,18 @@ def export_main(argv: list[str] | None = None) -> int:
             print(f"| {row.name} | {size} | {row.cosine_mean:.5f} / {row.cosine_min:.5f} "
                   f"| {row.sentences_per_second:.1f} |")
     return 0
+
+
+def train_entry() -> None:
+    """`kfdeb-train`: the console script installed with the package."""
+    run(train_main)
+
+
+def evaluate_entry() -> None:
+    """`kfdeb-evaluate`."""
+    run(evaluate_main)
+
+
+def export_entry() -> None:
+    """`kfdeb-export`."""
+    run(export_main)

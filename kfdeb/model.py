@@ -44,7 +44,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "1_Pooling/*", "2_Normalize/*"]
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -79,7 +79,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
 
 def _sentence_transformers_layout(folder: Path) -> dict[str, Any]:
     """Where the encoder lives in a sentence-transformers folder, and its pooling settings."""
-    modules = _read_json(folder / "modules.json")
+    modules = read_json(folder / "modules.json")
     if not isinstance(modules, list) or not modules:
         raise UserInputError(f"{folder / 'modules.json'}: expected a non-empty list of modules")
     layout: dict[str, Any] = {"transformer_dir": folder, "normalize": False, "pooling": None}
@@ -103,7 +103,7 @@ def _sentence_transformers_layout(folder: Path) -> dict[str, Any]:
 
 
 def _pooling_mode(config_path: Path) -> str:
-    config = _read_json(config_path)
+    config = read_json(config_path)
     modes = config.get("pooling_mode")
     if modes is None:  # the v2 layout: one boolean per mode; none set means mean
         modes = [k[len("pooling_mode_"):] for k, v in config.items() if k.startswith("pooling_mode_") and v]
@@ -296,11 +296,11 @@ def load_encoder(
         layout = _sentence_transformers_layout(folder)
         transformer_dir, normalize = layout["transformer_dir"], layout["normalize"]
     if (transformer_dir / "sentence_bert_config.json").exists():
-        st_config = _read_json(transformer_dir / "sentence_bert_config.json")
+        st_config = read_json(transformer_dir / "sentence_bert_config.json")
         saved_length = st_config.get("max_seq_length")
         do_lower_case = bool(st_config.get("do_lower_case", False))
     if (folder / KFDEB_METADATA).exists():
-        metadata = _read_json(folder / KFDEB_METADATA)
+        metadata = read_json(folder / KFDEB_METADATA)
     if not (transformer_dir / "config.json").exists():
         raise UserInputError(
             f"{folder}: not a model folder (no config.json); expected a kfdeb checkpoint, "

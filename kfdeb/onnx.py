@@ -12,18 +12,23 @@ so BERT-style models use their all-zero default (segment 0, what a single senten
 DeBERTa-v2 with type_vocab_size 0 has none; a runtime that tokenizes with tokenizer.json drops
 the token_type_ids it returns. Pooling stays in one place: the exporter inlines our
 MaskedMeanPool autograd.Function into its bmm (MatMul) and division, and token_embeddings are
-the same hidden states, caught on their way into the pooling by a forward hook.
+the same hidden states, caught on their way into the pooling by a forward hook. DeBERTa-v2's
+windowed attention bias (deberta.py) steps aside while tracing (its window would freeze to the
+example's length), so the graph holds transformers' full-table bias: the same sums, which the
+check below compares with the windowed PyTorch path.
 
 Files (beside the .onnx; written to a scratch folder, checked, then renamed into place with the
 .onnx files last, so a failed export leaves nothing and a reader never sees a half-written graph):
     model.onnx          fp32 graph; onnx.checker-valid; compared with PyTorch on onnxruntime
     model.int8.onnx     --quantize int8: onnxruntime quantize_dynamic, QInt8 weights (MatMul with
                         one scale per output column, embedding Gathers), activations quantized
-                        per batch at run time. Per-column, not per-tensor, scales: on KorSTS
-                        sentences all-MiniLM-L6-v2 keeps mean cosine 0.987 to fp32 instead of 0.889
+                        per batch at run time. Per-column, not per-tensor, scales: on 512 KorSTS
+                        sentences all-MiniLM-L6-v2 keeps mean cosine 0.986 to fp32 instead of 0.889
     model.fp16.onnx     --fp16: fp16 weights and arithmetic, float32 inputs/outputs kept
     tokenizer.json ...  tokenizer.save_pretrained, for any runtime
     kfdeb_onnx.json     max_seq_length, do_lower_case, normalize, pad id: how OnnxEncoder tokenizes
+An earlier export's model.int8.onnx / model.fp16.onnx that this run does not rewrite is deleted:
+it would no longer match the model.onnx and tokenizer beside it.
 
 Verification runs the new graph on batches whose sizes (1, 3, 5) and lengths (up to
 max_seq_length, padded rows included) differ from the export example (2 sentences), and compares
@@ -53,7 +58,7 @@ import torch.nn.functional as F
 
 from kfdeb.data import pad_batch
 from kfdeb.errors import UserInputError
-from kfdeb.model import SentenceEncoder, _read_json
+from kfdeb.model import SentenceEncoder, read_json
 
 # 14: the lowest opset whose DeBERTa-v2 graph onnxruntime accepts and that we test; 20: the
 # TorchScript exporter's highest own opset (above it torch converts with onnx's version converter).
@@ -325,7 +330,7 @@ class OnnxEncoder:
                 f"{path}: no {METADATA_FILE} beside it; kfdeb reads graphs written by export.py "
                 "(it stores the tokenizer and its settings next to the .onnx)"
             )
-        meta = _read_json(path.parent / METADATA_FILE)
+        meta = read_json(path.parent / METADATA_FILE)
         if not isinstance(meta, dict) or meta.get("format") != "kfdeb-onnx/1":
             raise UserInputError(f"{path.parent / METADATA_FILE}: not written by this kfdeb (expected format kfdeb-onnx/1)")
         session = _session(path, providers)
