@@ -142,24 +142,24 @@ def final_state(out: Path):
 
 
 def test_sigkill_and_resume_give_the_uninterrupted_result(tiny_deberta_dropout, small_data, tmp_path):
-    """Killed (SIGKILL, at whatever instant, possibly mid-save) twice and resumed: same weights and metrics."""
+    """Killed by SIGKILL at whatever instant (possibly mid-save) and resumed: same weights and metrics."""
     reference = subprocess.run(train_command(tiny_deberta_dropout, small_data, tmp_path / "straight"),
                                capture_output=True, text=True, timeout=300)
     assert reference.returncode == 0, reference.stderr
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for kill_after in (5, 14):
-        args = train_command(tiny_deberta_dropout, small_data, out) + (["--resume"] if kill_after != 6 else [])
-        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-        deadline = time.time() + 120
-        while time.time() < deadline and process.poll() is None:
-            state = checkpoint.latest(out)
-            if state is not None and int(state.name.split("-")[1]) >= kill_after:
-                process.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.005)
-        assert process.wait(timeout=60) == -signal.SIGKILL, process.stderr.read().decode()
-        checkpoint.read_part(checkpoint.latest(out), "train")  # whatever instant it died, the latest state loads
+    process = subprocess.Popen(train_command(tiny_deberta_dropout, small_data, out), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        state = checkpoint.latest(out)
+        if state is not None and int(state.name.split("-")[1]) >= 8:  # past an evaluation and a few saves
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert process.wait(timeout=60) == -signal.SIGKILL, process.stderr.read().decode()
+    killed_at = int(checkpoint.latest(out).name.split("-")[1])
+    assert killed_at < 24
+    checkpoint.read_part(checkpoint.latest(out), "train")  # whatever instant it died, the latest state loads
     resumed = subprocess.run(train_command(tiny_deberta_dropout, small_data, out, "--resume"),
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
