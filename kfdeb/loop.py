@@ -27,7 +27,7 @@ import torch
 from kfdeb import checkpoint, distributed
 from kfdeb.config import BUNDLED, TINY_MODEL, TrainConfig
 from kfdeb.data import (
-    BUNDLED_DATA_DIR, NoDuplicatesBatches, ShuffledBatches, find_nli_files, nli_triplets, pad_batch, read_nli,
+    BUNDLED_DATA_DIR, NoDuplicatesBatches, ShuffledBatches, find_nli_files, length_sorted_chunks, nli_triplets, read_nli,
     read_sts, shard,
 )
 from kfdeb.errors import UserInputError
@@ -124,11 +124,14 @@ def task_loss(model: torch.nn.Module, task: Task, batch: list[int], ctx: distrib
     if not local:  # a short last STS batch with fewer pairs than ranks: run one pair at weight 0
         local, weight = batch[:1], 0.0  # so every rank still joins DDP's gradient reduction
     rows = task.rows[local]
-    # one forward over all columns (anchors, positives, negatives): column-major so that the
-    # embeddings reshape to columns x batch x hidden
-    input_ids, mask = pad_batch([task.sequences[i] for i in rows.T.reshape(-1)], pad_id, pad_to_multiple_of)
-    embeddings = model(input_ids.to(ctx.device, non_blocking=True), mask.to(ctx.device, non_blocking=True))
-    columns = embeddings.view(rows.shape[1], len(local), -1)
+    # all columns (anchors, positives, negatives) in one forward call, regrouped by length into
+    # as many chunks as there are columns (less padding than per column or one block); listed
+    # column-major so the embeddings reshape to columns x batch x hidden
+    chunk_ids, chunk_masks, restore = length_sorted_chunks(
+        [task.sequences[i] for i in rows.T.reshape(-1)], len(local), pad_id, pad_to_multiple_of)
+    embeddings = model([ids.to(ctx.device, non_blocking=True) for ids in chunk_ids],
+                       [mask.to(ctx.device, non_blocking=True) for mask in chunk_masks])
+    columns = embeddings[restore.to(ctx.device, non_blocking=True)].view(rows.shape[1], len(local), -1)
     if task.name == "nli":
         return in_batch_negatives_loss(columns[0], columns[1], columns[2])
     labels = torch.from_numpy(task.labels[local]).to(ctx.device, non_blocking=True)

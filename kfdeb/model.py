@@ -156,7 +156,18 @@ class SentenceEncoder(torch.nn.Module):
         encoded = self.tokenizer(texts, truncation=True, max_length=self.max_seq_length, add_special_tokens=True)
         return encoded["input_ids"]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor | Sequence[torch.Tensor],
+        attention_mask: torch.Tensor | Sequence[torch.Tensor],
+    ) -> torch.Tensor:
+        """Sentence embeddings of one padded batch, or of several (lists of tensors), rows concatenated.
+
+        Several batches in one call let DDP see one forward per objective while each length
+        group is padded on its own (data.length_sorted_chunks).
+        """
+        if isinstance(input_ids, (list, tuple)):
+            return torch.cat([self(ids, mask) for ids, mask in zip(input_ids, attention_mask)])
         # No token_type_ids: single sentences are all segment 0, which is what BERT-style models
         # default to, and DeBERTa-v2 with type_vocab_size 0 ignores them anyway.
         hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

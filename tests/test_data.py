@@ -239,3 +239,16 @@ def test_shard_and_pad_batch():
     assert ids.tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]]
     assert mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
     assert ids.dtype == mask.dtype == torch.long
+
+
+def test_length_sorted_chunks_pad_less_and_restore_the_order():
+    from kfdeb.data import length_sorted_chunks
+
+    rng = random.Random(1)
+    sequences = [[rng.randrange(1, 99) for _ in range(rng.randrange(1, 40))] for _ in range(30)]
+    chunk_ids, chunk_masks, restore = length_sorted_chunks(sequences, 8, pad_id=0)
+    assert [len(c) for c in chunk_ids] == [8, 8, 8, 6]
+    rows = [row[mask.bool()].tolist() for ids, masks in zip(chunk_ids, chunk_masks) for row, mask in zip(ids, masks)]
+    assert [rows[i] for i in restore.tolist()] == sequences
+    one_block = len(sequences) * max(map(len, sequences))
+    assert sum(ids.numel() for ids in chunk_ids) < one_block
