@@ -1,8 +1,9 @@
 """Training side by side: kfdeb's loop vs sentence-transformers' `old_fit` (the v2 `fit`).
 
-Same model folder, data, triplets, seed and recipe (per-task AdamW lr 2e-5, warmup 10%, batches
-64 NLI + 8 STS, max_seq_length 256, dev evaluation every --eval_steps and at epoch ends, best
-checkpoint kept); both best checkpoints are then scored on KorSTS test by the same evaluator.
+Same model folder, data, triplets, batches (the reference is fed kfdeb's sampler batches), seed
+and recipe (per-task AdamW lr 2e-5, warmup 10%, batches 64 NLI + 8 STS, max_seq_length 256, dev
+evaluation every --eval_steps and at epoch ends, best checkpoint kept); both best checkpoints
+are then scored on KorSTS test by the same evaluator. Dropout draws differ between the engines.
 Each engine runs in a fresh process, one at a time, alternating A/B and B/A over --reps
 (benchmarks must run alone: two busy processes on 2 cores stall each other).
 
@@ -11,8 +12,8 @@ Each engine runs in a fresh process, one at a time, alternating A/B and B/A over
     python bench/train_vs_reference.py --amp bf16 --reference_amp         # mixed precision on both
     python bench/train_vs_reference.py --model deberta-base-random --max_steps 3 --reps 1   # throughput only
 
-Reported: examples/s = (NLI triplets + STS pairs) per second of the training call (steps,
-evaluations and checkpoint saves; not data loading or the final test), wall time, peak memory
+Reported: examples/s = (NLI triplets + STS pairs) per second of training (the fit call minus its
+dev evaluations and best-model saves; no data loading, no final test), wall time, peak memory
 (max RSS of the process on CPU, max allocated on CUDA) and the KorSTS test figures.
 """
 
@@ -71,19 +72,33 @@ def run_kfdeb(args, out: Path) -> dict:
         "logging_steps": 50, "overwrite_output_dir": True,
     })
     summary = train(config)
-    return {"steps": summary["total_steps"], "train_seconds": summary["train_seconds"], "test": summary["test"]}
+    return {"steps": summary["total_steps"], "train_seconds": summary["train_seconds"],
+            "eval_seconds": summary["eval_seconds"], "test": summary["test"]}
+
+
+class SameBatches:
+    """A loader for old_fit that yields kfdeb's sampler batches: each iter() is one pass (len batches),
+    the position carries over, as NoDuplicatesDataLoader's read pointer and a reshuffling DataLoader do."""
+
+    def __init__(self, examples, sampler):
+        self.examples, self.sampler, self.collate_fn = examples, sampler, None
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        for _ in range(len(self)):
+            yield self.collate_fn([self.examples[i] for i in self.sampler.next_batch()])
 
 
 def run_reference(args, out: Path) -> dict:
     import numpy as np
     import torch
     from sentence_transformers import InputExample, SentenceTransformer
-    from sentence_transformers.sentence_transformer.datasets.no_duplicates_dataloader import NoDuplicatesDataLoader
     from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
     from sentence_transformers.sentence_transformer.losses import CosineSimilarityLoss, MultipleNegativesRankingLoss
-    from torch.utils.data import DataLoader
 
-    from kfdeb.data import find_nli_files, nli_triplets, read_nli, read_sts
+    from kfdeb.data import NoDuplicatesBatches, ShuffledBatches, find_nli_files, nli_triplets, read_nli, read_sts
     from kfdeb.evaluation import evaluate_split
     from kfdeb.model import load_encoder
 
@@ -97,17 +112,34 @@ def run_reference(args, out: Path) -> dict:
     dev = read_sts(data_dir / "KorSTS" / "sts-dev.tsv")
     model = SentenceTransformer(args.model_path, device=args.device)
     model.max_seq_length = args.max_seq_length
-    nli_loader = NoDuplicatesDataLoader([InputExample(texts=list(t)) for t in triplets], batch_size=64)
-    sts_loader = DataLoader([InputExample(texts=[p.sentence1, p.sentence2], label=p.label) for p in sts],
-                            shuffle=True, batch_size=8)
+    # the reference consumes exactly kfdeb's batches (its own loaders would draw another order
+    # from python's random), so the two runs differ only in how they compute, not in what they see
+    nli_examples = [InputExample(texts=list(t)) for t in triplets]
+    sts_examples = [InputExample(texts=[p.sentence1, p.sentence2], label=p.label) for p in sts]
+    nli_loader = SameBatches(nli_examples, NoDuplicatesBatches(triplets, 64, args.seed))
+    sts_loader = SameBatches(sts_examples, ShuffledBatches(len(sts), 8, args.seed + 1))
     steps_per_epoch = min(len(nli_loader), len(sts_loader))
     epochs = args.epochs
     if args.max_steps:
         steps_per_epoch, epochs = min(steps_per_epoch, args.max_steps), math.ceil(args.max_steps / steps_per_epoch)
 
+    eval_seconds = [0.0]
+
     class SpearmanMax(EmbeddingSimilarityEvaluator):  # v2 evaluators returned a float; old_fit compares it
         def __call__(self, *a, **k):
-            return super().__call__(*a, **k)[self.primary_metric]
+            started = time.perf_counter()
+            score = super().__call__(*a, **k)[self.primary_metric]
+            eval_seconds[0] += time.perf_counter() - started
+            return score
+
+    save = model.save
+
+    def timed_save(*a, **k):  # old_fit saves the best model right after evaluating: off the training clock too
+        started = time.perf_counter()
+        save(*a, **k)
+        eval_seconds[0] += time.perf_counter() - started
+
+    model.save = timed_save
 
     evaluator = SpearmanMax([p.sentence1 for p in dev], [p.sentence2 for p in dev], [p.label for p in dev],
                             batch_size=64, similarity_fn_names=["cosine", "euclidean", "manhattan", "dot"], name="sts-dev")
@@ -119,7 +151,7 @@ def run_reference(args, out: Path) -> dict:
                   use_amp=args.reference_amp, show_progress_bar=False)
     seconds = time.perf_counter() - started
     test = evaluate_split(load_encoder(out, device=args.device), data_dir, "test").figures
-    return {"steps": total, "train_seconds": seconds, "test": test}
+    return {"steps": total, "train_seconds": seconds, "eval_seconds": eval_seconds[0], "test": test}
 
 
 def child(args) -> None:
@@ -130,7 +162,8 @@ def child(args) -> None:
     quiet_third_party()
     out = Path(args.workdir) / args.engine
     result = (run_kfdeb if args.engine == "kfdeb" else run_reference)(args, out)
-    result["examples_per_s"] = result["steps"] * (64 + 8) / result["train_seconds"]
+    # training throughput: the fit call without its dev evaluations and best-model saves
+    result["examples_per_s"] = result["steps"] * (64 + 8) / (result["train_seconds"] - result["eval_seconds"])
     result["peak_mb"] = peak_memory_mb(args.device)
     result["threads"] = torch.get_num_threads()
     Path(args.json).write_text(json.dumps(result))
@@ -174,14 +207,15 @@ def main() -> None:
             result = json.loads(json_path.read_text())
             result["wall_seconds"] = time.perf_counter() - started
             results[engine].append(result)
-            print(f"rep {rep} {engine:9s}: {result['examples_per_s']:7.1f} examples/s, train {result['train_seconds']:6.1f} s, "
+            print(f"rep {rep} {engine:9s}: {result['examples_per_s']:7.1f} examples/s, fit {result['train_seconds']:6.1f} s "
+                  f"(dev eval {result['eval_seconds']:5.1f} s), "
                   f"wall {result['wall_seconds']:6.1f} s, peak {result['peak_mb']:7.0f} MB, test cos Spearman "
                   f"{result['test']['cosine_spearman']:.2f}", flush=True)
 
     def mean(engine: str, key: str) -> float:
         return sum(r[key] for r in results[engine]) / len(results[engine])
 
-    print("\n| engine | examples/s | train s | wall s | peak MB | test cos Pearson | test cos Spearman |")
+    print("\n| engine | examples/s | fit s (incl. dev eval) | wall s | peak MB | test cos Pearson | test cos Spearman |")
     print("|---|---|---|---|---|---|---|")
     for engine in results:
         figures = results[engine][-1]["test"]

@@ -210,6 +210,7 @@ class Run:
     dev_pairs: list
     test_pairs: list
     log: MetricsLog | None = None
+    eval_seconds: float = 0.0  # dev evaluations and best-model saves, for throughput figures
 
     @property
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -345,6 +346,7 @@ def load_state(run: Run, folder: Path) -> Progress:
 
 
 def evaluate_and_keep_best(run: Run, progress: Progress, epoch: int) -> None:
+    started = time.perf_counter()
     result = evaluate(run.encoder, run.dev_pairs, run.ctx, run.config.eval_batch_size)
     score = best_score(result.figures, run.config.metric_for_best)
     improved = score > progress.best_score  # NaN never improves
@@ -359,6 +361,7 @@ def evaluate_and_keep_best(run: Run, progress: Progress, epoch: int) -> None:
     best = "best" if improved else f"best {progress.best_score:.2f} at step {progress.best_step}"
     _say(run, f"step {progress.step}: dev {run.config.metric_for_best} {score:.2f} ({best})")
     distributed.barrier(run.ctx)  # the best model is on disk before anyone moves on
+    run.eval_seconds += time.perf_counter() - started
 
 
 def _say(run: Run, message: str) -> None:
@@ -462,7 +465,7 @@ def finish(run: Run, progress: Progress, train_seconds: float) -> dict[str, Any]
     dev = evaluate(best, run.dev_pairs, ctx, run.config.eval_batch_size)
     test = evaluate(best, run.test_pairs, ctx, run.config.eval_batch_size)
     summary = {"best_step": progress.best_step, "total_steps": run.total_steps, "dimension": best.dimension,
-               "train_seconds": train_seconds, "dev": dev.figures, "test": test.figures}
+               "train_seconds": train_seconds, "eval_seconds": run.eval_seconds, "dev": dev.figures, "test": test.figures}
     if ctx.is_main:
         run.log.write(step=progress.step, split="test", best_step=progress.best_step, **test.figures)
         best.save(output_dir, {"dev": dev.figures, "test": test.figures, "best_step": progress.best_step})
