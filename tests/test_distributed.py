@@ -183,3 +183,25 @@ def test_a_killed_rank_ends_the_job_within_a_minute(tiny_deberta, ddp_data, tmp_
     assert time.time() - killed_at < 60
     for pid in workers:  # no orphan left behind
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]
+
+
+def test_resume_under_ddp_continues_to_the_single_process_result(tiny_deberta, ddp_data, single_process_run, tmp_path):
+    """Both ranks SIGKILLed mid-run, then `torchrun ... --resume`: the run ends where one process ends."""
+    out = tmp_path / "resumed"
+    launcher = subprocess.Popen(torchrun(free_port(), *train_args(tiny_deberta, ddp_data, out)),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and launcher.poll() is None:
+        state = checkpoint.latest(out)
+        if state is not None and int(state.name.split("-")[1]) >= 4:
+            os.killpg(launcher.pid, signal.SIGKILL)  # the launcher and both ranks at once, as a lost node
+            break
+        time.sleep(0.01)
+    launcher.wait(timeout=60)
+    assert launcher.returncode == -signal.SIGKILL
+    assert int(checkpoint.latest(out).name.split("-")[1]) < 12
+    result = subprocess.run(torchrun(free_port(), *train_args(tiny_deberta, ddp_data, out, "--resume")),
+                            capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout
+    assert_same_training(single_process_run, out)
