@@ -70,8 +70,14 @@ def small_data(tmp_path_factory, bundled_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_deberta_dropout(tmp_path_factory) -> Path:
+def tiny_deberta_dropout(tmp_path_factory, tiny_deberta) -> Path:
     """The tiny DeBERTa-v2 with dropout 0.1, for runs whose exactness depends on the RNG state."""
-    from kfdeb.tiny import build_tiny_deberta
+    import json
+    import shutil
 
-    return build_tiny_deberta(tmp_path_factory.mktemp("tiny-deberta-dropout"), seed=0, dropout=0.1)
+    folder = tmp_path_factory.mktemp("tiny-deberta-dropout") / "model"
+    shutil.copytree(tiny_deberta, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder

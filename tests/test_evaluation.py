@@ -12,8 +12,8 @@ from kfdeb.metrics import FIGURE_KEYS
 from kfdeb.model import load_encoder
 
 
-def test_evaluate_prints_the_table_row_and_writes_json(tiny_deberta, tmp_path, bundled_dir):
-    result = run_script("evaluate.py", tiny_deberta, "--split", "dev", "--batch_size", "32",
+def test_evaluate_prints_the_table_row_and_writes_json(tiny_deberta, tmp_path, small_data):
+    result = run_script("evaluate.py", tiny_deberta, "--data_dir", small_data, "--split", "dev", "--batch_size", "32",
                         "--json", tmp_path / "figures.json", "--name", "tiny")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
@@ -22,7 +22,7 @@ def test_evaluate_prints_the_table_row_and_writes_json(tiny_deberta, tmp_path, b
     assert "sentences/s" in lines[3]
     figures = json.loads((tmp_path / "figures.json").read_text())
     assert tuple(figures) == FIGURE_KEYS
-    direct = evaluate_split(load_encoder(tiny_deberta), bundled_dir, "dev", batch_size=32).figures
+    direct = evaluate_split(load_encoder(tiny_deberta), small_data, "dev", batch_size=32).figures
     for key in FIGURE_KEYS:
         assert figures[key] == pytest.approx(direct[key], abs=1e-9)
         assert f"{figures[key]:.2f}" in lines[2]
