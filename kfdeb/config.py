@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from kfdeb.errors import UserInputError
+from kfdeb.errors import UserInputError, first_line
 
 TINY_MODEL = "kfdeb:tiny-deberta"  # build a random tiny DeBERTa-v2 offline (kfdeb/tiny.py)
 BUNDLED = "kfdeb:bundled"  # the KorNLU files shipped inside the package (kfdeb/bundled/kor-nlu)
@@ -109,6 +109,7 @@ _CHOICES = {
     "optimizer": ("per_task", "joint"),
     "amp": ("auto", "none", "bf16", "fp16"),
     "metric_for_best": METRICS_FOR_BEST,
+    "preset": ("",) + tuple(PRESETS),  # "": no preset
 }
 
 
@@ -135,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
         else:
             kwargs["type"] = type(default)
-        if name in _CHOICES or name == "preset":
-            kwargs["choices"] = _CHOICES.get(name, tuple(PRESETS))
+        if name in _CHOICES:
+            kwargs["choices"] = [choice for choice in _CHOICES[name] if choice]
         parser.add_argument(f"--{name}", **kwargs)
     return parser
 
@@ -168,7 +169,8 @@ def read_config_file(path: str) -> dict[str, Any]:
         else:
             values = json.loads(text)
     except Exception as err:  # yaml and json raise their own error types; both mean a malformed file
-        raise UserInputError(f"{file}: not valid {'YAML' if file.suffix.lower() in ('.yaml', '.yml') else 'JSON'} ({str(err).splitlines()[0]})") from None
+        kind = "YAML" if file.suffix.lower() in (".yaml", ".yml") else "JSON"
+        raise UserInputError(f"{file}: not valid {kind} ({first_line(err)})") from None
     if not isinstance(values, dict):
         raise UserInputError(f"{file}: expected a mapping of config keys")
     unknown = [key for key in values if key not in _FIELDS or key == "config"]
@@ -181,9 +183,7 @@ def resolve(overrides: dict[str, Any]) -> TrainConfig:
     """Defaults < preset < config file < explicit overrides (e.g. command-line flags)."""
     file_values = read_config_file(overrides["config"]) if overrides.get("config") else {}
     preset = overrides.get("preset") or file_values.get("preset") or ""
-    if preset and preset not in PRESETS:
-        raise UserInputError(f"preset {preset!r}: unknown (choose from {', '.join(PRESETS)})")
-    values = {**PRESETS.get(preset, {}), **file_values, **overrides}
+    values = {**PRESETS.get(preset, {}), **file_values, **overrides}  # an unknown preset fails in validate
     unknown = [key for key in values if key not in _FIELDS]
     if unknown:
         raise UserInputError(f"{unknown[0]}: unknown config key")
@@ -206,7 +206,7 @@ def validate(config: TrainConfig) -> None:
         raise UserInputError(f"--warmup_ratio {config.warmup_ratio}: must be in [0, 1]")
     if config.learning_rate <= 0 or config.weight_decay < 0 or config.max_grad_norm <= 0:
         raise UserInputError("--learning_rate and --max_grad_norm must be > 0, --weight_decay >= 0")
-    for name, choices in {**_CHOICES, "preset": ("",) + tuple(PRESETS)}.items():
+    for name, choices in _CHOICES.items():
         if getattr(config, name) not in choices:
             raise UserInputError(f"--{name} {getattr(config, name)!r}: expected one of {', '.join(c for c in choices if c)}")
 

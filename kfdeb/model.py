@@ -27,15 +27,15 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from kfdeb import deberta
-from kfdeb.data import pad_batch
-from kfdeb.errors import UserInputError
+from kfdeb.data import length_sorted_chunks, pad_batch
+from kfdeb.errors import UserInputError, first_line
 from kfdeb.pooling import masked_mean_pool
 
 DEFAULT_MAX_SEQ_LENGTH = 256
@@ -70,9 +70,8 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
 
         return Path(snapshot_download(text, allow_patterns=_HUB_FILES))
     except Exception as err:  # any hub failure (offline, unknown id, gated) is the user's to fix
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserInputError(
-            f"{text}: not a local folder, and the Hugging Face hub could not provide it ({reason[:160]}); "
+            f"{text}: not a local folder, and the Hugging Face hub could not provide it ({first_line(err, 160)}); "
             "pass a local model folder"
         ) from None
 
@@ -115,6 +114,49 @@ def _pooling_mode(config_path: Path) -> str:
             "(pooling_mode_mean_tokens)"
         )
     return "mean"
+
+
+def move_files_into(scratch: Path, folder: Path, order: Callable[[Path], Any]) -> None:
+    """Move every file under `scratch` to the same place under `folder`, each by one atomic rename.
+
+    Files go in ascending `order(relative path)`, so a reader never sees a file before those it
+    depends on; the caller writes everything into `scratch` (a folder on the same filesystem) first.
+    """
+    files = sorted((p.relative_to(scratch) for p in scratch.rglob("*") if p.is_file()), key=lambda p: (order(p), p))
+    for relative in files:
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(scratch / relative, folder / relative)
+
+
+def encode_in_length_order(
+    engine: Any,
+    embed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    sentences: Sequence[str],
+    batch_size: int,
+    normalize: bool,
+    convert_to_numpy: bool,
+    show_progress: bool,
+) -> torch.Tensor | np.ndarray:
+    """float32 embeddings (N x H) of `sentences` in input order, for any engine that embeds padded batches.
+
+    engine: has tokenize(sentences) -> id lists, pad_id and dimension (SentenceEncoder, OnnxEncoder);
+    embed(input_ids, attention_mask) -> B x H. Sentences are tokenized once and grouped by length
+    into batches that pad little (data.length_sorted_chunks, longest first so that a batch too big
+    for memory fails at once); each batch's embeddings are independent of the others'.
+    """
+    if isinstance(sentences, str):
+        raise TypeError("encode takes a list of sentences; wrap a single sentence in a list")
+    chunk_ids, chunk_masks, restore = length_sorted_chunks(engine.tokenize(sentences), batch_size, engine.pad_id)
+    batches = zip(chunk_ids, chunk_masks)
+    if show_progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, total=len(chunk_ids), desc="encode", unit="batch")
+    chunks = [embed(ids, mask).float().cpu() for ids, mask in batches]
+    embeddings = torch.cat(chunks)[restore] if chunks else torch.empty((0, engine.dimension))
+    if normalize:
+        embeddings = F.normalize(embeddings, dim=-1)
+    return embeddings.numpy() if convert_to_numpy else embeddings
 
 
 class SentenceEncoder(torch.nn.Module):
@@ -181,24 +223,19 @@ class SentenceEncoder(torch.nn.Module):
         reference never updated them either (AdamW skips parameters without a gradient), and DDP
         needs every trained parameter to take part in each backward.
         """
-        ids = [self.tokenizer.cls_token_id or self.pad_id, self.tokenizer.sep_token_id or self.pad_id]
+        input_ids, attention_mask = pad_batch(self.tokenize(["probe"]), self.pad_id)
         was_training = self.training
         self.eval()  # no dropout: this probe must not draw from the RNG the training run will use
         self.zero_grad(set_to_none=True)
-        self.embed_ids([ids]).sum().backward()
+        self(input_ids.to(self.device), attention_mask.to(self.device)).sum().backward()
         self.train(was_training)
-        unused = [name for name, p in self.named_parameters() if p.requires_grad and p.grad is None]
+        unused = []
         for name, param in self.named_parameters():
-            param.grad = None
-            if name in unused:
+            if param.requires_grad and param.grad is None:
+                unused.append(name)
                 param.requires_grad_(False)
+            param.grad = None
         return unused
-
-    def embed_ids(self, sequences: Sequence[Sequence[int]], pad_to_multiple_of: int = 1) -> torch.Tensor:
-        """Embeddings of already tokenized sentences, padded together into one batch."""
-        input_ids, attention_mask = pad_batch(sequences, self.pad_id, pad_to_multiple_of)
-        device = self.device
-        return self(input_ids.to(device, non_blocking=True), attention_mask.to(device, non_blocking=True))
 
     def encode(
         self,
@@ -209,36 +246,19 @@ class SentenceEncoder(torch.nn.Module):
         convert_to_numpy: bool = False,
         show_progress: bool = False,
     ) -> torch.Tensor | np.ndarray:
-        """float32 embeddings (N x H) in input order.
-
-        Sentences are tokenized once, sorted by length (so each batch pads little), run under
-        inference_mode in batches, and put back in input order.
-        """
-        if isinstance(sentences, str):
-            raise TypeError("encode takes a list of sentences; wrap a single sentence in a list")
+        """float32 embeddings (N x H) in input order (see encode_in_length_order), under inference_mode."""
         if device is not None:
             self.to(device)
+        device = self.device
         was_training = self.training
         self.eval()
-        ids = self.tokenize(sentences)
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        chunks = []
-        batches = range(0, len(order), batch_size)
-        if show_progress:
-            from tqdm.auto import tqdm
-
-            batches = tqdm(batches, desc="encode", unit="batch")
-        with torch.inference_mode():
-            for start in batches:
-                chunk = self.embed_ids([ids[i] for i in order[start : start + batch_size]])
-                chunks.append(chunk.float().cpu())
-        self.train(was_training)
-        embeddings = torch.empty((len(ids), self.dimension), dtype=torch.float32)
-        if chunks:
-            embeddings[torch.as_tensor(order)] = torch.cat(chunks)
-        if normalize:
-            embeddings = F.normalize(embeddings, dim=-1)
-        return embeddings.numpy() if convert_to_numpy else embeddings
+        try:
+            with torch.inference_mode():
+                return encode_in_length_order(
+                    self, lambda ids, mask: self(ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)),
+                    sentences, batch_size, normalize, convert_to_numpy, show_progress)
+        finally:
+            self.train(was_training)
 
     def save(self, path: str | os.PathLike, metadata: dict | None = None) -> Path:
         """Write the checkpoint format (module docstring) to `path`, each file atomically."""
@@ -278,13 +298,9 @@ class SentenceEncoder(torch.nn.Module):
             )
             self.metadata = {**self.metadata, **(metadata or {})}
             _write_json(scratch / KFDEB_METADATA, {"format": "kfdeb/1", **self.metadata})
-            files = sorted(p.relative_to(scratch) for p in scratch.rglob("*") if p.is_file())
             # weights after the configs and kfdeb.json last: a reader that sees the new metadata
             # also sees the weights it describes.
-            files.sort(key=lambda p: (p.name == KFDEB_METADATA, p.suffix == ".safetensors"))
-            for relative in files:
-                (path / relative).parent.mkdir(parents=True, exist_ok=True)
-                os.replace(scratch / relative, path / relative)
+            move_files_into(scratch, path, order=lambda p: (p.name == KFDEB_METADATA, p.suffix == ".safetensors"))
             if self.normalize:
                 (path / "2_Normalize").mkdir(exist_ok=True)
         finally:
@@ -321,8 +337,7 @@ def load_encoder(
         tokenizer = AutoTokenizer.from_pretrained(str(transformer_dir))
         transformer = AutoModel.from_pretrained(str(transformer_dir), dtype=torch.float32)
     except (OSError, ValueError, KeyError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserInputError(f"{transformer_dir}: cannot load the encoder ({first_line[:200]})") from None
+        raise UserInputError(f"{transformer_dir}: cannot load the encoder ({first_line(err)})") from None
     if transformer.config.model_type == "deberta-v2":
         deberta.install(transformer)  # same maths, only the relative positions a batch can use
     length = max_seq_length or saved_length or DEFAULT_MAX_SEQ_LENGTH

@@ -57,8 +57,8 @@ import torch
 import torch.nn.functional as F
 
 from kfdeb.data import pad_batch
-from kfdeb.errors import UserInputError
-from kfdeb.model import SentenceEncoder, read_json
+from kfdeb.errors import UserInputError, first_line
+from kfdeb.model import SentenceEncoder, encode_in_length_order, move_files_into, read_json
 
 # 14: the lowest opset whose DeBERTa-v2 graph onnxruntime accepts and that we test; 20: the
 # TorchScript exporter's highest own opset (above it torch converts with onnx's version converter).
@@ -140,9 +140,8 @@ def _torch_export(encoder: SentenceEncoder, path: Path, opset: int) -> None:
                 dynamic_axes=dynamic, do_constant_folding=True,
             )
     except Exception as err:  # an architecture or op the exporter cannot express
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserInputError(
-            f"{type(encoder.transformer).__name__}: ONNX export failed at opset {opset} ({reason[:200]})"
+            f"{type(encoder.transformer).__name__}: ONNX export failed at opset {opset} ({first_line(err)})"
         ) from None
     finally:
         encoder.train(was_training).to(device)
@@ -156,8 +155,7 @@ def _session(path: str | os.PathLike, providers: Sequence[str] | None = None):
     try:
         return ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
     except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/NoSuchFile types
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserInputError(f"{path}: onnxruntime cannot open it ({reason[:200]})") from None
+        raise UserInputError(f"{path}: onnxruntime cannot open it ({first_line(err)})") from None
 
 
 def verify(path: str | os.PathLike, encoder: SentenceEncoder, relative: bool = False,
@@ -176,10 +174,9 @@ def verify(path: str | os.PathLike, encoder: SentenceEncoder, relative: bool = F
             feed = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
             got = session.run(list(OUTPUT_NAMES), feed)
         except Exception as err:  # e.g. a shape the tracer froze to the example's
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserInputError(
                 f"{Path(path).name}: onnxruntime fails on a batch of {input_ids.shape[0]} x {input_ids.shape[1]} "
-                f"tokens ({reason[:200]}); nothing was written"
+                f"tokens ({first_line(err)}); nothing was written"
             ) from None
         real = attention_mask.numpy()[..., None].astype(bool)  # padding positions hold no defined value
         for name, expected, actual in zip(OUTPUT_NAMES, reference, got):
@@ -284,21 +281,16 @@ def export(encoder: SentenceEncoder, output: str | os.PathLike, opset: int = DEF
         if quantize:
             staged["int8"] = scratch / sibling(output, "int8").name
             _quantize_int8(staged["fp32"], staged["int8"])
-        graphs = set(staged.values())
         # tokenizer and metadata first, graphs last: whoever sees a new .onnx also sees how to feed it
-        for path in sorted(scratch.rglob("*"), key=lambda p: p in graphs):
-            if path.is_file():
-                target = output.parent / path.relative_to(scratch)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(path, target)
+        move_files_into(scratch, output.parent, order=lambda p: p.suffix == ".onnx")
         for variant in VARIANTS.difference(staged):  # an older export's: it no longer matches model.onnx
             sibling(output, variant).unlink(missing_ok=True)
     except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
         if not folder_existed:
             shutil.rmtree(output.parent, ignore_errors=True)  # we made it; nothing of ours is finished
         raise
-    shutil.rmtree(scratch, ignore_errors=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return ExportResult({k: output.parent / v.name for k, v in staged.items()}, diffs)
 
 
@@ -342,8 +334,7 @@ class OnnxEncoder:
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent))
         except (OSError, ValueError, KeyError) as err:
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserInputError(f"{path.parent}: cannot load the tokenizer ({first_line[:200]})") from None
+            raise UserInputError(f"{path.parent}: cannot load the tokenizer ({first_line(err)})") from None
         length = max_seq_length or meta["max_seq_length"]
         if meta.get("length_limit"):
             length = min(length, meta["length_limit"])
@@ -354,10 +345,9 @@ class OnnxEncoder:
     def device_name(self) -> str:
         return f"onnxruntime {self.session.get_providers()[0]}"
 
-    def embed_ids(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
-        input_ids, attention_mask = pad_batch(sequences, self.pad_id)
+    def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         feed = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
-        return self.session.run(["sentence_embedding"], feed)[0]
+        return torch.from_numpy(self.session.run(["sentence_embedding"], feed)[0])
 
     def encode(
         self,
@@ -368,26 +358,12 @@ class OnnxEncoder:
         convert_to_numpy: bool = False,
         show_progress: bool = False,
     ) -> torch.Tensor | np.ndarray:
-        """float32 embeddings (N x H) in input order; length-sorted batches as in SentenceEncoder.encode.
+        """float32 embeddings (N x H) in input order, batched as SentenceEncoder.encode batches.
 
         device is accepted for the same signature; the session's providers decide where it runs.
         """
-        if isinstance(sentences, str):
-            raise TypeError("encode takes a list of sentences; wrap a single sentence in a list")
-        ids = self.tokenize(sentences)
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        batches = range(0, len(order), batch_size)
-        if show_progress:
-            from tqdm.auto import tqdm
-
-            batches = tqdm(batches, desc="encode", unit="batch")
-        embeddings = torch.empty((len(ids), self.dimension), dtype=torch.float32)
-        for start in batches:
-            rows = order[start : start + batch_size]
-            embeddings[torch.as_tensor(rows)] = torch.from_numpy(self.embed_ids([ids[i] for i in rows])).float()
-        if normalize:
-            embeddings = F.normalize(embeddings, dim=-1)
-        return embeddings.numpy() if convert_to_numpy else embeddings
+        return encode_in_length_order(self, self._embed, sentences, batch_size, normalize, convert_to_numpy,
+                                      show_progress)
 
 
 @dataclass

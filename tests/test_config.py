@@ -60,6 +60,7 @@ def test_bad_config_files_are_one_line_errors(tmp_path, content, message):
     ({"tasks": "nli,qa"}, "--tasks 'nli,qa'"),
     ({"nli_batch_size": 0}, "--nli_batch_size 0: must be at least 1"),
     ({"warmup_ratio": 1.5}, "--warmup_ratio 1.5"),
+    ({"preset": "bogus"}, "--preset 'bogus': expected one of multitask, nli, sts, smoke"),
 ])
 def test_invalid_values_are_refused(overrides, message):
     with pytest.raises(UserInputError, match=message.replace("(", r"\(")):

