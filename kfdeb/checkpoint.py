@@ -8,9 +8,12 @@ split into `NAME.safetensors` (every tensor and array, under a numbered key) and
 Atomicity: a state goes to `state/step-NNNNNNNN.tmp-*`, is renamed to `state/step-NNNNNNNN`,
 and only then does `state/LATEST` (itself written to a temporary file and renamed) name it.
 A run killed at any instant leaves LATEST naming a complete state; older states and stray
-temporaries are removed after the switch. rename() within one filesystem is atomic on POSIX.
-Files from other ranks (`rank-R.json` / `rank-R.safetensors`: each rank's own RNG) are written
-into the temporary folder before it is committed.
+temporaries are removed after the switch, and stray temporaries (a save killed midway) also
+before a new one starts. rename() within one filesystem is atomic on POSIX.
+
+One process writes a state: the caller (global rank 0) has gathered what the other ranks must
+save (`rank-R`: each rank's own RNG) through the process group, so no rank needs to see the
+folder, and nodes need no shared filesystem.
 """
 
 from __future__ import annotations
@@ -28,6 +31,17 @@ from safetensors.torch import load_file, save_file
 
 STATE_DIR = "state"
 LATEST = "LATEST"
+
+
+def split(state: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(a JSON-able skeleton, its tensors by key): a nested state taken apart (see module docstring)."""
+    tensors: dict[str, torch.Tensor] = {}
+    return _encode(state, tensors), tensors
+
+
+def join(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The nested state that `split` took apart."""
+    return _decode(skeleton, tensors)
 
 
 def _encode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -72,30 +86,23 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 def write_part(folder: Path, name: str, state: Any) -> None:
     """Write `name.json` + `name.safetensors` for `state` into `folder`."""
-    tensors: dict[str, torch.Tensor] = {}
-    encoded = _encode(state, tensors)
+    encoded, tensors = split(state)
     save_file(tensors, str(folder / f"{name}.safetensors"))
     (folder / f"{name}.json").write_text(json.dumps(encoded), encoding="utf-8")
 
 
 def read_part(folder: Path, name: str) -> Any:
     tensors = load_file(str(folder / f"{name}.safetensors"))
-    return _decode(json.loads((folder / f"{name}.json").read_text(encoding="utf-8")), tensors)
+    return join(json.loads((folder / f"{name}.json").read_text(encoding="utf-8")), tensors)
 
 
 def begin(output_dir: str | os.PathLike, step: int) -> Path:
-    """A fresh temporary folder for the state of `step` (the main rank creates it)."""
+    """A fresh temporary folder for the state of `step`; stray ones of killed saves are removed first."""
     root = Path(output_dir) / STATE_DIR
     root.mkdir(parents=True, exist_ok=True)
+    for stray in root.glob("step-*.tmp-*"):
+        shutil.rmtree(stray, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"step-{step:08d}.tmp-", dir=root))
-
-
-def pending(output_dir: str | os.PathLike, step: int) -> Path:
-    """The temporary folder `begin` made for `step` (how the other ranks find it)."""
-    matches = sorted((Path(output_dir) / STATE_DIR).glob(f"step-{step:08d}.tmp-*"))
-    if len(matches) != 1:
-        raise RuntimeError(f"expected one pending state folder for step {step}, found {len(matches)}")
-    return matches[0]
 
 
 def commit(scratch: Path, step: int) -> Path:

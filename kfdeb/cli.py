@@ -30,8 +30,9 @@ def run(main: Callable[[], int | None]) -> None:
     except UserInputError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except FloatingPointError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except FloatingPointError as err:  # every rank stops at the same step with the same message
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -105,7 +106,8 @@ def export_main(argv: list[str] | None = None) -> int:
                     "check it against PyTorch on onnxruntime.",
     )
     parser.add_argument("ckpt", help="kfdeb output dir, Hugging Face or sentence-transformers folder")
-    parser.add_argument("--output", default=None, metavar="PATH", help="the .onnx to write (default: CKPT/onnx/model.onnx)")
+    parser.add_argument("--output", default=None, metavar="PATH",
+                        help="the .onnx to write (default: MODEL/onnx/model.onnx, MODEL = CKPT or a run's CKPT/best)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, 14 to 20 (default {DEFAULT_OPSET})")
     parser.add_argument("--quantize", default=None, metavar="int8",
                         help="also write MODEL.int8.onnx (dynamic int8) and compare size, agreement and speed")
@@ -123,7 +125,8 @@ def export_main(argv: list[str] | None = None) -> int:
     if args.output is None and not Path(args.ckpt).is_dir():
         resolve_model_dir(args.ckpt)  # a missing folder or a file: its own message
         raise UserInputError(f"{args.ckpt}: not a local folder, so there is no default output; pass --output PATH.onnx")
-    output = Path(args.output) if args.output else Path(args.ckpt) / "onnx" / "model.onnx"
+    # inside the model folder (a run's best/), where sentence-transformers' ONNX backend looks for it
+    output = Path(args.output) if args.output else resolve_model_dir(args.ckpt) / "onnx" / "model.onnx"
     # bad flags and a missing [onnx] extra fail before the model loads
     kfdeb_onnx.check_arguments(output, args.opset, args.quantize)
     kfdeb_onnx.require("onnx")

@@ -49,15 +49,16 @@ class TrainConfig:
     eval_batch_size: int = 64
     metric_for_best: str = "max_spearman"
     output_dir: str = "output"
+    hub_model_id: str = ""  # the name the model card's usage snippets use (default: the output folder's name)
     save_steps: int = 1000  # resumable-state interval in steps (also written at every epoch end)
     logging_steps: int = 10
     resume: bool = False
     overwrite_output_dir: bool = False
     # how it runs (not part of the maths)
     device: str = "auto"  # auto: cuda:<local rank> when available, else cpu
-    amp: str = "auto"  # auto: bf16 on a GPU that supports it, else none
+    amp: str = "auto"  # auto: bf16 on GPUs with native bf16, fp16 + GradScaler on older ones, none on CPU
     pad_to_multiple_of: int = 0  # 0: 8 on GPU (tensor-core tiles), 1 on CPU
-    dist_timeout: int = 60  # seconds a rank waits for the others before the job fails
+    dist_timeout: int = 1800  # seconds a rank waits in a collective (e.g. for rank 0's checkpoint save) before the job fails
     progress: bool = True
     preset: str = ""
     config: str = ""
@@ -99,9 +100,14 @@ _HELP = {
     "save_steps": "write resumable state every N steps",
     "resume": "continue from output_dir/state (starts at step 0 when there is none)",
     "overwrite_output_dir": "start over in an output_dir that holds a previous run",
-    "amp": "autocast dtype: auto, none, bf16, fp16 (GradScaler)",
+    "amp": "autocast dtype: auto (bf16 on GPUs with native bf16, fp16 + GradScaler on older GPUs, none on CPU), "
+           "none, bf16, fp16 (GradScaler)",
     "pad_to_multiple_of": "pad batches to a multiple of N tokens (0: 8 on GPU, 1 on CPU)",
-    "dist_timeout": "seconds before a stuck collective fails the job",
+    "dist_timeout": "seconds a rank waits in a collective (e.g. while rank 0 saves a checkpoint) before the job "
+                    "fails; a rank that dies ends the job within seconds whatever this is",
+    "hub_model_id": "name of the model in its model card's usage snippets, e.g. user/kf-deberta-multitask "
+                    "(default: the output folder's name)",
+    "device": "auto (cuda:LOCAL_RANK if CUDA is available, else cpu), cpu, cuda (this rank's GPU), cuda:N (one process)",
     "preset": f"named defaults: {', '.join(PRESETS)}",
     "config": "JSON or YAML file of the same keys (command-line flags win)",
 }

@@ -12,8 +12,9 @@ Cosine regression (CosineSimilarityLoss) for B pairs (u_i, v_i) with labels y_i 
     L_sts = (1/B) sum_i (cos(u_i, v_i) - y_i)^2
 
 cos(x, y) = x.y / max(|x| |y|, 1e-8) (torch.cosine_similarity's guard). Both losses are computed
-in at least float32 whatever the autocast dtype: the embeddings arrive as float32 from the pooling and the
-softmax over 2B scaled logits is where low precision hurts.
+in at least float32 whatever the autocast dtype: autocast is switched off inside them (it would run
+the logits' matrix product in bf16/fp16) and their inputs are widened to float32. The softmax over
+2B logits scaled by 20 is where low precision hurts: a bf16 cosine carries ~3 significant digits.
 
 Data parallelism (W ranks, rank r holding b_r of the B examples, sum_r b_r = B): see
 `_rank_share` for how each rank's loss is scaled so that DDP's gradient average reproduces the
@@ -31,6 +32,10 @@ COSINE_EPS = 1e-8
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _no_autocast(x: torch.Tensor):
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def cosine_matrix(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -89,11 +94,12 @@ def in_batch_negatives_loss(
         # [p of rank 0, p of rank 1, ...; n of rank 0, n of rank 1, ...], so anchor i of rank r
         # has its positive at row r*b + i and every hard negative of every rank is a candidate.
         columns = [_gather_rows(column) for column in columns]
-    candidates = _at_least_fp32(torch.cat(columns, dim=0))
     local = anchors.shape[0]
     targets = torch.arange(local, device=anchors.device) + rank * local
-    logits = scale * cosine_matrix(_at_least_fp32(anchors), candidates)
-    per_example_sum = F.cross_entropy(logits, targets, reduction="sum")
+    with _no_autocast(anchors):
+        candidates = _at_least_fp32(torch.cat(columns, dim=0))
+        logits = scale * cosine_matrix(_at_least_fp32(anchors), candidates)
+        per_example_sum = F.cross_entropy(logits, targets, reduction="sum")
     return _rank_share(per_example_sum, local * world_size, world_size)
 
 
@@ -102,5 +108,6 @@ def cosine_mse_loss(
 ) -> torch.Tensor:
     """L_sts of this rank's pairs; `global_batch_size` (default: this rank's size) is B over all ranks."""
     _, world_size = _world()
-    squared_errors = (pairwise_cosine(_at_least_fp32(u), _at_least_fp32(v)) - _at_least_fp32(labels)) ** 2
-    return _rank_share(squared_errors.sum(), global_batch_size or u.shape[0] * world_size, world_size)
+    with _no_autocast(u):
+        squared_errors = (pairwise_cosine(_at_least_fp32(u), _at_least_fp32(v)) - _at_least_fp32(labels)) ** 2
+        return _rank_share(squared_errors.sum(), global_batch_size or u.shape[0] * world_size, world_size)

@@ -21,6 +21,7 @@ kfdeb.json, so a reader (or a run killed mid-save) never sees a half-written fil
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -40,6 +41,7 @@ from kfdeb.pooling import masked_mean_pool
 
 DEFAULT_MAX_SEQ_LENGTH = 256
 KFDEB_METADATA = "kfdeb.json"
+RUN_BEST_DIR = "best"  # where a training run keeps its best model (run.py)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "1_Pooling/*", "2_Normalize/*"]
 
@@ -61,7 +63,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
     if path.exists():
         if not path.is_dir():
             raise UserInputError(f"{path}: not a model folder (it is a file)")
-        return path
+        return run_model_dir(path)
     text = str(name_or_path)
     if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
         raise UserInputError(f"{path}: no such model folder")
@@ -74,6 +76,33 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
             f"{text}: not a local folder, and the Hugging Face hub could not provide it ({first_line(err, 160)}); "
             "pass a local model folder"
         ) from None
+
+
+def run_model_dir(folder: Path) -> Path:
+    """A training run's folder stands for its best model (`best/`, see run.py); any other folder for itself."""
+    if not (folder / "config.json").exists() and not (folder / "modules.json").exists() \
+            and (folder / RUN_BEST_DIR / "config.json").exists():
+        return folder / RUN_BEST_DIR
+    return folder
+
+
+@contextlib.contextmanager
+def tf32_matmuls(device: torch.device):
+    """TF32 for float32 matrix products on CUDA (Ampere and later: ~8x the fp32 rate, 10-bit mantissa inputs).
+
+    Used for inference only (evaluation, encode): embeddings move by ~1e-3 relative, far below
+    what moves a KorSTS figure. Training keeps the user's global setting (full fp32 by default),
+    since its fp32 parts are the ones that need the precision.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def _sentence_transformers_layout(folder: Path) -> dict[str, Any]:
@@ -253,7 +282,7 @@ class SentenceEncoder(torch.nn.Module):
         was_training = self.training
         self.eval()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), tf32_matmuls(device):
                 return encode_in_length_order(
                     self, lambda ids, mask: self(ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)),
                     sentences, batch_size, normalize, convert_to_numpy, show_progress)

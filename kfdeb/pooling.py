@@ -11,8 +11,11 @@ autograd keeps only the mask and the counts (not h). The backward has to produce
 gradient anyway and builds it with one bmm as well. The clamp of n at 1e-9 matches sentence-transformers' Pooling, so
 an all-padding row gives a zero vector instead of NaN.
 
-Precision: the product runs in h's dtype (fp32 accumulation inside bmm for bf16/fp16) and the
-division and result are float32 (float64 input stays float64), so bf16 autocast does not round the sentence embedding twice.
+Precision: everything here runs in at least float32, whatever the autocast dtype: autocast is
+switched off inside, bf16/fp16 token states are widened to float32 before the product (float64
+stays float64), and the result is float32. A bf16 product would round the sum of up to
+max_seq_length token states to 8 bits of mantissa before the division; the embedding feeds
+cosines that the losses compare to within 1e-2. The gradient returns in h's dtype.
 """
 
 from __future__ import annotations
@@ -23,20 +26,22 @@ import torch
 class MaskedMeanPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        out_dtype = torch.promote_types(hidden.dtype, torch.float32)  # bf16/fp16 -> fp32, fp64 stays
-        mask = attention_mask.to(hidden.dtype)
-        counts = attention_mask.sum(dim=1, keepdim=True).to(out_dtype).clamp(min=1e-9)
-        summed = torch.bmm(mask.unsqueeze(1), hidden).squeeze(1)
+        dtype = torch.promote_types(hidden.dtype, torch.float32)  # bf16/fp16 -> fp32, fp64 stays
+        with torch.autocast(hidden.device.type, enabled=False):  # autocast would run bmm in bf16/fp16
+            mask = attention_mask.to(dtype)
+            counts = mask.sum(dim=1, keepdim=True).clamp(min=1e-9)
+            summed = torch.bmm(mask.unsqueeze(1), hidden.to(dtype)).squeeze(1)
         ctx.save_for_backward(mask, counts)
         ctx.hidden_dtype = hidden.dtype
-        return summed.to(out_dtype) / counts
+        return summed / counts
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
         mask, counts = ctx.saved_tensors
-        scaled = (grad_output / counts).to(ctx.hidden_dtype)  # B x H
-        grad_hidden = torch.bmm(mask.unsqueeze(2), scaled.unsqueeze(1))  # B x L x H
-        return grad_hidden, None
+        with torch.autocast(grad_output.device.type, enabled=False):
+            scaled = grad_output.to(counts.dtype) / counts  # B x H
+            grad_hidden = torch.bmm(mask.unsqueeze(2), scaled.unsqueeze(1))  # B x L x H
+        return grad_hidden.to(ctx.hidden_dtype), None
 
 
 def masked_mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

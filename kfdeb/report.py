@@ -59,14 +59,23 @@ _RECIPES = {
 }
 
 
-def write_model_card(output_dir: Path, config: TrainConfig, summary: dict[str, Any]) -> Path:
-    name = output_dir.resolve().name
-    base = config.model_name_or_path
-    base_line = f"base_model: {base}\n" if base != TINY_MODEL and not Path(base).exists() else ""
+def model_name(config: TrainConfig) -> str:
+    """What the card calls the model: --hub_model_id, else the run folder's name (never a local path)."""
+    return config.hub_model_id or Path(config.output_dir).resolve().name
+
+
+def write_model_card(model_dir: Path, config: TrainConfig, summary: dict[str, Any]) -> Path:
+    """README.md in the model folder `model_dir`; its snippets load the model by `model_name(config)`."""
+    name = model_name(config)
+    # a local base model or data folder is named by its folder name: a public card holds no local paths
+    base = Path(config.model_name_or_path).name if Path(config.model_name_or_path).exists() else config.model_name_or_path
+    base_line = f"base_model: {base}\n" if base != TINY_MODEL and not Path(config.model_name_or_path).exists() else ""
     datasets = {"nli": "kor_nli", "sts": "kor_sts"}
-    settings = {k: v for k, v in config.to_dict().items() if k not in ("progress", "config", "resume", "overwrite_output_dir")}
-    if settings["data_dir"] == BUNDLED:
-        settings["data_dir"] = "bundled KorNLU files (KorSTS, XNLI dev/test)"
+    private = ("progress", "config", "resume", "overwrite_output_dir", "output_dir", "hub_model_id", "device")
+    settings = {k: v for k, v in config.to_dict().items() if k not in private}  # no local paths in a public card
+    settings["model_name_or_path"] = base
+    settings["data_dir"] = ("bundled KorNLU files (KorSTS, XNLI dev/test)" if config.data_dir == BUNDLED
+                            else Path(config.data_dir).name)
     tiny_note = ("\n> This model comes from the offline smoke preset: a tiny DeBERTa-v2 with random initial "
                  "weights trained for a few hundred steps. It proves the pipeline, not quality.\n"
                  if base == TINY_MODEL else "")
@@ -106,7 +115,7 @@ kfdeb:
 ```python
 import kfdeb
 
-model = kfdeb.load("{output_dir}")
+model = kfdeb.load("{name}")
 embeddings = model.encode(["안녕하세요?", "한국어 문장 임베딩을 위한 모델입니다."], normalize=True)
 ```
 
@@ -115,7 +124,7 @@ sentence-transformers:
 ```python
 from sentence_transformers import SentenceTransformer
 
-model = SentenceTransformer("{output_dir}")
+model = SentenceTransformer("{name}")
 embeddings = model.encode(["안녕하세요?", "한국어 문장 임베딩을 위한 모델입니다."])
 ```
 
@@ -125,8 +134,8 @@ transformers with mean pooling:
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-tokenizer = AutoTokenizer.from_pretrained("{output_dir}")
-model = AutoModel.from_pretrained("{output_dir}")
+tokenizer = AutoTokenizer.from_pretrained("{name}")
+model = AutoModel.from_pretrained("{name}")
 batch = tokenizer(["안녕하세요?", "한국어 문장 임베딩을 위한 모델입니다."], padding=True, truncation=True,
                   max_length={config.max_seq_length}, return_tensors="pt")
 with torch.no_grad():
@@ -151,7 +160,7 @@ Trained on KorNLI and KorSTS (Ham et al., 2020, "KorNLI and KorSTS: New Benchmar
 Korean Natural Language Understanding", github.com/kakaobrain/kor-nlu-datasets), released under
 CC BY-SA 4.0. Check the base model's licence before publishing.
 """
-    path = output_dir / "README.md"
+    path = model_dir / "README.md"
     scratch = path.with_name(f".README.md.tmp-{os.getpid()}")
     scratch.write_text(card, encoding="utf-8")
     os.replace(scratch, path)

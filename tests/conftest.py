@@ -81,3 +81,43 @@ def tiny_deberta_dropout(tmp_path_factory, tiny_deberta) -> Path:
     config.update(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
     (folder / "config.json").write_text(json.dumps(config))
     return folder
+
+
+class RecordOps:
+    """Every aten op run inside `with RecordOps() as ops:` with the dtypes of its tensor inputs and outputs.
+
+    A TorchDispatchMode sees ops after autocast has cast their inputs, so it shows the precision
+    each op really ran in, and every host read-back (aten._local_scalar_dense: .item(), .tolist(),
+    a tensor in an `if`).
+    """
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        calls = self.calls = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                import torch
+                from torch.utils._pytree import tree_leaves
+
+                out = func(*args, **(kwargs or {}))
+                dtypes = lambda tree: [t.dtype for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]  # noqa: E731
+                calls.append((func.__name__.split(".")[0], dtypes((args, kwargs)), dtypes(out)))
+                return out
+
+        self.mode = Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+    def names(self) -> list[str]:
+        return [name for name, _, _ in self.calls]
+
+    def floating_dtypes(self) -> set:
+        """The floating-point dtypes any op read or wrote."""
+        return {d for _, inputs, outputs in self.calls for d in inputs + outputs if d.is_floating_point}

@@ -139,15 +139,32 @@ def test_two_ranks_give_the_single_process_losses_and_weights(tiny_deberta, ddp_
     assert_same_training(single_process_run, out)
 
 
-def test_two_nodes_on_loopback_match_the_single_process(tiny_deberta, ddp_data, single_process_run, tmp_path):
-    out = tmp_path / "nodes"
-    port = free_port()
-    nodes = [subprocess.Popen(torchrun(port, *train_args(tiny_deberta, ddp_data, out), nnodes=2, nproc=1, node_rank=r),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for r in (0, 1)]
+def two_nodes(port: int, outputs: list[Path], *extra: str, model, data) -> list[subprocess.Popen]:
+    """Two torchrun agents on 127.0.0.1 (one rank each), each with its own --output_dir, as on two
+    machines that share no disk: node 0's folder gets the run, node 1's is never written."""
+    return [subprocess.Popen(torchrun(port, *train_args(model, data, out, *extra), nnodes=2, nproc=1, node_rank=rank),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+            for rank, out in enumerate(outputs)]
+
+
+def wait_all(nodes: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str, str]]:
+    results = []
     for node in nodes:
-        _, stderr = node.communicate(timeout=300)
-        assert node.returncode == 0, stderr[-3000:]
-    assert_same_training(single_process_run, out)
+        stdout, stderr = node.communicate(timeout=timeout)
+        results.append((node.returncode, stdout, stderr))
+    return results
+
+
+def test_two_nodes_without_a_shared_disk_match_the_single_process(tiny_deberta, ddp_data, single_process_run, tmp_path):
+    outputs = [tmp_path / "node0", tmp_path / "node1"]
+    for status, _, stderr in wait_all(two_nodes(free_port(), outputs, model=tiny_deberta, data=ddp_data)):
+        assert status == 0, stderr[-3000:]
+    assert_same_training(single_process_run, outputs[0])
+    assert (outputs[0] / "best" / "model.safetensors").exists()
+    assert not outputs[1].exists()  # rank 0 alone writes; the final evaluation read nothing on node 1
+    # each rank its own dropout stream (seed + rank), both saved; the data order is global
+    ranks = [checkpoint.read_part(checkpoint.latest(outputs[0]), f"rank-{r}")["torch"] for r in (0, 1)]
+    assert not torch.equal(ranks[0], ranks[1])
 
 
 def _children(pid: int) -> list[int]:
@@ -185,23 +202,76 @@ def test_a_killed_rank_ends_the_job_within_a_minute(tiny_deberta, ddp_data, tmp_
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]
 
 
-def test_resume_under_ddp_continues_to_the_single_process_result(tiny_deberta, ddp_data, single_process_run, tmp_path):
-    """Both ranks SIGKILLed mid-run, then `torchrun ... --resume`: the run ends where one process ends."""
-    out = tmp_path / "resumed"
-    launcher = subprocess.Popen(torchrun(free_port(), *train_args(tiny_deberta, ddp_data, out)),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, start_new_session=True)
+def test_two_nodes_killed_mid_save_resume_to_the_single_process_result(tiny_deberta, ddp_data, single_process_run,
+                                                                       tmp_path):
+    """Both nodes SIGKILLed mid-run, a save left half-written, then `--resume` on both: the run ends
+    where one process ends, with rank 0's disk alone holding the state."""
+    outputs = [tmp_path / "node0", tmp_path / "node1"]
+    nodes = two_nodes(free_port(), outputs, model=tiny_deberta, data=ddp_data)
     deadline = time.time() + 120
-    while time.time() < deadline and launcher.poll() is None:
-        state = checkpoint.latest(out)
+    while time.time() < deadline and all(node.poll() is None for node in nodes):
+        state = checkpoint.latest(outputs[0])
         if state is not None and int(state.name.split("-")[1]) >= 4:
-            os.killpg(launcher.pid, signal.SIGKILL)  # the launcher and both ranks at once, as a lost node
+            # the ranks and their agents at once, as a lost cluster (torchrun starts each rank
+            # in a session of its own, so killing the agent's process group would leave them running)
+            for pid in [worker for node in nodes for worker in _children(node.pid)] + [node.pid for node in nodes]:
+                os.kill(pid, signal.SIGKILL)
             break
         time.sleep(0.01)
-    launcher.wait(timeout=60)
-    assert launcher.returncode == -signal.SIGKILL
-    assert int(checkpoint.latest(out).name.split("-")[1]) < 12
-    result = subprocess.run(torchrun(free_port(), *train_args(tiny_deberta, ddp_data, out, "--resume")),
-                            capture_output=True, text=True, timeout=300, env=ENV)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from" in result.stdout
-    assert_same_training(single_process_run, out)
+    for node in nodes:
+        node.communicate(timeout=60)
+        assert node.returncode == -signal.SIGKILL
+    saved_at = int(checkpoint.latest(outputs[0]).name.split("-")[1])
+    assert saved_at < 12
+    # what a kill during the next save leaves: a scratch folder of the step the resumed run saves again
+    stray = outputs[0] / "state" / f"step-{saved_at + 4:08d}.tmp-killed"
+    stray.mkdir()
+    (stray / "train.safetensors").write_bytes(b"half a file")
+
+    # without --resume, rank 0's refusal reaches both nodes at once (no wait for a timeout)
+    refused = wait_all(two_nodes(free_port(), outputs, model=tiny_deberta, data=ddp_data), timeout=120)
+    for status, _, stderr in refused:
+        assert status != 0 and "holds a previous run's state; pass --resume" in stderr
+
+    resumed = wait_all(two_nodes(free_port(), outputs, "--resume", model=tiny_deberta, data=ddp_data))
+    for status, _, stderr in resumed:
+        assert status == 0, stderr[-3000:]
+    assert "resumed from" in resumed[0][1]
+    assert not stray.exists()
+    assert_same_training(single_process_run, outputs[0])
+    assert not outputs[1].exists()
+
+
+def _nan_agreement_worker(rank: int, world: int, port: int, results: dict) -> None:
+    from types import SimpleNamespace
+
+    from kfdeb import distributed
+    from kfdeb.loop import StepMeter
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        ctx = distributed.Context(rank, rank, world, torch.device("cpu"))
+        tasks = [SimpleNamespace(name="nli", batch_size=4), SimpleNamespace(name="sts", batch_size=4)]
+        run = SimpleNamespace(ctx=ctx, tasks=tasks, output_dir=Path("out"), last_saved_step=6)
+        meter = StepMeter(run)
+        meter.add_loss(0, torch.tensor(1.0), step=7)
+        # only rank 1's STS shard goes non-finite, at step 8
+        meter.add_loss(1, torch.tensor(float("nan") if rank == 1 else 1.0), step=8)
+        try:
+            meter.flush(8, None)
+            results[rank] = "no error"
+        except FloatingPointError as err:
+            results[rank] = str(err)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_message():
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.start_processes(_nan_agreement_worker, args=(2, free_port(), results), nprocs=2, start_method="spawn")
+        results = dict(results)
+    assert results[0] == results[1]
+    assert results[0].startswith("the sts loss is not finite at step 8; training stopped and the last good state "
+                                 "(step-00000006) stays in out/state")

@@ -18,7 +18,8 @@ from conftest import REPO, run_script
 from kfdeb import checkpoint, distributed
 from kfdeb.config import resolve
 from kfdeb.data import nli_triplets, read_nli, read_sts
-from kfdeb.loop import build_tasks, task_loss, train, update
+from kfdeb.loop import task_loss, train, update
+from kfdeb.run import build_tasks
 from kfdeb.model import load_encoder
 from kfdeb.optim import build_adamw, build_scheduler, warmup_linear
 
@@ -98,16 +99,21 @@ def test_short_run_writes_every_output(tiny_deberta, small_data, tmp_path):
     assert summary["best_step"] == best["step"]
     assert rows[-1]["split"] == "test" and rows[-1]["best_step"] == best["step"]
 
-    metadata = json.loads((out / "kfdeb.json").read_text())
+    metadata = json.loads((out / "best" / "kfdeb.json").read_text())
     assert metadata["best_step"] == best["step"] and metadata["test"] == summary["test"]
     assert metadata["dev"]["cosine_spearman"] == pytest.approx(best["cosine_spearman"], abs=1e-3)
     assert json.loads((out / "train_config.json").read_text())["max_steps"] == 12
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    card = (out / "README.md").read_text()
+    card = (out / "best" / "README.md").read_text()
     assert card.startswith("---\nlanguage:\n- ko\n") and f"{summary['test']['cosine_spearman']:.2f}" in card
+    # publishable: the snippets name the model by its folder name, and no local path is in the card
+    assert 'SentenceTransformer("run")' in card and str(tmp_path) not in card
+    assert sorted(p.name for p in (out / "best").iterdir()) == sorted(
+        ["README.md", "config.json", "model.safetensors", "modules.json", "sentence_bert_config.json", "1_Pooling",
+         "kfdeb.json", "tokenizer.json", "tokenizer_config.json"])  # no training state: push best/ as it is
     assert checkpoint.latest(out).name == "step-00000012"
     st = pytest.importorskip("sentence_transformers")
-    reloaded = st.SentenceTransformer(str(out), device="cpu").encode(["문장 하나"])
+    reloaded = st.SentenceTransformer(str(out / "best"), device="cpu").encode(["문장 하나"])
     np.testing.assert_allclose(reloaded, load_encoder(out).encode(["문장 하나"], convert_to_numpy=True), atol=1e-5)
 
 
@@ -174,7 +180,7 @@ def test_sigkill_and_resume_give_the_uninterrupted_result(tiny_deberta_dropout, 
     for name, tensor in expected["model"].items():
         torch.testing.assert_close(got["model"][name], tensor, rtol=0, atol=1e-6, msg=name)
     assert got_rows == expected_rows
-    assert (out / "model.safetensors").read_bytes() == (tmp_path / "straight" / "model.safetensors").read_bytes()
+    assert (out / "best" / "model.safetensors").read_bytes() == (tmp_path / "straight" / "best" / "model.safetensors").read_bytes()
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_state(tiny_deberta, small_data, tmp_path):
@@ -221,3 +227,59 @@ def test_single_task_recipes_train_and_evaluate(tiny_deberta, small_data, tmp_pa
     assert [r["step"] for r in rows if r.get("split") == "dev"] == [expected_steps]  # the epoch end
     assert json.loads((out / "train_config.json").read_text())["tasks"] == task
     assert np.isfinite(summary["test"]["cosine_spearman"])
+
+
+def test_a_bf16_step_feeds_the_losses_float32(tiny_deberta, small_data, monkeypatch):
+    """Under bf16 autocast the encoder runs in bf16, but pooling hands the losses float32 and they stay in it."""
+    from conftest import RecordOps
+
+    import kfdeb.loop
+
+    config = small_config(tiny_deberta, small_data, "unused")
+    ctx = distributed.Context(0, 0, 1, torch.device("cpu"))
+    encoder = load_encoder(tiny_deberta, max_seq_length=64)
+    triplets = nli_triplets(read_nli(small_data / "KorNLI" / "small.train.ko.tsv").pairs, seed=0)[:16]
+    pairs = read_sts(small_data / "KorSTS" / "sts-train.tsv")[:8]
+    tasks = build_tasks(config, {"nli": (triplets, None), "sts": ([(p.sentence1, p.sentence2) for p in pairs],
+                                                                  np.array([p.label for p in pairs], dtype=np.float32))},
+                        encoder, ctx)
+    seen = {}
+
+    def spy(name, loss_function):
+        def wrapped(*tensors, **kwargs):
+            with RecordOps() as ops:
+                loss = loss_function(*tensors, **kwargs)
+            seen[name] = ({t.dtype for t in tensors}, ops.floating_dtypes(), loss.dtype)
+            return loss
+        return wrapped
+
+    monkeypatch.setattr(kfdeb.loop, "in_batch_negatives_loss", spy("nli", kfdeb.loop.in_batch_negatives_loss))
+    monkeypatch.setattr(kfdeb.loop, "cosine_mse_loss", spy("sts", kfdeb.loop.cosine_mse_loss))
+    with RecordOps() as step:
+        for task in tasks:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = task_loss(encoder, task, list(range(8)), ctx, encoder.pad_id, 1)
+            loss.backward()
+    assert any(torch.bfloat16 in inputs for name, inputs, _ in step.calls if name == "addmm")  # the encoder: bf16
+    for name in ("nli", "sts"):
+        assert seen[name] == ({torch.float32}, {torch.float32}, torch.float32), name
+
+
+def test_step_meter_reads_nothing_back_during_a_step(tiny_deberta, small_data, tmp_path):
+    """add_loss / add_norm stay on the device: no read-back, no index tensor built from a Python list."""
+    from conftest import RecordOps
+
+    from kfdeb.loop import StepMeter
+    from kfdeb.run import setup
+
+    config = small_config(tiny_deberta, small_data, tmp_path / "meter")
+    run = setup(config, distributed.Context(0, 0, 1, torch.device("cpu")))
+    meter = StepMeter(run)
+    loss, norm = torch.tensor(0.5), torch.tensor(2.0)
+    with RecordOps() as ops:
+        meter.add_loss(0, loss, step=1)
+        meter.add_norm(0, norm)  # per_task
+        meter.add_norm(None, norm)  # joint: every task
+    forbidden = {"_local_scalar_dense", "lift_fresh", "index_put_", "_index_put_impl_"}
+    assert not forbidden & set(ops.names()), ops.names()
+    assert meter.norm_sums.tolist() == [4.0, 2.0] and meter.loss_sums.tolist() == [0.5, 0.0]

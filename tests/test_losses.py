@@ -58,3 +58,19 @@ def test_losses_equal_sentence_transformers():
     cosine = st_losses.CosineSimilarityLoss(model=None)
     assert cosine_mse_loss(a, p, labels).item() == pytest.approx(
         cosine.compute_loss_from_embeddings([a, p], labels).item(), abs=1e-7)
+
+
+def test_losses_run_in_float32_under_bf16_autocast():
+    """Under autocast the logits' matmul would run in bf16: every floating op of both losses must be fp32."""
+    from conftest import RecordOps
+
+    a, p, n = (embeddings(6, 16, seed=s, dtype=torch.float32) for s in (1, 2, 3))
+    labels = torch.rand(6, generator=torch.Generator().manual_seed(4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with RecordOps() as ops:
+            nli = in_batch_negatives_loss(a, p, n)
+            sts = cosine_mse_loss(a, p, labels)
+    assert "mm" in ops.names() and ops.floating_dtypes() == {torch.float32}
+    assert nli.dtype == sts.dtype == torch.float32
+    assert nli.item() == pytest.approx(naive_in_batch_negatives(a.double(), p.double(), n.double()), abs=1e-5)
+    assert sts.item() == pytest.approx(naive_cosine_mse(a.double(), p.double(), labels.double()), abs=1e-6)

@@ -71,3 +71,23 @@ def test_bf16_hidden_gives_float32_embeddings_close_to_fp32():
     out = masked_mean_pool(h.to(torch.bfloat16), mask)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, naive_mean(h, mask), rtol=2e-2, atol=2e-2)
+
+
+def test_pooling_runs_in_float32_under_bf16_autocast():
+    """Autocast would run the bmm in bf16; pooling switches it off and widens the token states."""
+    from conftest import RecordOps
+
+    h, mask = random_batch(batch=4, length=9, hidden=8, dtype=torch.float32)
+    h_bf16 = h.to(torch.bfloat16).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with RecordOps() as forward:
+            pooled = masked_mean_pool(h_bf16, mask)
+    with RecordOps() as backward:
+        (pooled * torch.randn_like(pooled)).sum().backward()
+    matmuls = [c for c in forward.calls if c[0] == "bmm"]
+    assert matmuls and all(set(inputs) == {torch.float32} for _, inputs, _ in matmuls)
+    assert pooled.dtype == torch.float32
+    # the widened states give the float32 mean of the bf16 values, to float32 rounding
+    torch.testing.assert_close(pooled, naive_mean(h_bf16.detach().float(), mask), rtol=0, atol=1e-6)
+    assert {torch.float32} <= {d for c in backward.calls if c[0] == "bmm" for d in c[1]}
+    assert h_bf16.grad.dtype == torch.bfloat16
