@@ -36,6 +36,7 @@ class TrainConfig:
     max_seq_length: int = 256
     nli_batch_size: int = 64
     sts_batch_size: int = 8
+    nli_mini_batch_size: int = 0  # > 0: GradCache, embed the NLI batch this many triplets at a time (same gradient)
     num_epochs: int = 10
     max_steps: int = 0  # > 0: stop there, and the schedule spans max_steps
     learning_rate: float = 2e-5
@@ -94,6 +95,8 @@ _HELP = {
     "data_dir": f"kor-nlu-datasets clone ({BUNDLED}: the files shipped with kfdeb)",
     "nli_train_glob": "KorNLI training files, relative to data_dir",
     "tasks": "comma-separated objectives: nli, sts or nli,sts",
+    "nli_mini_batch_size": "GradCache: embed each rank's NLI batch this many triplets at a time, for the exact "
+                           "gradient of a large --nli_batch_size at the memory of a small one (0: off)",
     "max_steps": "stop after this many steps (0: num_epochs); the schedule spans them",
     "optimizer": "per_task (reference: one AdamW + schedule per objective, 2 updates a step) or joint",
     "metric_for_best": "dev figure that selects the best checkpoint",
@@ -206,8 +209,8 @@ def validate(config: TrainConfig) -> None:
                  "eval_steps", "save_steps", "logging_steps", "dist_timeout"):
         if getattr(config, name) < 1:
             raise UserInputError(f"--{name} {getattr(config, name)}: must be at least 1")
-    if config.max_steps < 0 or config.pad_to_multiple_of < 0:
-        raise UserInputError("--max_steps and --pad_to_multiple_of must be >= 0")
+    if config.max_steps < 0 or config.pad_to_multiple_of < 0 or config.nli_mini_batch_size < 0:
+        raise UserInputError("--max_steps, --pad_to_multiple_of and --nli_mini_batch_size must be >= 0")
     if not 0.0 <= config.warmup_ratio <= 1.0:
         raise UserInputError(f"--warmup_ratio {config.warmup_ratio}: must be in [0, 1]")
     if config.learning_rate <= 0 or config.weight_decay < 0 or config.max_grad_norm <= 0:

@@ -16,16 +16,32 @@ saving step reads them, all ranks at once.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from kfdeb import distributed
 from kfdeb.config import TrainConfig
 from kfdeb.data import length_sorted_chunks, shard
+from kfdeb.gradcache import cached_backward
 from kfdeb.losses import cosine_mse_loss, in_batch_negatives_loss
 from kfdeb.run import Run, Task, evaluate_and_keep_best, finish, save_state, setup, start_or_resume
+
+
+def embed_columns(model: torch.nn.Module, task: Task, rows: np.ndarray, ctx: distributed.Context,
+                  pad_id: int, pad_to_multiple_of: int) -> torch.Tensor:
+    """Embeddings of every text of `rows` (examples x columns of text ids): columns x examples x H."""
+    # all columns (anchors, positives, negatives) in one forward call, regrouped by length into
+    # as many chunks as there are columns (less padding than per column or one block); listed
+    # column-major so the embeddings reshape to columns x batch x hidden
+    chunk_ids, chunk_masks, restore = length_sorted_chunks(
+        [task.sequences[i] for i in rows.T.reshape(-1)], len(rows), pad_id, pad_to_multiple_of)
+    embeddings = model([ids.to(ctx.device, non_blocking=True) for ids in chunk_ids],
+                       [mask.to(ctx.device, non_blocking=True) for mask in chunk_masks])
+    return embeddings[restore.to(ctx.device, non_blocking=True)].view(rows.shape[1], len(rows), -1)
 
 
 def task_loss(model: torch.nn.Module, task: Task, batch: list[int], ctx: distributed.Context,
@@ -35,19 +51,27 @@ def task_loss(model: torch.nn.Module, task: Task, batch: list[int], ctx: distrib
     weight = 1.0
     if not local:  # a short last STS batch with fewer pairs than ranks: run one pair at weight 0
         local, weight = batch[:1], 0.0  # so every rank still joins DDP's gradient reduction
-    rows = task.rows[local]
-    # all columns (anchors, positives, negatives) in one forward call, regrouped by length into
-    # as many chunks as there are columns (less padding than per column or one block); listed
-    # column-major so the embeddings reshape to columns x batch x hidden
-    chunk_ids, chunk_masks, restore = length_sorted_chunks(
-        [task.sequences[i] for i in rows.T.reshape(-1)], len(local), pad_id, pad_to_multiple_of)
-    embeddings = model([ids.to(ctx.device, non_blocking=True) for ids in chunk_ids],
-                       [mask.to(ctx.device, non_blocking=True) for mask in chunk_masks])
-    columns = embeddings[restore.to(ctx.device, non_blocking=True)].view(rows.shape[1], len(local), -1)
+    columns = embed_columns(model, task, task.rows[local], ctx, pad_id, pad_to_multiple_of)
     if task.name == "nli":
         return in_batch_negatives_loss(columns[0], columns[1], columns[2])
     labels = torch.from_numpy(task.labels[local]).to(ctx.device, non_blocking=True)
     return weight * cosine_mse_loss(columns[0], columns[1], labels, global_batch_size=len(batch))
+
+
+def cached_nli_backward(run: Run, task: Task, batch: list[int], mini_batch_size: int) -> torch.Tensor:
+    """The NLI loss and its full-batch gradient, embedding `mini_batch_size` triplets at a time (gradcache.py)."""
+    ctx, encoder = run.ctx, run.encoder
+
+    def embed(rows: np.ndarray, with_grad: bool) -> torch.Tensor:
+        with run.autocast():  # without autograd, the bare encoder: DDP has nothing to reduce
+            return embed_columns(run.model if with_grad else encoder, task, rows, ctx, encoder.pad_id, run.pad_multiple)
+
+    def loss_of(columns: torch.Tensor) -> torch.Tensor:
+        return in_batch_negatives_loss(columns[0], columns[1], columns[2])
+
+    no_sync = run.model.no_sync if ctx.distributed else contextlib.nullcontext
+    rows = task.rows[shard(batch, ctx.rank, ctx.world_size)]
+    return cached_backward(embed, loss_of, rows, mini_batch_size, run.backward, no_sync, ctx.device)
 
 
 def update(parameters: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -163,9 +187,12 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
         step = progress.step + 1  # 1-based: the step being taken
         for t, task in enumerate(run.tasks):  # NLI, then STS
             batch = task.sampler.next_batch()  # the global batch; task_loss takes this rank's slice
-            with run.autocast():
-                loss = task_loss(run.model, task, batch, ctx, run.encoder.pad_id, run.pad_multiple)
-            run.backward(loss)
+            if task.name == "nli" and config.nli_mini_batch_size:  # GradCache: same gradient, less memory
+                loss = cached_nli_backward(run, task, batch, config.nli_mini_batch_size)
+            else:
+                with run.autocast():
+                    loss = task_loss(run.model, task, batch, ctx, run.encoder.pad_id, run.pad_multiple)
+                run.backward(loss)
             meter.add_loss(t, loss, step)
             if config.optimizer == "per_task":  # the reference: each objective updates right after its backward
                 meter.add_norm(t, update(run.parameters, run.optimizers[t], run.schedulers[t], run.scaler, config.max_grad_norm))

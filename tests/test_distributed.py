@@ -130,10 +130,13 @@ def single_process_run(tiny_deberta, ddp_data, tmp_path_factory) -> Path:
     return out
 
 
-def test_two_ranks_give_the_single_process_losses_and_weights(tiny_deberta, ddp_data, single_process_run, tmp_path):
+@pytest.mark.parametrize("gradcache", [[], ["--nli_mini_batch_size", "3"]], ids=["plain", "gradcache"])
+def test_two_ranks_give_the_single_process_losses_and_weights(tiny_deberta, ddp_data, single_process_run, tmp_path,
+                                                              gradcache):
+    """With GradCache each rank embeds its 8 triplets 3, 3, 2 at a time: still the single process's run."""
     out = tmp_path / "ddp"
-    result = subprocess.run(torchrun(free_port(), *train_args(tiny_deberta, ddp_data, out)), capture_output=True,
-                            text=True, timeout=300, env=ENV)
+    result = subprocess.run(torchrun(free_port(), *train_args(tiny_deberta, ddp_data, out, *gradcache)),
+                            capture_output=True, text=True, timeout=300, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout and result.stdout.count("best model (step") == 1  # rank 0 talks
     assert_same_training(single_process_run, out)
