@@ -7,7 +7,16 @@ batches are padded to their own longest row, never to max_seq_length.
 
 DeBERTa-v2 encoders get the windowed disentangled-attention bias of deberta.py (same results,
 less work). Loads: a kfdeb checkpoint, any Hugging Face encoder folder, a sentence-transformers folder (v2
-layout, mean pooling; other poolings are refused), or a hub id (only where the hub is reachable).
+layout, mean pooling; other poolings are refused), or a hub id.
+
+Weights are read as they are published. A folder (or hub repo) with `model.safetensors` (or its
+sharded index) is read from those; one with only `pytorch_model.bin` (or its sharded index), like
+kakaobank/kf-deberta-base, is unpickled here with `torch.load(weights_only=True)`, which admits
+tensors, containers and numbers only: a pickle that would run code is refused with a one-line
+error, never run, and transformers is handed the tensors, never the file. A hub id downloads the
+configs and tokenizer files first, then lists the repo's files and fetches only the weights it
+will read: the safetensors where the repo has both. huggingface_hub does the transfers, so
+HF_ENDPOINT, HF_HOME / HF_HUB_CACHE, tokens and HF_HUB_OFFLINE (the cache only) apply.
 
 Checkpoint format (what `save` writes; `SentenceTransformer(dir)` and `AutoModel.from_pretrained(dir)`
 open it unchanged; weights are safetensors only, so loading never unpickles):
@@ -24,11 +33,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
 import torch
@@ -43,7 +53,14 @@ DEFAULT_MAX_SEQ_LENGTH = 256
 KFDEB_METADATA = "kfdeb.json"
 RUN_BEST_DIR = "best"  # where a training run keeps its best model (run.py)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "1_Pooling/*", "2_Normalize/*"]
+# What a hub download fetches before the weights, at any depth: configs (the encoder's, the
+# sentence-transformers modules', shard indexes) and tokenizer files (tokenizer.json, vocab.txt,
+# sentencepiece *.model). Never *.py: kfdeb does not run a repo's code.
+_HUB_CONFIG_FILES = ["*.json", "*.txt", "*.model"]
+# Weight files, in order of preference, each whole or sharded (NAME.index.json lists the shards):
+# safetensors cannot run code when read; a pickled .bin is for repos published before
+# safetensors existed, and is read with weights_only=True.
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def read_json(path: Path) -> Any:
@@ -68,9 +85,9 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
     if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
         raise UserInputError(f"{path}: no such model folder")
     try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(text, allow_patterns=_HUB_FILES))
+        return _download_from_hub(text)
+    except UserInputError:
+        raise
     except Exception as err:  # any hub failure (offline, unknown id, gated) is the user's to fix
         raise UserInputError(
             f"{text}: not a local folder, and the Hugging Face hub could not provide it ({first_line(err, 160)}); "
@@ -103,6 +120,117 @@ def tf32_matmuls(device: torch.device):
         yield
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+def weight_files(names: Collection[str], folder: Path) -> list[str]:
+    """Which of the files `names` of an encoder folder hold its weights, as transformers would choose them.
+
+    `model.safetensors`, else its index and the shards it lists, else the same for
+    `pytorch_model.bin`; [] if none. `folder` is where the indexes are read (the local folder, or
+    the snapshot a hub repo's configs were downloaded to).
+    """
+    for single in _WEIGHT_FILES:
+        if single in names:
+            return [single]
+        index = f"{single}.index.json"
+        if index in names:
+            return [index, *_shards(folder / index, single)]
+    return []
+
+
+def _shards(index_path: Path, single: str) -> list[str]:
+    index = read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    suffix = Path(single).suffix
+    # plain file names next to the index, of the indexed kind: nothing outside the folder is read
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+        isinstance(name, str) and name.endswith(suffix) and "/" not in name and "\\" not in name
+        for name in weight_map.values()
+    ):
+        raise UserInputError(f"{index_path}: expected a weight_map of parameter names to {suffix} files beside it")
+    return sorted(set(weight_map.values()))
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    """The cached snapshot of hub repo `repo_id` with its configs, tokenizer files and the encoder's weights."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    # Configs first: they say where the encoder lives (modules.json) and whether kfdeb can use
+    # the model at all (pooling), before hundreds of MB of weights are fetched. Offline, this
+    # serves the cache or raises.
+    folder = Path(snapshot_download(repo_id, allow_patterns=_HUB_CONFIG_FILES))
+    commit = folder.name  # snapshots/<commit>: the weights must come from the same commit
+    encoder_dir = _encoder_dir(folder)
+    try:
+        repo_files = HfApi().list_repo_files(repo_id, revision=commit)
+    except Exception as err:  # offline or unreachable: what the cache holds, if it holds weights
+        cached = weight_files(os.listdir(encoder_dir), encoder_dir)
+        if cached and all((encoder_dir / name).is_file() for name in cached):
+            return folder
+        raise UserInputError(
+            f"{repo_id}: the hub could not list the repo's files ({first_line(err, 160)}) "
+            "and no weights of it are cached"
+        ) from None
+    relative = encoder_dir.relative_to(folder).as_posix()
+    prefix = "" if relative == "." else f"{relative}/"
+    names = {f[len(prefix):] for f in repo_files if f.startswith(prefix) and "/" not in f[len(prefix):]}
+    weights = [prefix + name for name in weight_files(names, encoder_dir) if not name.endswith(".index.json")]
+    if not weights:
+        raise UserInputError(
+            f"{repo_id}: the hub repo has no model.safetensors or pytorch_model.bin{f' in {prefix}' if prefix else ''}; "
+            "kfdeb reads PyTorch weights only"
+        )
+    snapshot_download(repo_id, revision=commit, allow_patterns=weights)
+    return folder
+
+
+def _encoder_dir(folder: Path) -> Path:
+    """Where the transformers encoder of a model folder lives (a sentence-transformers module may sit in a subfolder)."""
+    if (folder / "modules.json").exists():
+        return _sentence_transformers_layout(folder)["transformer_dir"]
+    return folder
+
+
+def read_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a pickled `pytorch_model*.bin`, unpickled with `torch.load(weights_only=True)`.
+
+    weights_only admits tensors, containers and numbers only, so a pickle that would import or
+    call anything else (run code) is refused before any of it runs.
+    """
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # the weights-only unpickler met something it does not admit
+        _, _, detail = str(err).partition("WeightsUnpickler error:")
+        # torch's own advice (allowlist the global, or weights_only=False) is what must not be done here
+        reason = detail.strip().split(" Please use")[0].splitlines()[0] if detail.strip() else first_line(err)
+        raise UserInputError(
+            f"{path}: refused: not a plain state dict of tensors ({reason}); kfdeb never runs code from a pickle"
+        ) from None
+    except Exception as err:  # truncated, not a pickle, not a torch file: whatever torch.load trips on
+        raise UserInputError(f"{path}: unreadable PyTorch weights ({type(err).__name__}: {first_line(err)})") from None
+    if not isinstance(state_dict, dict) or not all(
+        isinstance(name, str) and isinstance(value, torch.Tensor) for name, value in state_dict.items()
+    ):
+        raise UserInputError(f"{path}: not a state dict (parameter names to tensors)")
+    return state_dict
+
+
+def _load_transformer(folder: Path) -> torch.nn.Module:
+    """The transformers encoder in `folder` in float32, its weights read as published (module docstring)."""
+    from transformers import MODEL_MAPPING, AutoConfig, AutoModel
+
+    weights = weight_files(os.listdir(folder), folder)
+    if not weights or weights[0].startswith("model.safetensors"):  # neither: transformers says what it looked for
+        return AutoModel.from_pretrained(str(folder), dtype=torch.float32)
+    config = AutoConfig.from_pretrained(str(folder))
+    state_dict: dict[str, torch.Tensor] = {}
+    for name in weights:
+        if not name.endswith(".index.json"):
+            state_dict.update(read_pickled_state_dict(folder / name))
+    if type(config) not in MODEL_MAPPING:
+        raise UserInputError(f"{folder / 'config.json'}: model type {config.model_type!r} has no transformers encoder class")
+    # No path: transformers gets the tensors only, so it has no file of its own to unpickle.
+    return MODEL_MAPPING[type(config)].from_pretrained(None, config=config, state_dict=state_dict, dtype=torch.float32)
 
 
 def _sentence_transformers_layout(folder: Path) -> dict[str, Any]:
@@ -343,7 +471,7 @@ def load_encoder(
     device: str | torch.device | None = None,
 ) -> SentenceEncoder:
     """Open a kfdeb checkpoint, HF encoder folder, sentence-transformers folder or hub id."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
     folder = resolve_model_dir(name_or_path)
     normalize, do_lower_case, saved_length, metadata = False, False, None, {}
@@ -364,11 +492,15 @@ def load_encoder(
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(transformer_dir))
-        transformer = AutoModel.from_pretrained(str(transformer_dir), dtype=torch.float32)
+        transformer = _load_transformer(transformer_dir)
     except (OSError, ValueError, KeyError) as err:
         raise UserInputError(f"{transformer_dir}: cannot load the encoder ({first_line(err)})") from None
     if transformer.config.model_type == "deberta-v2":
         deberta.install(transformer)  # same maths, only the relative positions a batch can use
+    tokenizer_length = getattr(tokenizer, "model_max_length", None)
+    if saved_length is None and (folder / "modules.json").exists() and isinstance(tokenizer_length, int) \
+            and tokenizer_length < 10**6:  # transformers' "no limit" is 1e30
+        saved_length = tokenizer_length  # newer sentence-transformers save the length here, not in sentence_bert_config
     length = max_seq_length or saved_length or DEFAULT_MAX_SEQ_LENGTH
     model_limit = getattr(transformer.config, "max_position_embeddings", None)
     if getattr(transformer.config, "position_biased_input", True) and model_limit and length > model_limit:

@@ -56,6 +56,25 @@ def run_script(script: str, *args: str, timeout: float = 240, env: dict | None =
     )
 
 
+def write_sentence_transformers_layout(folder: Path, max_seq_length: int) -> Path:
+    """The sentence-transformers 1.x layout around an encoder already in folder/0_Transformer.
+
+    modules.json (Transformer in 0_Transformer/, mean Pooling, Normalize), 1_Pooling/config.json and
+    0_Transformer/sentence_bert_config.json; no 2_Normalize/ folder, as on the hub (git keeps no empty folders).
+    """
+    import json
+
+    (folder / "0_Transformer" / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False}))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64, "pooling_mode_mean_tokens": True}))
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "0_Transformer", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory, bundled_dir) -> Path:
     """A kor-nlu-datasets-shaped folder cut from the bundled files, small enough for quick runs."""

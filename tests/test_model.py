@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_sentence_transformers_layout
 from kfdeb.data import read_sts
 from kfdeb.errors import UserInputError
 from kfdeb.evaluation import evaluate_sts
@@ -98,13 +99,7 @@ def test_checkpoint_opens_in_sentence_transformers_and_automodel(tiny_deberta, t
 def test_sentence_transformers_folders_with_normalize_and_subfolder(tiny_deberta, tmp_path):
     folder = tmp_path / "st"
     shutil.copytree(tiny_deberta, folder / "0_Transformer")
-    (folder / "1_Pooling").mkdir()
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64, "pooling_mode_mean_tokens": True}))
-    (folder / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "0_Transformer", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
-    (folder / "0_Transformer" / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 32, "do_lower_case": False}))
+    write_sentence_transformers_layout(folder, max_seq_length=32)
     encoder = load_encoder(folder)
     assert encoder.normalize and encoder.max_seq_length == 32
     reference = st.SentenceTransformer(str(folder), device="cpu")
