@@ -44,8 +44,8 @@ def task_loss(model: torch.nn.Module, task: Task, batch: list[int], ctx: distrib
     embeddings = model([ids.to(ctx.device, non_blocking=True) for ids in chunk_ids],
                        [mask.to(ctx.device, non_blocking=True) for mask in chunk_masks])
     columns = embeddings[restore.to(ctx.device, non_blocking=True)].view(rows.shape[1], len(local), -1)
-    if task.name == "nli":
-        return in_batch_negatives_loss(columns[0], columns[1], columns[2])
+    if task.name == "nli":  # triplets, or anchor-positive pairs: then the positives alone are the candidates
+        return in_batch_negatives_loss(columns[0], columns[1], columns[2] if len(columns) == 3 else None)
     labels = torch.from_numpy(task.labels[local]).to(ctx.device, non_blocking=True)
     return weight * cosine_mse_loss(columns[0], columns[1], labels, global_batch_size=len(batch))
 
