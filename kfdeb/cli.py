@@ -57,16 +57,22 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     import kfdeb
-    from kfdeb.data import BUNDLED_DATA_DIR, read_sts
+    from kfdeb.data import BUNDLED_DATA_DIR, read_scored_file, read_sts
     from kfdeb.evaluation import TABLE_HEADER, evaluate_sts, sts_path, table_row
 
     parser = argparse.ArgumentParser(
         prog="evaluate.py",
-        description="KorSTS figures (Pearson/Spearman x100 of cosine, euclidean, manhattan, dot) of a model.",
+        description="KorSTS figures (Pearson/Spearman x100 of cosine, euclidean, manhattan, dot) of a model, "
+                    "or the same figures on your own scored pairs (--data_file).",
     )
     parser.add_argument("ckpt", help="kfdeb output dir, Hugging Face or sentence-transformers folder, or model.onnx")
-    parser.add_argument("--data_dir", default=str(BUNDLED_DATA_DIR), help="folder with KorSTS/sts-{dev,test}.tsv (default: bundled)")
-    parser.add_argument("--split", default="test", choices=["test", "dev"])
+    data = parser.add_mutually_exclusive_group()
+    data.add_argument("--data_dir", default=None, help="folder with KorSTS/sts-{dev,test}.tsv (default: bundled)")
+    data.add_argument("--data_file", default=None, metavar="FILE",
+                      help="your own scored pairs instead of KorSTS: .tsv, .csv or .jsonl with sentence1, sentence2, score")
+    parser.add_argument("--split", default=None, choices=["test", "dev"], help="KorSTS split (default: test)")
+    parser.add_argument("--score_max", type=float, default=None,
+                        help="--data_file's highest score: scores must lie in 0..score_max (default: 5)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--max_seq_length", type=int, default=None, help="default: the model's own (256 if unset)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -75,17 +81,28 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch_size must be at least 1")
+    if args.data_file is None and args.score_max is not None:
+        parser.error("--score_max applies to --data_file only (KorSTS scores are 0..5)")
+    if args.data_file is not None and args.split is not None:
+        parser.error("--split chooses a KorSTS file under --data_dir; --data_file is evaluated as a whole")
+    if args.score_max is not None and not 0 < args.score_max < float("inf"):
+        parser.error("--score_max must be a positive number")
     import torch
 
     quiet_third_party()
-    pairs = read_sts(sts_path(args.data_dir, args.split))  # a bad file fails before the model loads
+    # a bad file fails before the model loads
+    if args.data_file is not None:
+        pairs, split = read_scored_file(args.data_file, "--data_file", args.score_max or 5.0), Path(args.data_file).name
+    else:
+        split = args.split or "test"
+        pairs = read_sts(sts_path(args.data_dir or BUNDLED_DATA_DIR, split))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     encoder = kfdeb.load(args.ckpt, device=device, max_seq_length=args.max_seq_length)
     result = evaluate_sts(encoder, pairs, args.batch_size)
     ckpt = Path(args.ckpt)
     name = args.name or (f"{ckpt.parent.name}/{ckpt.name}" if ckpt.suffix == ".onnx" else ckpt.resolve().name)
     print(TABLE_HEADER)
-    print(table_row(f"{name} ({args.split})", result.figures))
+    print(table_row(f"{name} ({split})", result.figures))
     print(f"encoded {result.sentences} sentences in {result.seconds:.2f} s: "
           f"{result.sentences_per_second:.1f} sentences/s on {getattr(encoder, 'device_name', device)}")
     if args.json:

@@ -32,6 +32,12 @@ class TrainConfig:
     model_name_or_path: str = "kakaobank/kf-deberta-base"
     data_dir: str = "kor-nlu-datasets"
     nli_train_glob: str = "KorNLI/*train.ko.tsv"
+    # your own files (.tsv, .csv, .jsonl; data.py): each one given replaces what data_dir would give
+    nli_train_files: str = ""  # comma-separated paths or globs: NLI pairs, triplets or anchor-positive pairs
+    sts_train_file: str = ""  # scored pairs (sentence1, sentence2, score)
+    sts_dev_file: str = ""
+    sts_test_file: str = ""
+    score_max: float = 5.0  # labels of the scored-pair files above = score / score_max
     tasks: str = "nli,sts"
     max_seq_length: int = 256
     nli_batch_size: int = 64
@@ -94,6 +100,16 @@ _HELP = {
     "model_name_or_path": f"encoder to fine-tune: local folder or hub id ({TINY_MODEL}: tiny random DeBERTa-v2)",
     "data_dir": f"kor-nlu-datasets clone ({BUNDLED}: the files shipped with kfdeb)",
     "nli_train_glob": "KorNLI training files, relative to data_dir",
+    "nli_train_files": "your own training files for the in-batch negatives (nli) objective instead of "
+                       "data_dir/nli_train_glob: comma-separated paths or globs, .tsv/.csv/.jsonl, each of NLI pairs "
+                       "(sentence1, sentence2, gold_label), triplets (anchor, positive, negative) or pairs "
+                       "(anchor, positive); pairs cannot be mixed with the others",
+    "sts_train_file": "your own scored pairs (sentence1, sentence2, score; .tsv/.csv/.jsonl) for the sts objective "
+                      "instead of data_dir's KorSTS train",
+    "sts_dev_file": "your own scored pairs for dev evaluation (best checkpoint) instead of KorSTS dev",
+    "sts_test_file": "your own scored pairs for the final test evaluation instead of KorSTS test",
+    "score_max": "the highest score of the --sts_*_file files: label = score / score_max, a score outside "
+                 "0..score_max is an error (KorSTS files under data_dir are always 0..5)",
     "tasks": "comma-separated objectives: nli, sts or nli,sts",
     "nli_mini_batch_size": "GradCache: embed each rank's NLI batch this many triplets at a time, for the exact "
                            "gradient of a large --nli_batch_size at the memory of a small one (0: off)",
@@ -211,6 +227,8 @@ def validate(config: TrainConfig) -> None:
             raise UserInputError(f"--{name} {getattr(config, name)}: must be at least 1")
     if config.max_steps < 0 or config.pad_to_multiple_of < 0 or config.nli_mini_batch_size < 0:
         raise UserInputError("--max_steps, --pad_to_multiple_of and --nli_mini_batch_size must be >= 0")
+    if not 0.0 < config.score_max < float("inf"):
+        raise UserInputError(f"--score_max {config.score_max}: must be a positive number")
     if not 0.0 <= config.warmup_ratio <= 1.0:
         raise UserInputError(f"--warmup_ratio {config.warmup_ratio}: must be in [0, 1]")
     if config.learning_rate <= 0 or config.weight_decay < 0 or config.max_grad_norm <= 0:

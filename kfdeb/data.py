@@ -13,6 +13,19 @@ ends are accepted; anything else that is wrong stops the run with `file:line: fi
   consensus with gold_label "-": they carry no label, are not used, and are counted (never
   dropped silently).
 
+Your own data (`read_own_file`): files by path, the format by extension, the row kind by the
+columns (.tsv, .csv header) or keys (.jsonl, every object):
+- .tsv: as KorNLU above. .csv: RFC 4180 (header row, `,` separator, `"`-quoted fields with `""`
+  for a quote, line breaks allowed inside quotes; a `"` inside an unquoted field or after a closing
+  quote is an error). .jsonl: one JSON object a line; other keys are ignored.
+- sentence1, sentence2, gold_label: NLI pairs (the triplets of the recipe, as KorNLI);
+  anchor, positive, negative: triplets as they are; anchor, positive: pairs (in-batch negatives
+  without a hard negative); sentence1, sentence2, score: scored pairs, label = score / score_max.
+- The in-batch negatives objective takes NLI pairs, triplets and pairs (`in_batch_examples`): the
+  recipe triplets of all NLI pairs, then the given triplets in file order; or pairs alone (a row
+  kind the loss cannot mix with triplets). The STS objective and evaluation take scored pairs.
+Same strictness as KorNLU: UTF-8 (BOM accepted), LF or CRLF, every problem `file:line: field: problem`.
+
 Samplers (pure index arithmetic, state = two integers, so resume is exact):
 - `NoDuplicatesBatches`: the legacy NoDuplicatesDataLoader. A read pointer walks a permutation;
   an example whose normalised text (strip().lower()) is already in the batch being built is
@@ -26,11 +39,14 @@ Samplers (pure index arithmetic, state = two integers, so resume is exact):
 from __future__ import annotations
 
 import glob
+import itertools
+import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -48,7 +64,7 @@ KORNLU_CLONE = "git clone https://github.com/kakaobrain/kor-nlu-datasets"
 class StsPair(NamedTuple):
     sentence1: str
     sentence2: str
-    label: float  # score / 5, in [0, 1]
+    label: float  # score / score_max (5 for KorSTS), in [0, 1]
 
 
 class Triplet(NamedTuple):
@@ -85,41 +101,60 @@ def read_tsv(path: str | os.PathLike, required: Sequence[str]) -> Iterator[tuple
                         f"{path}:1: header: missing column {missing[0]!r} (header has {', '.join(header)})"
                     )
                 continue
-            if line == "" and fields == [""]:
-                raise UserInputError(f"{path}:{line_no}: empty line (expected {len(header)} tab-separated fields)")
-            if len(fields) != len(header):
-                where = header[len(fields)] if len(fields) < len(header) else f"field {len(header) + 1}"
-                raise UserInputError(
-                    f"{path}:{line_no}: {where}: expected {len(header)} tab-separated fields, found {len(fields)}"
-                )
-            yield line_no, dict(zip(header, fields))
+            yield line_no, _table_row(path, line_no, header, fields, "tab-separated")
         if header is None:
             raise UserInputError(f"{path}:1: header: file is empty")
 
 
-def _sentence(path: str, line_no: int, row: dict[str, str], column: str) -> str:
-    text = row[column].strip()
+def _table_row(path: str, line_no: int, header: list[str], fields: list[str], separated: str) -> dict[str, str]:
+    """{column: field} of a .tsv or .csv data row, which must have as many fields as the header."""
+    if fields == [""]:
+        raise UserInputError(f"{path}:{line_no}: empty line (expected {len(header)} {separated} fields)")
+    if len(fields) != len(header):
+        where = header[len(fields)] if len(fields) < len(header) else f"field {len(header) + 1}"
+        raise UserInputError(f"{path}:{line_no}: {where}: expected {len(header)} {separated} fields, found {len(fields)}")
+    return dict(zip(header, fields))
+
+
+def _field_text(path: str, line_no: int, row: dict[str, Any], column: str) -> str:
+    value = row[column]
+    if not isinstance(value, str):  # a .jsonl value that is a number, null, list or object
+        raise UserInputError(f"{path}:{line_no}: {column}: expected a string, got {json.dumps(value, ensure_ascii=False)}")
+    return value
+
+
+def _sentence(path: str, line_no: int, row: dict[str, Any], column: str) -> str:
+    text = _field_text(path, line_no, row, column).strip()
     if not text:
         raise UserInputError(f"{path}:{line_no}: {column}: empty sentence")
     return text
 
 
-def read_sts(path: str | os.PathLike) -> list[StsPair]:
-    """KorSTS pairs; label = score / 5 (score must be a number in 0..5)."""
+def scored_pairs_from_rows(path: str | os.PathLike, rows: Iterable[tuple[int, dict[str, Any]]],
+                           score_max: float) -> list[StsPair]:
+    """Pairs with label = score / score_max (score must be a number in 0..score_max)."""
     pairs = []
-    for line_no, row in read_tsv(path, STS_COLUMNS):
+    for line_no, row in rows:
+        value = row["score"]
+        shown = repr(value) if isinstance(value, str) else json.dumps(value)
         try:
-            score = float(row["score"])
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):  # .jsonl true, null, [...]
+                raise ValueError
+            score = float(value)
         except ValueError:
-            raise UserInputError(f"{path}:{line_no}: score: not a number: {row['score']!r}") from None
-        if not 0.0 <= score <= 5.0:  # also rejects nan
-            raise UserInputError(f"{path}:{line_no}: score: {row['score']!r} is outside 0..5")
-        pairs.append(
-            StsPair(_sentence(path, line_no, row, "sentence1"), _sentence(path, line_no, row, "sentence2"), score / 5.0)
-        )
+            raise UserInputError(f"{path}:{line_no}: score: not a number: {shown}") from None
+        if not 0.0 <= score <= score_max:  # also rejects nan
+            raise UserInputError(f"{path}:{line_no}: score: {shown} is outside 0..{score_max:g}")
+        pairs.append(StsPair(_sentence(path, line_no, row, "sentence1"), _sentence(path, line_no, row, "sentence2"),
+                             score / score_max))
     if not pairs:
         raise UserInputError(f"{path}:2: score: no data rows")
     return pairs
+
+
+def read_sts(path: str | os.PathLike) -> list[StsPair]:
+    """KorSTS pairs; label = score / 5 (score must be a number in 0..5)."""
+    return scored_pairs_from_rows(path, read_tsv(path, STS_COLUMNS), 5.0)
 
 
 @dataclass
@@ -130,9 +165,14 @@ class NliPairs:
 
 def read_nli(path: str | os.PathLike) -> NliPairs:
     """KorNLI pairs with their gold label; gold_label "-" (no consensus) rows are counted, not used."""
+    return nli_pairs_from_rows(path, read_tsv(path, NLI_COLUMNS))
+
+
+def nli_pairs_from_rows(path: str | os.PathLike, rows: Iterable[tuple[int, dict[str, Any]]]) -> NliPairs:
+    """NLI pairs of (line number, row) items, as `read_nli` reads them from a KorNLI file."""
     pairs, skipped = [], 0
-    for line_no, row in read_tsv(path, NLI_COLUMNS):
-        label = row["gold_label"].strip()
+    for line_no, row in rows:
+        label = _field_text(path, line_no, row, "gold_label").strip()
         if label == NLI_NO_CONSENSUS:
             skipped += 1
             continue
@@ -298,3 +338,205 @@ def pad_batch(
         input_ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
         attention_mask[row, : len(seq)] = 1
     return input_ids, attention_mask
+
+
+# Your own data: .tsv, .csv and .jsonl files of NLI pairs, triplets, pairs and scored pairs ----------
+
+OWN_FORMATS = (".tsv", ".csv", ".jsonl")
+ROW_KINDS: dict[str, tuple[str, ...]] = {  # a kind's columns (.tsv, .csv) or keys (.jsonl)
+    "nli": NLI_COLUMNS,
+    "triplet": ("anchor", "positive", "negative"),
+    "pair": ("anchor", "positive"),
+    "scored": ("sentence1", "sentence2", "score"),
+}
+ROW_KIND_NAMES = {"nli": "NLI pairs", "triplet": "triplets", "pair": "anchor-positive pairs", "scored": "scored pairs"}
+IN_BATCH_KINDS = ("nli", "triplet", "pair")  # in this order: a triplet file also has a pair's columns
+SCORED_KINDS = ("scored",)
+# .csv: a quoted field (`""` is a quote inside it; unrolled so an unclosed quote fails in linear time)
+# and an unquoted one (up to the next separator, quote or line end)
+_CSV_QUOTED = re.compile(r'"([^"]*(?:""[^"]*)*)"')
+_CSV_PLAIN = re.compile(r'[^,"\r\n]*')
+
+
+@dataclass
+class OwnFile:
+    """One of the user's files, read: its row kind and its rows."""
+
+    path: str
+    kind: str  # a key of ROW_KINDS
+    rows: list  # nli: (sentence1, sentence2, gold_label); triplet: Triplet; pair: (anchor, positive); scored: StsPair
+    skipped_no_consensus: int = 0  # nli: gold_label "-" rows, counted and not used
+
+
+def _decoded_text(path: str) -> str:
+    """The whole file as text: UTF-8, a leading BOM removed; a bad byte is reported with its line."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise UserInputError(f"{path}: cannot open ({err.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_no, line_start = data.count(b"\n", 0, err.start) + 1, data.rfind(b"\n", 0, err.start) + 1
+        raise UserInputError(
+            f"{path}:{line_no}: not valid UTF-8 (byte {err.start - line_start}: {data[err.start:err.start + 1]!r})"
+        ) from None
+    return text.removeprefix("\ufeff")
+
+
+def read_csv(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, str]]]:
+    """Yield (first line of the record, {column: field}) for every data row of an RFC 4180 CSV file."""
+    path = str(path)
+    text = _decoded_text(path)
+    header: list[str] | None = None
+    line_no, pos, end = 1, 0, len(text)
+    while pos < end:
+        first_line, fields = line_no, []
+        while True:  # one field per turn, then what ends it: a separator, a line end or the end of the file
+            if header is None:
+                column = "header"
+            else:
+                column = header[len(fields)] if len(fields) < len(header) else f"field {len(fields) + 1}"
+            quoted = text.startswith('"', pos)
+            match = (_CSV_QUOTED if quoted else _CSV_PLAIN).match(text, pos)
+            # a quoted field followed by a quote: the pattern fell back from `""` pairs because no
+            # closing quote came before the end of the file
+            if match is None or (quoted and text.startswith('"', match.end())):
+                raise UserInputError(f"{path}:{line_no}: {column}: quoted field not closed before the end of the "
+                                     "file (a quote inside a quoted field is written \"\")")
+            fields.append(match.group(1).replace('""', '"') if quoted else match.group(0))
+            line_no += match.group(0).count("\n")
+            pos = match.end()
+            if pos == end:
+                break
+            if text[pos] == ",":
+                pos += 1
+                continue
+            if text.startswith("\n", pos) or text.startswith("\r\n", pos):
+                pos += 1 if text[pos] == "\n" else 2
+                line_no += 1
+                break
+            if quoted:
+                problem = f"{text[pos]!r} after the closing quote (expected a comma or the end of the line)"
+            elif text[pos] == '"':
+                problem = "a quote inside an unquoted field (quote the whole field and write the quote as \"\")"
+            else:
+                problem = "a carriage return that does not end the line"
+            raise UserInputError(f"{path}:{line_no}: {column}: {problem}")
+        if header is None:
+            header = fields
+            continue
+        yield first_line, _table_row(path, first_line, header, fields, "comma-separated")
+    if header is None:
+        raise UserInputError(f"{path}:1: header: file is empty")
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, object) for every line of a JSON Lines file; each line must be one object."""
+    path = str(path)
+    lines = _decoded_text(path).split("\n")
+    if lines[-1] == "":  # the newline that ends the last line
+        lines.pop()
+    for line_no, line in enumerate(lines, start=1):
+        line = line.removesuffix("\r")
+        if not line.strip():
+            raise UserInputError(f"{path}:{line_no}: empty line (expected one JSON object)")
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserInputError(f"{path}:{line_no}: json: not valid JSON ({err.msg}, column {err.colno})") from None
+        if not isinstance(value, dict):
+            raise UserInputError(f"{path}:{line_no}: json: expected an object {{...}}, got {type(value).__name__}")
+        yield line_no, value
+
+
+def _row_kind(path: str, line_no: int, names: Sequence[str], kinds: Sequence[str], flag: str, where: str) -> str:
+    """The first of `kinds` whose columns are all in `names`; otherwise an error saying what the file holds."""
+    for kind in kinds:
+        if all(column in names for column in ROW_KINDS[kind]):
+            return kind
+    described = [f"{ROW_KIND_NAMES[k]} ({', '.join(ROW_KINDS[k])})" for k in kinds]
+    takes = " or ".join(filter(None, [", ".join(described[:-1]), described[-1]]))
+    other = next((k for k in ROW_KINDS if all(column in names for column in ROW_KINDS[k])), None)
+    holds = (f"{ROW_KIND_NAMES[other]} ({', '.join(ROW_KINDS[other])})" if other is not None
+             else f"{', '.join(names) or 'nothing'}, no row kind")
+    raise UserInputError(f"{path}:{line_no}: {where}: {holds}, but {flag} takes {takes}")
+
+
+def read_own_file(path: str | os.PathLike, kinds: Sequence[str], flag: str, score_max: float = 5.0) -> OwnFile:
+    """One of the user's files (module docstring): its format by extension, its row kind among `kinds`.
+
+    `flag` names the option that gave the file, for messages; `score_max` scales scored pairs.
+    """
+    path = str(path)
+    suffix = Path(path).suffix.lower()
+    if suffix not in OWN_FORMATS:
+        raise UserInputError(f"{path}: {flag}: unknown format {suffix or '(no extension)'!r} "
+                             f"(expected {', '.join(OWN_FORMATS)})")
+    rows: Iterator[tuple[int, dict[str, Any]]] = (
+        read_tsv(path, ()) if suffix == ".tsv" else read_csv(path) if suffix == ".csv" else read_jsonl(path))
+    first = next(rows, None)
+    if first is None:
+        raise UserInputError(f"{path}:{1 if suffix == '.jsonl' else 2}: no data rows")
+    if suffix == ".jsonl":  # the first object's keys say what the file holds; a header does in .tsv and .csv
+        kind = _row_kind(path, first[0], list(first[1]), kinds, flag, "keys")
+    else:
+        kind = _row_kind(path, 1, list(first[1]), kinds, flag, "header")
+    columns = ROW_KINDS[kind]
+
+    def complete(items: Iterable[tuple[int, dict[str, Any]]]) -> Iterator[tuple[int, dict[str, Any]]]:
+        for line_no, row in items:  # .jsonl: every object must have the kind's keys (a header guarantees them)
+            missing = next((column for column in columns if column not in row), None)
+            if missing is not None:
+                raise UserInputError(f"{path}:{line_no}: {missing}: missing key (the file holds {ROW_KIND_NAMES[kind]}: "
+                                     f"{', '.join(columns)})")
+            yield line_no, row
+
+    items = complete(itertools.chain([first], rows))
+    if kind == "nli":
+        read = nli_pairs_from_rows(path, items)
+        return OwnFile(path, kind, read.pairs, read.skipped_no_consensus)
+    if kind == "scored":
+        return OwnFile(path, kind, scored_pairs_from_rows(path, items, score_max))
+    texts = [tuple(_sentence(path, line_no, row, column) for column in columns) for line_no, row in items]
+    return OwnFile(path, kind, [Triplet(*t) for t in texts] if kind == "triplet" else texts)
+
+
+def read_scored_file(path: str | os.PathLike, flag: str, score_max: float = 5.0) -> list[StsPair]:
+    """A scored-pair file (sentence1, sentence2, score) in any own format; label = score / score_max."""
+    return read_own_file(path, SCORED_KINDS, flag, score_max).rows
+
+
+def expand_file_list(spec: str, flag: str) -> list[Path]:
+    """Comma-separated paths or globs, in the order given (a glob's matches sorted); a file named twice is read once."""
+    files: dict[Path, Path] = {}
+    for entry in (part.strip() for part in spec.split(",")):
+        if not entry:
+            continue
+        if any(char in entry for char in "*?["):
+            matches = sorted(glob.glob(entry, recursive=True))
+            if not matches:
+                raise UserInputError(f"{entry}: {flag}: no file matches")
+        else:
+            matches = [entry]
+        for match in matches:
+            files.setdefault(Path(match).resolve(), Path(match))
+    if not files:
+        raise UserInputError(f"{flag} {spec!r}: names no file")
+    return list(files.values())
+
+
+def in_batch_examples(files: Sequence[OwnFile], seed: int, flag: str) -> list[tuple[str, ...]]:
+    """The in-batch negatives objective's rows: triplets (recipe of all NLI pairs, then given ones) or pairs."""
+    pair_files = [f for f in files if f.kind == "pair"]
+    triplet_files = [f for f in files if f.kind != "pair"]
+    if pair_files and triplet_files:
+        raise UserInputError(
+            f"{flag}: {pair_files[0].path} holds anchor-positive pairs but {triplet_files[0].path} holds "
+            f"{ROW_KIND_NAMES[triplet_files[0].kind]} (triplets for the loss): one objective's rows must all be "
+            "pairs or all be triplets; train on them in separate runs, or add a negative column to the pairs"
+        )
+    if pair_files:
+        return [row for f in pair_files for row in f.rows]
+    nli_pairs = [pair for f in files if f.kind == "nli" for pair in f.rows]
+    return list(nli_triplets(nli_pairs, seed)) + [t for f in files if f.kind == "triplet" for t in f.rows]

@@ -42,14 +42,16 @@ class StsResult:
         return self.sentences / self.seconds if self.seconds > 0 else float("inf")
 
 
-def sts_path(data_dir: str | os.PathLike, split: str) -> Path:
+def sts_path(data_dir: str | os.PathLike, split: str, instead: str = "") -> Path:
+    """data_dir's KorSTS file of `split`; `instead` names the flag that could give another file."""
     if split not in STS_SPLITS:
         raise UserInputError(f"--split {split!r}: expected one of {', '.join(STS_SPLITS)}")
     path = Path(data_dir) / "KorSTS" / STS_SPLITS[split]
     if not path.is_file():
         raise UserInputError(
             f"{path}: KorSTS {split} file not found (expected <data_dir>/KorSTS/{STS_SPLITS[split]}; "
-            "get it with `git clone https://github.com/kakaobrain/kor-nlu-datasets`)"
+            "get it with `git clone https://github.com/kakaobrain/kor-nlu-datasets`"
+            + (f", or pass {instead} with a file of scored pairs: sentence1, sentence2, score)" if instead else ")")
         )
     return path
 

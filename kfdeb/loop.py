@@ -44,6 +44,11 @@ def embed_columns(model: torch.nn.Module, task: Task, rows: np.ndarray, ctx: dis
     return embeddings[restore.to(ctx.device, non_blocking=True)].view(rows.shape[1], len(rows), -1)
 
 
+def nli_loss(columns: torch.Tensor) -> torch.Tensor:
+    """In-batch negatives on triplets, or on anchor-positive pairs: then the positives alone are the candidates."""
+    return in_batch_negatives_loss(columns[0], columns[1], columns[2] if len(columns) == 3 else None)
+
+
 def task_loss(model: torch.nn.Module, task: Task, batch: list[int], ctx: distributed.Context,
               pad_id: int, pad_to_multiple_of: int) -> torch.Tensor:
     """This rank's share of the objective's loss on the global `batch` (losses.py explains the scaling)."""
@@ -53,7 +58,7 @@ def task_loss(model: torch.nn.Module, task: Task, batch: list[int], ctx: distrib
         local, weight = batch[:1], 0.0  # so every rank still joins DDP's gradient reduction
     columns = embed_columns(model, task, task.rows[local], ctx, pad_id, pad_to_multiple_of)
     if task.name == "nli":
-        return in_batch_negatives_loss(columns[0], columns[1], columns[2])
+        return nli_loss(columns)
     labels = torch.from_numpy(task.labels[local]).to(ctx.device, non_blocking=True)
     return weight * cosine_mse_loss(columns[0], columns[1], labels, global_batch_size=len(batch))
 
@@ -66,12 +71,9 @@ def cached_nli_backward(run: Run, task: Task, batch: list[int], mini_batch_size:
         with run.autocast():  # without autograd, the bare encoder: DDP has nothing to reduce
             return embed_columns(run.model if with_grad else encoder, task, rows, ctx, encoder.pad_id, run.pad_multiple)
 
-    def loss_of(columns: torch.Tensor) -> torch.Tensor:
-        return in_batch_negatives_loss(columns[0], columns[1], columns[2])
-
     no_sync = run.model.no_sync if ctx.distributed else contextlib.nullcontext
     rows = task.rows[shard(batch, ctx.rank, ctx.world_size)]
-    return cached_backward(embed, loss_of, rows, mini_batch_size, run.backward, no_sync, ctx.device)
+    return cached_backward(embed, nli_loss, rows, mini_batch_size, run.backward, no_sync, ctx.device)
 
 
 def update(parameters: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any,

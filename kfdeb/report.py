@@ -70,12 +70,17 @@ def write_model_card(model_dir: Path, config: TrainConfig, summary: dict[str, An
     # a local base model or data folder is named by its folder name: a public card holds no local paths
     base = Path(config.model_name_or_path).name if Path(config.model_name_or_path).exists() else config.model_name_or_path
     base_line = f"base_model: {base}\n" if base != TINY_MODEL and not Path(config.model_name_or_path).exists() else ""
-    datasets = {"nli": "kor_nli", "sts": "kor_sts"}
+    # the hub's dataset tags only for the objectives that trained on KorNLU files
+    own_training_files = {"nli": config.nli_train_files, "sts": config.sts_train_file}
+    datasets = [{"nli": "kor_nli", "sts": "kor_sts"}[t] for t in config.task_list if not own_training_files[t]]
+    datasets_yaml = "datasets:\n" + "".join(f"- {d}\n" for d in datasets) if datasets else ""
     private = ("progress", "config", "resume", "overwrite_output_dir", "output_dir", "hub_model_id", "device")
     settings = {k: v for k, v in config.to_dict().items() if k not in private}  # no local paths in a public card
     settings["model_name_or_path"] = base
     settings["data_dir"] = ("bundled KorNLU files (KorSTS, XNLI dev/test)" if config.data_dir == BUNDLED
                             else Path(config.data_dir).name)
+    for key in ("nli_train_files", "sts_train_file", "sts_dev_file", "sts_test_file"):  # own files: their names
+        settings[key] = ",".join(Path(entry.strip()).name for entry in settings[key].split(",") if entry.strip())
     tiny_note = ("\n> This model comes from the offline smoke preset: a tiny DeBERTa-v2 with random initial "
                  "weights trained for a few hundred steps. It proves the pipeline, not quality.\n"
                  if base == TINY_MODEL else "")
@@ -89,9 +94,7 @@ tags:
 - sentence-similarity
 - feature-extraction
 - kfdeb
-datasets:
-{chr(10).join(f"- {datasets[t]}" for t in config.task_list)}
-{base_line}---
+{datasets_yaml}{base_line}---
 
 # {name}
 

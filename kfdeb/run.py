@@ -38,7 +38,8 @@ import torch
 from kfdeb import checkpoint, distributed
 from kfdeb.config import BUNDLED, TINY_MODEL, TrainConfig
 from kfdeb.data import (
-    BUNDLED_DATA_DIR, NoDuplicatesBatches, ShuffledBatches, find_nli_files, nli_triplets, read_nli, read_sts,
+    BUNDLED_DATA_DIR, IN_BATCH_KINDS, ROW_KIND_NAMES, NoDuplicatesBatches, ShuffledBatches, StsPair, expand_file_list,
+    find_nli_files, in_batch_examples, nli_triplets, read_nli, read_own_file, read_scored_file, read_sts,
 )
 from kfdeb.errors import UserInputError
 from kfdeb.evaluation import TABLE_HEADER, StsResult, best_score, evaluate_sts, sts_path, table_row
@@ -57,7 +58,7 @@ class Task:
     """One objective's training examples as token ids, and its sampler."""
 
     name: str  # "nli" or "sts"
-    rows: np.ndarray  # N x columns: indices into `sequences` (NLI: anchor, positive, negative; STS: pair)
+    rows: np.ndarray  # N x columns: indices into `sequences` (NLI: anchor, positive[, negative]; STS: pair)
     sequences: list[list[int]]  # token ids of every distinct text
     labels: np.ndarray | None  # STS: score / 5
     sampler: NoDuplicatesBatches | ShuffledBatches
@@ -189,6 +190,25 @@ def _tokenize_all(encoder: SentenceEncoder, texts: Sequence[str]) -> tuple[list[
     return sequences, {text: i for i, text in enumerate(distinct)}
 
 
+def read_sts_split(config: TrainConfig, data_dir: Path, split: str) -> list[StsPair]:
+    """Scored pairs of `split` (train, dev, test): the --sts_{split}_file if given, else data_dir's KorSTS file."""
+    flag = f"--sts_{split}_file"
+    own = getattr(config, flag[2:])
+    if own:
+        return read_scored_file(own, flag, config.score_max)
+    return read_sts(sts_path(data_dir, split, instead=flag))
+
+
+def read_own_in_batch_rows(config: TrainConfig, ctx: distributed.Context) -> list[tuple[str, ...]]:
+    """The --nli_train_files: triplets (recipe of the NLI pairs, then the given ones) or anchor-positive pairs."""
+    files = [read_own_file(path, IN_BATCH_KINDS, "--nli_train_files")
+             for path in expand_file_list(config.nli_train_files, "--nli_train_files")]
+    for file in files:
+        distributed.print0(ctx, f"read {len(file.rows)} {ROW_KIND_NAMES[file.kind]} from {file.path}"
+                           + (f" ({file.skipped_no_consensus} with gold label '-', not used)" if file.skipped_no_consensus else ""))
+    return in_batch_examples(files, config.seed, "--nli_train_files")
+
+
 def read_task_data(config: TrainConfig, data_dir: Path, ctx: distributed.Context) -> dict[str, tuple[list, np.ndarray | None]]:
     """Each objective's examples as texts (NLI: triplets; STS: sentence pairs) and labels (STS only).
 
@@ -202,7 +222,9 @@ def read_task_data(config: TrainConfig, data_dir: Path, ctx: distributed.Context
             raise UserInputError(
                 f"--{name}_batch_size {batch_size} is the global batch and must divide by the world size {ctx.world_size}"
             )
-        if name == "nli":
+        if name == "nli" and config.nli_train_files:
+            examples[name] = (read_own_in_batch_rows(config, ctx), None)
+        elif name == "nli":
             pairs = []
             for path in find_nli_files(data_dir, config.nli_train_glob):
                 read = read_nli(path)
@@ -211,7 +233,7 @@ def read_task_data(config: TrainConfig, data_dir: Path, ctx: distributed.Context
                                    + (f" ({read.skipped_no_consensus} with gold label '-', not used)" if read.skipped_no_consensus else ""))
             examples[name] = (nli_triplets(pairs, config.seed), None)
         else:
-            sts = read_sts(sts_path(data_dir, "train"))
+            sts = read_sts_split(config, data_dir, "train")
             examples[name] = ([(p.sentence1, p.sentence2) for p in sts], np.array([p.label for p in sts], dtype=np.float32))
     return examples
 
@@ -229,7 +251,7 @@ def build_tasks(config: TrainConfig, examples: dict[str, tuple[list, np.ndarray 
         else:  # seed + 1: the two objectives shuffle independently
             sampler = ShuffledBatches(len(texts), batch_size, config.seed + 1)
         tasks.append(Task(name, rows, sequences, labels, sampler, batch_size))
-        distributed.print0(ctx, f"{name.upper()}: {len(texts)} {'triplets' if name == 'nli' else 'pairs'}, "
+        distributed.print0(ctx, f"{name.upper()}: {len(texts)} {'triplets' if rows.shape[1] == 3 else 'pairs'}, "
                            f"{len(sampler)} batches of {batch_size}")
     return tasks
 
@@ -276,7 +298,7 @@ def setup(config: TrainConfig, ctx: distributed.Context) -> Run:
     output_dir = _prepare_output(config, ctx)
     data_dir = BUNDLED_DATA_DIR if config.data_dir == BUNDLED else Path(config.data_dir)
     examples = read_task_data(config, data_dir, ctx)
-    dev_pairs, test_pairs = read_sts(sts_path(data_dir, "dev")), read_sts(sts_path(data_dir, "test"))
+    dev_pairs, test_pairs = read_sts_split(config, data_dir, "dev"), read_sts_split(config, data_dir, "test")
     encoder = _load_start_model(config, output_dir, ctx)
     encoder.metadata = {"base_model": config.model_name_or_path}
     # after the model is built (building a tiny model reseeds torch): dropout streams differ per rank
@@ -378,10 +400,12 @@ def _read_saved_state(run: Run, tensors: dict[str, torch.Tensor]) -> tuple[str, 
     if folder is None:
         return None
     saved = checkpoint.read_part(folder, "train")
-    changed = [k for k, v in run.config.to_dict().items() if k not in RESUMABLE_CHANGES and saved["config"].get(k) != v]
+    # a key the saved config lacks (saved by an older kfdeb) had its default value then
+    was = {**TrainConfig().to_dict(), **saved["config"]}
+    changed = [k for k, v in run.config.to_dict().items() if k not in RESUMABLE_CHANGES and was[k] != v]
     if changed:
         key = changed[0]
-        raise UserInputError(f"--resume: {key} is {getattr(run.config, key)!r} but the saved run used {saved['config'][key]!r}")
+        raise UserInputError(f"--resume: {key} is {getattr(run.config, key)!r} but the saved run used {was[key]!r}")
     ranks = [checkpoint.read_part(folder, f"rank-{r}") if (folder / f"rank-{r}.json").exists() else None
              for r in range(saved["world_size"])]
     skeleton, found = checkpoint.split({"train": saved, "ranks": ranks})

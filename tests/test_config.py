@@ -61,6 +61,7 @@ def test_bad_config_files_are_one_line_errors(tmp_path, content, message):
     ({"nli_batch_size": 0}, "--nli_batch_size 0: must be at least 1"),
     ({"warmup_ratio": 1.5}, "--warmup_ratio 1.5"),
     ({"preset": "bogus"}, "--preset 'bogus': expected one of multitask, nli, sts, smoke"),
+    ({"score_max": 0.0}, "--score_max 0.0: must be a positive number"),
 ])
 def test_invalid_values_are_refused(overrides, message):
     with pytest.raises(UserInputError, match=message.replace("(", r"\(")):

@@ -254,3 +254,195 @@ def test_length_sorted_chunks_pad_less_and_restore_the_order():
     assert [rows[i] for i in restore.tolist()] == sequences
     one_block = len(sequences) * max(map(len, sequences))
     assert sum(ids.numel() for ids in chunk_ids) < one_block
+
+
+# Your own data: .tsv, .csv, .jsonl files of NLI pairs, triplets, pairs and scored pairs ---------------
+
+OWN_ROWS = {  # the same rows in every format; texts with a comma and a quote (literal in .tsv)
+    "triplet": [{"anchor": '그는 "금리, 동결"이라 했다', "positive": "금리가 그대로다", "negative": "금리가 올랐다"},
+                {"anchor": " 코스피 상승 ", "positive": "주가 올랐다", "negative": "주가 내렸다"}],
+    "pair": [{"anchor": "카드 분실, 신고", "positive": "카드를 잃어버렸다"}, {"anchor": "이체 한도", "positive": "송금 한도"}],
+    "nli": [{"sentence1": "P", "sentence2": "E", "gold_label": "entailment"},
+            {"sentence1": "P", "sentence2": "N", "gold_label": "-"},
+            {"sentence1": "P", "sentence2": "C", "gold_label": "contradiction"}],
+    "scored": [{"sentence1": "금리 인상", "sentence2": "금리 올림", "score": "9.5"},
+               {"sentence1": "환율, 급등", "sentence2": '"원화" 약세', "score": "0"}],
+}
+
+
+def write_own(path: Path, rows: list[dict], line_end: str = "\n") -> Path:
+    """`rows` in the format of `path`'s extension, written by Python's csv / json modules (.tsv by hand)."""
+    columns = list(rows[0])
+    if path.suffix == ".csv":
+        import csv
+        import io
+
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator=line_end)
+        writer.writerow(columns)
+        writer.writerows([row[c] for c in columns] for row in rows)
+        text = buffer.getvalue()
+    elif path.suffix == ".jsonl":
+        import json
+
+        text = "".join(json.dumps(row, ensure_ascii=False) + line_end for row in rows)
+    else:
+        text = "".join("\t".join(line) + line_end for line in [columns] + [[row[c] for c in columns] for row in rows])
+    return write(path, text)
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".csv", ".jsonl"])
+@pytest.mark.parametrize("kind", sorted(OWN_ROWS))
+def test_own_files_give_the_same_rows_in_every_format(tmp_path, suffix, kind):
+    from kfdeb.data import IN_BATCH_KINDS, SCORED_KINDS, StsPair, Triplet, read_own_file
+
+    rows = OWN_ROWS[kind]
+    plain = write_own(tmp_path / f"rows{suffix}", rows)
+    kinds = SCORED_KINDS if kind == "scored" else IN_BATCH_KINDS
+    read = read_own_file(plain, kinds, "--flag", score_max=10.0)
+    assert read.kind == kind
+    if kind == "triplet":
+        assert read.rows == [Triplet('그는 "금리, 동결"이라 했다', "금리가 그대로다", "금리가 올랐다"),
+                             Triplet("코스피 상승", "주가 올랐다", "주가 내렸다")]  # texts stripped, as KorNLU's
+    elif kind == "pair":
+        assert read.rows == [("카드 분실, 신고", "카드를 잃어버렸다"), ("이체 한도", "송금 한도")]
+    elif kind == "nli":
+        assert read.rows == [("P", "E", "entailment"), ("P", "C", "contradiction")] and read.skipped_no_consensus == 1
+    else:
+        assert read.rows == [StsPair("금리 인상", "금리 올림", 0.95), StsPair("환율, 급등", '"원화" 약세', 0.0)]
+    windows = write(tmp_path / f"windows{suffix}", b"\xef\xbb\xbf" + plain.read_bytes().replace(b"\n", b"\r\n"))
+    assert read_own_file(windows, kinds, "--flag", score_max=10.0).rows == read.rows  # BOM and CRLF accepted
+
+
+def test_jsonl_numbers_as_scores_and_other_keys_ignored(tmp_path):
+    from kfdeb.data import StsPair, read_scored_file
+
+    path = write(tmp_path / "s.jsonl", '{"id": 7, "sentence1": "가", "sentence2": "나", "score": 4}\n'
+                                       '{"sentence2": "라", "score": 2.5, "sentence1": "다", "note": null}\n')
+    assert read_scored_file(path, "--sts_train_file") == [StsPair("가", "나", 0.8), StsPair("다", "라", 0.5)]
+
+
+def test_csv_reader_agrees_with_pythons_csv_module(tmp_path):
+    import csv
+
+    from kfdeb.data import read_csv
+
+    text = ('a,b,c\r\n'
+            '"x, y","say ""hi""",plain\r\n'
+            '"two\r\nlines",,"three\nlines"\n'  # line breaks inside quotes; an empty unquoted field
+            '한국어,"",끝\n'  # an empty quoted field
+            '"",z,"a ""quoted"" word, and more"')  # the last line without a line end
+    path = write(tmp_path / "t.csv", text)
+    with open(path, encoding="utf-8", newline="") as handle:
+        reader = csv.reader(handle, strict=True)
+        header = next(reader)
+        expected, first_line = [], reader.line_num + 1
+        for record in reader:
+            expected.append((first_line, dict(zip(header, record))))
+            first_line = reader.line_num + 1
+    assert list(read_csv(path)) == expected
+    assert [line for line, _ in expected] == [2, 3, 6, 7]  # where each record starts
+
+
+UNCLOSED = 'quoted field not closed before the end of the file (a quote inside a quoted field is written "")'
+IN_BATCH_TAKES = ("--flag takes NLI pairs (sentence1, sentence2, gold_label), triplets (anchor, positive, negative) "
+                  "or anchor-positive pairs (anchor, positive)")
+OWN_BAD = {  # file name, content, kinds ("in_batch" or "scored"), the message after the path
+    "csv unclosed quote": ("t.csv", 'anchor,positive\n가,"나\n다,라\n', "in_batch", f":2: positive: {UNCLOSED}"),
+    "csv unclosed quote after a doubled one": ("t.csv", 'anchor,positive\n가,"나 ""다""\n', "in_batch",
+                                               f":2: positive: {UNCLOSED}"),
+    "csv text after closing quote": ("t.csv", 'anchor,positive\n"가" ,나\n', "in_batch",
+                                     ":2: anchor: ' ' after the closing quote (expected a comma or the end of the line)"),
+    "csv quote in unquoted field": ("t.csv", 'anchor,positive\n가,나 "다"\n', "in_batch",
+                                    ':2: positive: a quote inside an unquoted field (quote the whole field and write '
+                                    'the quote as "")'),
+    "csv bare carriage return": ("t.csv", "anchor,positive\n가\r나,다\n", "in_batch",
+                                 ":2: anchor: a carriage return that does not end the line"),
+    "csv too few fields": ("t.csv", "anchor,positive,negative\n가,나,다\n라,마\n", "in_batch",
+                           ":3: negative: expected 3 comma-separated fields, found 2"),
+    "csv too many fields": ("t.csv", "sentence1,sentence2,score\n가,나,1,2\n", "scored",
+                            ":2: field 4: expected 3 comma-separated fields, found 4"),
+    "csv empty line": ("t.csv", "anchor,positive\n가,나\n\n다,라\n", "in_batch",
+                       ":3: empty line (expected 2 comma-separated fields)"),
+    "csv empty text": ("t.csv", 'anchor,positive\n가,"  "\n', "in_batch", ":2: positive: empty sentence"),
+    "csv non-numeric score": ("t.csv", "sentence1,sentence2,score\n가,나,high\n", "scored",
+                              ":2: score: not a number: 'high'"),
+    "csv bad utf-8": ("t.csv", b"anchor,positive\n\xea\xb0\x80,\xb0\n", "in_batch",
+                      ":2: not valid UTF-8 (byte 4: b'\\xb0')"),
+    "csv header only": ("t.csv", "anchor,positive\n", "in_batch", ":2: no data rows"),
+    "csv no known columns": ("t.csv", "query,answer\n가,나\n", "in_batch",
+                             f":1: header: query, answer, no row kind, but {IN_BATCH_TAKES}"),
+    "jsonl not json": ("t.jsonl", '{"anchor": "가", "positive": "나"}\n{"anchor": "다", "positive": "라",}\n', "in_batch",
+                       ":2: json: not valid JSON (Expecting property name enclosed in double quotes, column 33)"),
+    "jsonl not an object": ("t.jsonl", '{"anchor": "가", "positive": "나"}\n["다", "라"]\n', "in_batch",
+                            ":2: json: expected an object {...}, got list"),
+    "jsonl missing key": ("t.jsonl", '{"anchor": "가", "positive": "나", "negative": "다"}\n{"anchor": "라", "positive": "마"}\n',
+                          "in_batch", ":2: negative: missing key (the file holds triplets: anchor, positive, negative)"),
+    "jsonl empty line": ("t.jsonl", '{"anchor": "가", "positive": "나"}\n \n', "in_batch",
+                         ":2: empty line (expected one JSON object)"),
+    "jsonl empty text": ("t.jsonl", '{"anchor": "", "positive": "나"}\n', "in_batch", ":1: anchor: empty sentence"),
+    "jsonl text not a string": ("t.jsonl", '{"anchor": "가", "positive": 3}\n', "in_batch",
+                                ":1: positive: expected a string, got 3"),
+    "jsonl non-numeric score": ("t.jsonl", '{"sentence1": "가", "sentence2": "나", "score": "high"}\n', "scored",
+                                ":1: score: not a number: 'high'"),
+    "jsonl boolean score": ("t.jsonl", '{"sentence1": "가", "sentence2": "나", "score": true}\n', "scored",
+                            ":1: score: not a number: true"),
+    "jsonl unknown gold label": ("t.jsonl", '{"sentence1": "가", "sentence2": "나", "gold_label": "yes"}\n', "in_batch",
+                                 ":1: gold_label: unknown label 'yes' (expected one of entailment, neutral, contradiction)"),
+    "tsv score above score_max": ("t.tsv", "sentence1\tsentence2\tscore\n가\t나\t1.5\n", "scored",
+                                  ":2: score: '1.5' is outside 0..1"),
+    "tsv negative score": ("t.tsv", "sentence1\tsentence2\tscore\n가\t나\t-0.5\n", "scored",
+                           ":2: score: '-0.5' is outside 0..1"),
+    "scored pairs for the in-batch objective": ("t.tsv", "sentence1\tsentence2\tscore\n가\t나\t1\n", "in_batch",
+                                                f":1: header: scored pairs (sentence1, sentence2, score), but {IN_BATCH_TAKES}"),
+    "triplets for the scored objective": ("t.jsonl", '{"anchor": "가", "positive": "나", "negative": "다"}\n', "scored",
+                                          ":1: keys: triplets (anchor, positive, negative), but --flag takes scored pairs "
+                                          "(sentence1, sentence2, score)"),
+    "unknown extension": ("t.txt", "anchor,positive\n가,나\n", "in_batch",
+                          ": --flag: unknown format '.txt' (expected .tsv, .csv, .jsonl)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OWN_BAD))
+def test_bad_own_files_name_file_line_and_field(tmp_path, case):
+    from kfdeb.data import IN_BATCH_KINDS, SCORED_KINDS, read_own_file
+
+    name, content, kinds, message = OWN_BAD[case]
+    path = write(tmp_path / name, content)
+    with pytest.raises(UserInputError) as err:
+        read_own_file(path, SCORED_KINDS if kinds == "scored" else IN_BATCH_KINDS, "--flag", score_max=1.0)
+    assert str(err.value) == f"{path}{message}"
+
+
+def test_file_lists_keep_their_order_expand_globs_and_read_a_file_once(tmp_path):
+    from kfdeb.data import expand_file_list
+
+    for name in ("b.csv", "a.jsonl", "c.tsv"):
+        write(tmp_path / "own" / name, "")
+    spec = f"{tmp_path}/own/c.tsv, {tmp_path}/own/*.*,,{tmp_path}/own/a.jsonl"
+    assert expand_file_list(spec, "--nli_train_files") == [tmp_path / "own" / n for n in ("c.tsv", "a.jsonl", "b.csv")]
+    with pytest.raises(UserInputError, match=r"/own/\*\.xls: --nli_train_files: no file matches"):
+        expand_file_list(f"{tmp_path}/own/*.xls", "--nli_train_files")
+    with pytest.raises(UserInputError, match="--nli_train_files ' , ': names no file"):
+        expand_file_list(" , ", "--nli_train_files")
+
+
+def test_in_batch_rows_are_recipe_triplets_then_given_triplets_or_pairs_alone(tmp_path):
+    from kfdeb.data import IN_BATCH_KINDS, Triplet, in_batch_examples, read_own_file
+
+    # one entailment and one contradiction partner each: the recipe's draws have a single outcome
+    nli = write_own(tmp_path / "nli.csv", [{"sentence1": "P", "sentence2": "E", "gold_label": "entailment"},
+                                           {"sentence1": "P", "sentence2": "C", "gold_label": "contradiction"},
+                                           {"sentence1": "Q", "sentence2": "F", "gold_label": "entailment"},
+                                           {"sentence1": "Q", "sentence2": "D", "gold_label": "contradiction"}])
+    triplets = write_own(tmp_path / "t.jsonl", [{"anchor": "A", "positive": "B", "negative": "N"}])
+    pairs = write_own(tmp_path / "p.tsv", [{"anchor": "X", "positive": "Y"}])
+    read = {path.name: read_own_file(path, IN_BATCH_KINDS, "--nli_train_files") for path in (nli, triplets, pairs)}
+    assert in_batch_examples([read["t.jsonl"], read["nli.csv"]], seed=5, flag="--nli_train_files") == [
+        Triplet("P", "E", "C"), Triplet("E", "P", "C"), Triplet("Q", "F", "D"), Triplet("F", "Q", "D"),
+        Triplet("A", "B", "N")]
+    assert in_batch_examples([read["p.tsv"], read["p.tsv"]], seed=5, flag="--nli_train_files") == [("X", "Y")] * 2
+    with pytest.raises(UserInputError) as err:
+        in_batch_examples([read["p.tsv"], read["nli.csv"]], seed=5, flag="--nli_train_files")
+    assert str(err.value).startswith(f"--nli_train_files: {pairs} holds anchor-positive pairs but {nli} holds NLI pairs "
+                                     "(triplets for the loss): one objective's rows must all be pairs or all be triplets")

@@ -43,3 +43,39 @@ def test_best_score_selection():
     assert best_score(figures, "cosine_spearman") == 1.0
     figures["dot_spearman"] = float("nan")
     assert best_score(figures, "max_spearman") == figures["manhattan_spearman"]
+
+
+def test_evaluate_data_file_scores_own_pairs(tiny_deberta, tmp_path):
+    import csv
+
+    import numpy as np
+    from scipy import stats
+
+    from conftest import REPO
+
+    data_file = REPO / "examples" / "data" / "sts_test.csv"
+    result = run_script("evaluate.py", tiny_deberta, "--data_file", data_file, "--json", tmp_path / "figures.json",
+                        "--name", "tiny")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[2].startswith("| tiny (sts_test.csv) | ")
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    assert tuple(figures) == FIGURE_KEYS
+    with open(data_file, encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    encoder = load_encoder(tiny_deberta)
+    first = encoder.encode([r["sentence1"] for r in rows], convert_to_numpy=True)
+    second = encoder.encode([r["sentence2"] for r in rows], convert_to_numpy=True)
+    gold = [float(r["score"]) for r in rows]
+    manhattan = -np.abs(first - second).sum(1)
+    dot = (first * second).sum(1)
+    assert figures["manhattan_spearman"] == pytest.approx(100 * stats.spearmanr(manhattan, gold)[0], abs=1e-3)
+    assert figures["dot_pearson"] == pytest.approx(100 * stats.pearsonr(dot, gold)[0], abs=1e-3)
+
+
+def test_evaluate_data_file_rejects_a_bad_line_with_one_line(tiny_deberta, tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text('{"sentence1": "가", "sentence2": "나", "score": 4}\n{"sentence1": "다", "sentence2": "라" "score": 1}\n',
+                    encoding="utf-8")
+    result = run_script("evaluate.py", tiny_deberta, "--data_file", path)
+    assert result.returncode == 2
+    assert result.stderr == f"error: {path}:2: json: not valid JSON (Expecting ',' delimiter, column 37)\n"

@@ -1,0 +1,149 @@
+"""Your own data through a run (kfdeb/run.py, loop.py, train.py): own files instead of or beside KorNLU.
+
+The example files under examples/data/ are the inputs, so they are proven to work as documented.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from conftest import REPO, run_script
+from kfdeb import distributed
+from kfdeb.config import resolve
+from kfdeb.errors import UserInputError
+from kfdeb.loop import task_loss, train
+from kfdeb.model import load_encoder
+from kfdeb.run import build_tasks, read_sts_split, read_task_data
+
+EXAMPLES = REPO / "examples" / "data"
+CPU = distributed.Context(0, 0, 1, torch.device("cpu"))
+
+
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def jsonl_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def own_config(model, out, **overrides):
+    values = {"model_name_or_path": str(model), "data_dir": str(out / "no-kor-nlu-here"), "max_seq_length": 64,
+              "nli_batch_size": 8, "sts_batch_size": 8, "max_steps": 4, "eval_steps": 2, "save_steps": 4,
+              "logging_steps": 2, "learning_rate": 1e-4, "output_dir": str(out), "progress": False}
+    return resolve({**values, **overrides})
+
+
+def test_a_kornlu_file_given_by_path_reads_as_from_data_dir_and_mixes_with_own_triplets(small_data, tmp_path):
+    kornli, korsts = small_data / "KorNLI" / "small.train.ko.tsv", small_data / "KorSTS" / "sts-train.tsv"
+    from_dir = read_task_data(own_config("m", tmp_path, data_dir=str(small_data), nli_train_glob="KorNLI/*.train.ko.tsv"),
+                              small_data, CPU)
+    by_path = read_task_data(own_config("m", tmp_path, nli_train_files=str(kornli), sts_train_file=str(korsts)),
+                             tmp_path / "nowhere", CPU)
+    assert by_path["nli"][0] == from_dir["nli"][0]  # the same triplets of the recipe
+    assert by_path["sts"][0] == from_dir["sts"][0]
+    np.testing.assert_array_equal(by_path["sts"][1], from_dir["sts"][1])
+
+    mixed = read_task_data(own_config("m", tmp_path, tasks="nli", nli_train_files=f"{kornli},{EXAMPLES / 'triplets.csv'}"),
+                           tmp_path / "nowhere", CPU)
+    given = [(row["anchor"], row["positive"], row["negative"]) for row in csv_rows(EXAMPLES / "triplets.csv")]
+    assert given[2][0] == "원/달러 환율이 1,400원을 넘어섰다." and given[3][0] == '회사는 "올해 배당을 늘리겠다"고 밝혔다.'
+    assert [tuple(t) for t in mixed["nli"][0]] == [tuple(t) for t in from_dir["nli"][0]] + given
+
+
+def test_a_missing_dev_file_says_which_flag_gives_one(tmp_path):
+    config = own_config("m", tmp_path, sts_train_file=str(EXAMPLES / "sts_train.tsv"))
+    with pytest.raises(UserInputError) as err:
+        read_sts_split(config, tmp_path / "nowhere", "dev")
+    assert str(err.value).startswith(f"{tmp_path / 'nowhere' / 'KorSTS' / 'sts-dev.tsv'}: KorSTS dev file not found")
+    assert str(err.value).endswith("or pass --sts_dev_file with a file of scored pairs: sentence1, sentence2, score)")
+
+
+def test_pair_rows_batch_without_duplicates_and_score_against_the_positives_only(tiny_deberta, tmp_path):
+    """Anchor-positive rows: the same loss as sentence-transformers' MultipleNegativesRankingLoss on 2-text examples."""
+    from sentence_transformers import InputExample, SentenceTransformer
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    pairs = [(row["anchor"], row["positive"]) for row in jsonl_rows(EXAMPLES / "faq_pairs.jsonl")]
+    config = own_config(tiny_deberta, tmp_path, tasks="nli", nli_train_files=str(EXAMPLES / "faq_pairs.jsonl"))
+    examples = read_task_data(config, tmp_path / "nowhere", CPU)
+    assert examples["nli"][0] == pairs
+    encoder = load_encoder(tiny_deberta, max_seq_length=64)
+    (task,) = build_tasks(config, examples, encoder, CPU)
+    assert task.rows.shape == (24, 2) and len(task.sampler) == 3
+    batch = task.sampler.next_batch()
+    texts = [pairs[i] for i in batch]
+    assert len(batch) == 8 and len({t.strip().lower() for pair in texts for t in pair}) == 16
+
+    ours = task_loss(encoder, task, batch, CPU, encoder.pad_id, 1)
+    reference = SentenceTransformer(str(tiny_deberta), device="cpu")
+    reference.max_seq_length = 64
+    features, labels = reference.smart_batching_collate([InputExample(texts=list(pair)) for pair in texts])
+    theirs = MultipleNegativesRankingLoss(reference, scale=20.0)(features, labels)
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-5)
+
+
+def test_a_run_on_recipe_and_given_triplets_from_own_files(tiny_deberta, tmp_path):
+    """NLI pairs (.jsonl) and triplets (.csv) in one objective; dev and test on own scored pairs (.jsonl)."""
+    nli = tmp_path / "nli.jsonl"
+    nli.write_text("".join(json.dumps({"sentence1": f"전제 {i}", "sentence2": f"{label} 문장 {i}", "gold_label": label},
+                                      ensure_ascii=False) + "\n"
+                           for i in range(8) for label in ("entailment", "contradiction")), encoding="utf-8")
+    scored = tmp_path / "scored.jsonl"
+    scored.write_text("".join(json.dumps({"sentence1": row["sentence1"], "sentence2": row["sentence2"],
+                                          "score": float(row["score"])}, ensure_ascii=False) + "\n"
+                              for row in csv_rows(EXAMPLES / "sts_test.csv")), encoding="utf-8")
+    out = tmp_path / "run"
+    summary = train(own_config(tiny_deberta, out, tasks="nli", nli_train_files=f"{nli},{EXAMPLES / 'triplets.csv'}",
+                               sts_dev_file=str(scored), sts_test_file=str(scored), nli_batch_size=16))
+    # 8 premises with one entailment and one contradiction each: 16 recipe triplets, then the 16 given ones
+    assert summary["total_steps"] == 4 and np.isfinite(summary["test"]["cosine_spearman"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["task"]) for r in rows if "task" in r] == [(2, "nli"), (4, "nli")]
+    assert all(np.isfinite(r["loss"]) for r in rows if "task" in r)
+    assert summary["dev"] == summary["test"]  # the same file: dev and test read the same pairs
+
+
+def test_end_to_end_own_pairs_and_scored_pairs_evaluated_on_an_own_test_file(tiny_deberta, tmp_path):
+    out = tmp_path / "own"
+    summary = train(own_config(tiny_deberta, out, nli_train_files=str(EXAMPLES / "faq_pairs.jsonl"),
+                               sts_train_file=str(EXAMPLES / "sts_train.tsv"), sts_dev_file=str(EXAMPLES / "sts_train.tsv"),
+                               sts_test_file=str(EXAMPLES / "sts_test.csv"), max_steps=3, eval_steps=3,
+                               logging_steps=3, save_steps=3))
+    # 24 pairs and 24 scored pairs, batches of 8: an epoch of 3 steps
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["task"]) for r in rows if "task" in r] == [(3, "nli"), (3, "sts")]
+    assert [r["step"] for r in rows if r.get("split") == "dev"] == [3] and summary["best_step"] == 3
+
+    # the test figures, recomputed from the best model and the file as Python's csv module reads it
+    test = csv_rows(EXAMPLES / "sts_test.csv")
+    best = load_encoder(out)
+    first = best.encode([r["sentence1"] for r in test], convert_to_numpy=True)
+    second = best.encode([r["sentence2"] for r in test], convert_to_numpy=True)
+    cosine = (first * second).sum(1) / np.linalg.norm(first, axis=1) / np.linalg.norm(second, axis=1)
+    gold = [float(r["score"]) for r in test]
+    assert summary["test"]["cosine_pearson"] == pytest.approx(100 * stats.pearsonr(cosine, gold)[0], abs=1e-3)
+    assert summary["test"]["cosine_spearman"] == pytest.approx(100 * stats.spearmanr(cosine, gold)[0], abs=1e-3)
+
+    card = (out / "best" / "README.md").read_text()
+    assert str(REPO) not in card and str(tmp_path) not in card  # own files are named by their names only
+    assert '"nli_train_files": "faq_pairs.jsonl"' in card and "kor_nli" not in card and "kor_sts" not in card
+
+
+def test_train_cli_stops_on_a_bad_own_file_with_one_line(tiny_deberta, tmp_path):
+    bad = tmp_path / "faq.csv"
+    bad.write_text('anchor,positive\n"환불 문의,환불은 어떻게 하나요?\n', encoding="utf-8")
+    result = run_script("train.py", "--model_name_or_path", tiny_deberta, "--nli_train_files", f"{tmp_path}/*.csv",
+                        "--sts_train_file", EXAMPLES / "sts_train.tsv", "--output_dir", tmp_path / "out",
+                        "--progress", "false")
+    assert result.returncode == 2
+    assert result.stderr == (f"error: {bad}:2: anchor: quoted field not closed before the end of the file "
+                             '(a quote inside a quoted field is written "")\n')
