@@ -27,8 +27,8 @@ import torch
 from kfdeb import checkpoint, distributed
 from kfdeb.config import BUNDLED, TINY_MODEL, TrainConfig
 from kfdeb.data import (
-    BUNDLED_DATA_DIR, NoDuplicatesBatches, ShuffledBatches, find_nli_files, length_sorted_chunks, nli_triplets, read_nli,
-    read_sts, shard,
+    BUNDLED_DATA_DIR, NoDuplicatesBatches, ShuffledBatches, find_nli_files, length_sorted_chunks, nli_triplets_of_files,
+    read_nli, read_sts, shard,
 )
 from kfdeb.errors import UserInputError
 from kfdeb.evaluation import TABLE_HEADER, StsResult, best_score, evaluate_sts, sts_path, table_row
@@ -85,13 +85,13 @@ def read_task_data(config: TrainConfig, data_dir: Path, ctx: distributed.Context
                 f"--{name}_batch_size {batch_size} is the global batch and must divide by the world size {ctx.world_size}"
             )
         if name == "nli":
-            pairs = []
+            pairs_per_file = []
             for path in find_nli_files(data_dir, config.nli_train_glob):
                 read = read_nli(path)
-                pairs += read.pairs
+                pairs_per_file.append(read.pairs)
                 distributed.print0(ctx, f"read {len(read.pairs)} NLI pairs from {path}"
                                    + (f" ({read.skipped_no_consensus} with gold label '-', not used)" if read.skipped_no_consensus else ""))
-            examples[name] = (nli_triplets(pairs, config.seed), None)
+            examples[name] = (nli_triplets_of_files(pairs_per_file, config.seed, config.nli_triplet_scope), None)
         else:
             sts = read_sts(sts_path(data_dir, "train"))
             examples[name] = ([(p.sentence1, p.sentence2) for p in sts], np.array([p.label for p in sts], dtype=np.float32))
@@ -108,8 +108,8 @@ def build_tasks(config: TrainConfig, examples: dict[str, tuple[list, np.ndarray 
         rows = np.array([[index[t] for t in example] for example in texts], dtype=np.int64)
         if name == "nli":
             sampler: NoDuplicatesBatches | ShuffledBatches = NoDuplicatesBatches(texts, batch_size, config.seed)
-        else:  # seed + 1: the two objectives shuffle independently
-            sampler = ShuffledBatches(len(texts), batch_size, config.seed + 1)
+        else:  # its own random stream (data.random_stream): independent of the NLI sampler's
+            sampler = ShuffledBatches(len(texts), batch_size, config.seed)
         tasks.append(Task(name, rows, sequences, labels, sampler, batch_size))
         distributed.print0(ctx, f"{name.upper()}: {len(texts)} {'triplets' if name == 'nli' else 'pairs'}, "
                            f"{len(sampler)} batches of {batch_size}")
