@@ -221,3 +221,18 @@ def test_single_task_recipes_train_and_evaluate(tiny_deberta, small_data, tmp_pa
     assert [r["step"] for r in rows if r.get("split") == "dev"] == [expected_steps]  # the epoch end
     assert json.loads((out / "train_config.json").read_text())["tasks"] == task
     assert np.isfinite(summary["test"]["cosine_spearman"])
+
+
+def test_the_same_run_twice_gives_the_same_losses_and_weights(small_data, tmp_path):
+    """Fresh output dirs, the tiny model built inside each run, dropout on: bitwise equal results."""
+    runs = [tmp_path / "first", tmp_path / "second"]
+    for out in runs:
+        train(small_config("kfdeb:tiny-deberta", small_data, out, max_steps=6, eval_steps=6, save_steps=6, logging_steps=1))
+    first, second = runs
+    assert json.loads((first / "init-tiny-deberta" / "config.json").read_text())["hidden_dropout_prob"] == 0.1
+    for path in ("init-tiny-deberta/tokenizer.json", "init-tiny-deberta/model.safetensors", "model.safetensors"):
+        assert (first / path).read_bytes() == (second / path).read_bytes(), path
+    (_, first_rows), (_, second_rows) = final_state(first), final_state(second)
+    losses = [r["loss"] for r in first_rows if "loss" in r]
+    assert len(losses) == 12 and losses == [r["loss"] for r in second_rows if "loss" in r]  # every step, both objectives
+    assert first_rows == second_rows  # learning rates, gradient norms, dev and test figures too
