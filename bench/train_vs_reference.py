@@ -77,7 +77,7 @@ def run_reference(args, out: Path) -> dict:
     from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
     from sentence_transformers.sentence_transformer.losses import CosineSimilarityLoss, MultipleNegativesRankingLoss
 
-    from kfdeb.data import NoDuplicatesBatches, ShuffledBatches, find_nli_files, nli_triplets, read_nli, read_sts
+    from kfdeb.data import NoDuplicatesBatches, ShuffledBatches, find_nli_files, nli_triplets_of_files, read_nli, read_sts
     from kfdeb.evaluation import evaluate_split
     from kfdeb.model import load_encoder
 
@@ -85,8 +85,8 @@ def run_reference(args, out: Path) -> dict:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     data_dir = Path(args.data_dir)
-    pairs = [p for f in find_nli_files(data_dir, args.nli_train_glob) for p in read_nli(f).pairs]
-    triplets = nli_triplets(pairs, args.seed)  # the same triplets kfdeb trains on
+    pairs_per_file = [read_nli(f).pairs for f in find_nli_files(data_dir, args.nli_train_glob)]
+    triplets = nli_triplets_of_files(pairs_per_file, args.seed)  # the same triplets kfdeb trains on
     sts = read_sts(data_dir / "KorSTS" / "sts-train.tsv")
     dev = read_sts(data_dir / "KorSTS" / "sts-dev.tsv")
     model = SentenceTransformer(args.model_path, device=args.device)
@@ -96,7 +96,7 @@ def run_reference(args, out: Path) -> dict:
     nli_examples = [InputExample(texts=list(t)) for t in triplets]
     sts_examples = [InputExample(texts=[p.sentence1, p.sentence2], label=p.label) for p in sts]
     nli_loader = SameBatches(nli_examples, NoDuplicatesBatches(triplets, 64, args.seed))
-    sts_loader = SameBatches(sts_examples, ShuffledBatches(len(sts), 8, args.seed + 1))
+    sts_loader = SameBatches(sts_examples, ShuffledBatches(len(sts), 8, args.seed))
     steps_per_epoch = min(len(nli_loader), len(sts_loader))
     epochs = args.epochs
     if args.max_steps:

@@ -19,6 +19,7 @@ from kfdeb.errors import UserInputError, first_line
 TINY_MODEL = "kfdeb:tiny-deberta"  # build a random tiny DeBERTa-v2 offline (kfdeb/tiny.py)
 BUNDLED = "kfdeb:bundled"  # the KorNLU files shipped inside the package (kfdeb/bundled/kor-nlu)
 TASKS = ("nli", "sts")
+NLI_TRIPLET_SCOPES = ("per_file", "union")  # data.nli_triplets_of_files
 METRICS_FOR_BEST = (
     "max_spearman",
     "cosine_spearman", "cosine_pearson", "euclidean_spearman", "euclidean_pearson",
@@ -39,6 +40,7 @@ class TrainConfig:
     sts_test_file: str = ""
     score_max: float = 5.0  # labels of the scored-pair files above = score / score_max
     tasks: str = "nli,sts"
+    nli_triplet_scope: str = "per_file"  # per_file: triplets file by file, concatenated (the reference); union: over all files
     max_seq_length: int = 256
     nli_batch_size: int = 64
     sts_batch_size: int = 8
@@ -113,6 +115,8 @@ _HELP = {
     "tasks": "comma-separated objectives: nli, sts or nli,sts",
     "nli_mini_batch_size": "GradCache: embed each rank's NLI batch this many triplets at a time, for the exact "
                            "gradient of a large --nli_batch_size at the memory of a small one (0: off)",
+    "nli_triplet_scope": "per_file (reference: triplets built file by file, then concatenated) or union "
+                         "(one partner table over all files: a sentence in several files is an anchor once)",
     "max_steps": "stop after this many steps (0: num_epochs); the schedule spans them",
     "optimizer": "per_task (reference: one AdamW + schedule per objective, 2 updates a step) or joint",
     "metric_for_best": "dev figure that selects the best checkpoint",
@@ -131,6 +135,7 @@ _HELP = {
     "config": "JSON or YAML file of the same keys (command-line flags win)",
 }
 _CHOICES = {
+    "nli_triplet_scope": NLI_TRIPLET_SCOPES,
     "optimizer": ("per_task", "joint"),
     "amp": ("auto", "none", "bf16", "fp16"),
     "metric_for_best": METRICS_FOR_BEST,

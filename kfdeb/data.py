@@ -5,13 +5,24 @@ row and no quoting: a `"` is an ordinary character (csv.QUOTE_NONE). A UTF-8 BOM
 ends are accepted; anything else that is wrong stops the run with `file:line: field: problem`.
 
 - KorSTS (genre filename year id score sentence1 sentence2) -> pairs with label = score / 5.
-- KorNLI (sentence1 sentence2 gold_label) -> triplets. Both directions of every pair are added
-  to a partner table: partners[s][label] for s in {sentence1, sentence2}. Every sentence s with
-  at least one entailment and one contradiction partner yields
+- KorNLI (sentence1 sentence2 gold_label) -> triplets, built over one set of pairs at a time.
+  Both directions of every pair are added to a partner table: partners[s][label] for s in
+  {sentence1, sentence2}. Every sentence s with at least one entailment and one contradiction
+  partner yields
       (s, e1, c1) and (e2, s, c2),   e ~ U(entailment partners), c ~ U(contradiction partners),
-  drawn in that order from one generator seeded with `seed`. SNLI marks pairs without annotator
-  consensus with gold_label "-": they carry no label, are not used, and are counted (never
-  dropped silently).
+  drawn in that order. With several training files the reference (`load_kor_nli_samples` per
+  file, lists concatenated) builds the triplets file by file: a sentence found in two files is an
+  anchor in each, with that file's partners only. That is the default (scope "per_file"); scope
+  "union" builds one table over all files' pairs instead (one pair of triplets per sentence,
+  partners pooled). Files are taken in sorted order and one generator serves them all, as the
+  reference's one `random` stream does. SNLI marks pairs without annotator consensus with
+  gold_label "-": they carry no label, are not used, and are counted (never dropped silently).
+
+Random streams: every draw of the data pipeline (triplet partners; each sampler pass's
+permutation) comes from `random_stream(seed, stream, pass)`, a generator of its own. numpy's
+SeedSequence pads short entropy with zeros, so default_rng(s), default_rng([s]) and
+default_rng([s, 0]) are one and the same stream; spawn keys are kept apart from the entropy, so
+no two (seed, stream, pass) share one, within a run or across seeds.
 
 Your own data (`read_own_file`): files by path, the format by extension, the row kind by the
 columns (.tsv, .csv header) or keys (.jsonl, every object):
@@ -51,6 +62,7 @@ from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 
+from kfdeb.config import NLI_TRIPLET_SCOPES
 from kfdeb.errors import UserInputError
 
 BUNDLED_DATA_DIR = Path(__file__).resolve().parent / "bundled" / "kor-nlu"
@@ -58,6 +70,7 @@ STS_COLUMNS = ("score", "sentence1", "sentence2")
 NLI_COLUMNS = ("sentence1", "sentence2", "gold_label")
 NLI_LABELS = ("entailment", "neutral", "contradiction")
 NLI_NO_CONSENSUS = "-"
+STREAM_TRIPLETS, STREAM_NLI_BATCHES, STREAM_STS_BATCHES = 0, 1, 2  # random_stream's `stream`
 KORNLU_CLONE = "git clone https://github.com/kakaobrain/kor-nlu-datasets"
 
 
@@ -195,15 +208,23 @@ def find_nli_files(data_dir: str | os.PathLike, pattern: str) -> list[Path]:
     return files
 
 
-def nli_triplets(pairs: Sequence[tuple[str, str, str]], seed: int) -> list[Triplet]:
-    """(anchor, entailment, contradiction) triplets of the reference recipe (see the module docstring)."""
+def random_stream(seed: int, stream: int, pass_index: int = 0) -> np.random.Generator:
+    """The generator of one kind of draw (STREAM_*) in one pass, for a run seeded with `seed`."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(stream, pass_index)))
+
+
+def nli_triplets(pairs: Sequence[tuple[str, str, str]], seed: int | np.random.Generator) -> list[Triplet]:
+    """(anchor, entailment, contradiction) triplets of one set of pairs (see the module docstring).
+
+    `seed`: a run seed (its triplet stream is used) or a generator to draw from and advance.
+    """
     # dicts as ordered sets: the draws below depend on partner order, and set order depends on
     # PYTHONHASHSEED, so the reference's own triplets were not reproducible; ours are.
     partners: dict[str, dict[str, dict[str, None]]] = {}
     for first, second, label in pairs:
         for sentence, partner in ((first, second), (second, first)):
             partners.setdefault(sentence, {name: {} for name in NLI_LABELS})[label][partner] = None
-    rng = np.random.default_rng(seed)
+    rng = seed if isinstance(seed, np.random.Generator) else random_stream(seed, STREAM_TRIPLETS)
 
     def draw(options: dict[str, None]) -> str:
         keys = list(options)
@@ -218,8 +239,19 @@ def nli_triplets(pairs: Sequence[tuple[str, str, str]], seed: int) -> list[Tripl
     return triplets
 
 
-def _permutation(n: int, seed: int, pass_index: int) -> np.ndarray:
-    return np.random.default_rng([seed, pass_index]).permutation(n)
+def nli_triplets_of_files(pairs_per_file: Sequence[Sequence[tuple[str, str, str]]], seed: int,
+                          scope: str = "per_file") -> list[Triplet]:
+    """The triplets of several files' pairs: file by file, concatenated (per_file), or over their union."""
+    rng = random_stream(seed, STREAM_TRIPLETS)
+    if scope == "per_file":
+        return [t for pairs in pairs_per_file for t in nli_triplets(pairs, rng)]
+    if scope == "union":
+        return nli_triplets([p for pairs in pairs_per_file for p in pairs], rng)
+    raise ValueError(f"scope must be one of {NLI_TRIPLET_SCOPES}, not {scope!r}")
+
+
+def _permutation(n: int, seed: int, stream: int, pass_index: int) -> np.ndarray:
+    return random_stream(seed, stream, pass_index).permutation(n)
 
 
 class NoDuplicatesBatches:
@@ -234,7 +266,7 @@ class NoDuplicatesBatches:
         self.keys = [tuple(ids.setdefault(t.strip().lower(), len(ids)) for t in example) for example in texts]
         self.batch_size, self.seed = batch_size, seed
         self.pass_index, self.pointer = 0, 0
-        self._order = _permutation(len(self.keys), seed, 0)
+        self._order = _permutation(len(self.keys), seed, STREAM_NLI_BATCHES, 0)
 
     def __len__(self) -> int:
         return len(self.keys) // self.batch_size
@@ -253,7 +285,7 @@ class NoDuplicatesBatches:
             visited += 1
             if self.pointer == len(self._order):
                 self.pass_index, self.pointer = self.pass_index + 1, 0
-                self._order = _permutation(len(self.keys), self.seed, self.pass_index)
+                self._order = _permutation(len(self.keys), self.seed, STREAM_NLI_BATCHES, self.pass_index)
             if visited > 2 * len(self.keys) + self.batch_size:
                 raise UserInputError(
                     f"cannot fill an NLI batch of {self.batch_size} without repeating a sentence: the "
@@ -266,7 +298,7 @@ class NoDuplicatesBatches:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.pass_index, self.pointer = int(state["pass_index"]), int(state["pointer"])
-        self._order = _permutation(len(self.keys), self.seed, self.pass_index)
+        self._order = _permutation(len(self.keys), self.seed, STREAM_NLI_BATCHES, self.pass_index)
 
 
 class ShuffledBatches:
@@ -279,7 +311,7 @@ class ShuffledBatches:
             raise UserInputError("no STS training pairs")
         self.num_examples, self.batch_size, self.seed = num_examples, batch_size, seed
         self.pass_index, self.batch_index = 0, 0
-        self._order = _permutation(num_examples, seed, 0)
+        self._order = _permutation(num_examples, seed, STREAM_STS_BATCHES, 0)
 
     def __len__(self) -> int:
         return math.ceil(self.num_examples / self.batch_size)
@@ -297,7 +329,7 @@ class ShuffledBatches:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.pass_index, self.batch_index = int(state["pass_index"]), int(state["batch_index"])
-        self._order = _permutation(self.num_examples, self.seed, self.pass_index)
+        self._order = _permutation(self.num_examples, self.seed, STREAM_STS_BATCHES, self.pass_index)
 
 
 def shard(batch: Sequence[int], rank: int, world_size: int) -> list[int]:
@@ -526,8 +558,9 @@ def expand_file_list(spec: str, flag: str) -> list[Path]:
     return list(files.values())
 
 
-def in_batch_examples(files: Sequence[OwnFile], seed: int, flag: str) -> list[tuple[str, ...]]:
-    """The in-batch negatives objective's rows: triplets (recipe of all NLI pairs, then given ones) or pairs."""
+def in_batch_examples(files: Sequence[OwnFile], seed: int, flag: str, scope: str = "per_file") -> list[tuple[str, ...]]:
+    """The in-batch negatives objective's rows: triplets (recipe of the NLI pairs, `scope` as in
+    nli_triplets_of_files, then the given ones) or pairs."""
     pair_files = [f for f in files if f.kind == "pair"]
     triplet_files = [f for f in files if f.kind != "pair"]
     if pair_files and triplet_files:
@@ -538,5 +571,5 @@ def in_batch_examples(files: Sequence[OwnFile], seed: int, flag: str) -> list[tu
         )
     if pair_files:
         return [row for f in pair_files for row in f.rows]
-    nli_pairs = [pair for f in files if f.kind == "nli" for pair in f.rows]
-    return list(nli_triplets(nli_pairs, seed)) + [t for f in files if f.kind == "triplet" for t in f.rows]
+    recipe = nli_triplets_of_files([f.rows for f in files if f.kind == "nli"], seed, scope)
+    return recipe + [t for f in files if f.kind == "triplet" for t in f.rows]

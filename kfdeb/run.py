@@ -39,7 +39,7 @@ from kfdeb import checkpoint, distributed
 from kfdeb.config import BUNDLED, TINY_MODEL, TrainConfig
 from kfdeb.data import (
     BUNDLED_DATA_DIR, IN_BATCH_KINDS, ROW_KIND_NAMES, NoDuplicatesBatches, ShuffledBatches, StsPair, expand_file_list,
-    find_nli_files, in_batch_examples, nli_triplets, read_nli, read_own_file, read_scored_file, read_sts,
+    find_nli_files, in_batch_examples, nli_triplets_of_files, read_nli, read_own_file, read_scored_file, read_sts,
 )
 from kfdeb.errors import UserInputError
 from kfdeb.evaluation import TABLE_HEADER, StsResult, best_score, evaluate_sts, sts_path, table_row
@@ -206,7 +206,7 @@ def read_own_in_batch_rows(config: TrainConfig, ctx: distributed.Context) -> lis
     for file in files:
         distributed.print0(ctx, f"read {len(file.rows)} {ROW_KIND_NAMES[file.kind]} from {file.path}"
                            + (f" ({file.skipped_no_consensus} with gold label '-', not used)" if file.skipped_no_consensus else ""))
-    return in_batch_examples(files, config.seed, "--nli_train_files")
+    return in_batch_examples(files, config.seed, "--nli_train_files", config.nli_triplet_scope)
 
 
 def read_task_data(config: TrainConfig, data_dir: Path, ctx: distributed.Context) -> dict[str, tuple[list, np.ndarray | None]]:
@@ -225,13 +225,13 @@ def read_task_data(config: TrainConfig, data_dir: Path, ctx: distributed.Context
         if name == "nli" and config.nli_train_files:
             examples[name] = (read_own_in_batch_rows(config, ctx), None)
         elif name == "nli":
-            pairs = []
+            pairs_per_file = []
             for path in find_nli_files(data_dir, config.nli_train_glob):
                 read = read_nli(path)
-                pairs += read.pairs
+                pairs_per_file.append(read.pairs)
                 distributed.print0(ctx, f"read {len(read.pairs)} NLI pairs from {path}"
                                    + (f" ({read.skipped_no_consensus} with gold label '-', not used)" if read.skipped_no_consensus else ""))
-            examples[name] = (nli_triplets(pairs, config.seed), None)
+            examples[name] = (nli_triplets_of_files(pairs_per_file, config.seed, config.nli_triplet_scope), None)
         else:
             sts = read_sts_split(config, data_dir, "train")
             examples[name] = ([(p.sentence1, p.sentence2) for p in sts], np.array([p.label for p in sts], dtype=np.float32))
@@ -248,8 +248,8 @@ def build_tasks(config: TrainConfig, examples: dict[str, tuple[list, np.ndarray 
         rows = np.array([[index[t] for t in example] for example in texts], dtype=np.int64)
         if name == "nli":
             sampler: NoDuplicatesBatches | ShuffledBatches = NoDuplicatesBatches(texts, batch_size, config.seed)
-        else:  # seed + 1: the two objectives shuffle independently
-            sampler = ShuffledBatches(len(texts), batch_size, config.seed + 1)
+        else:  # its own random stream (data.random_stream): independent of the NLI sampler's
+            sampler = ShuffledBatches(len(texts), batch_size, config.seed)
         tasks.append(Task(name, rows, sequences, labels, sampler, batch_size))
         distributed.print0(ctx, f"{name.upper()}: {len(texts)} {'triplets' if rows.shape[1] == 3 else 'pairs'}, "
                            f"{len(sampler)} batches of {batch_size}")

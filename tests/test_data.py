@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 import random
 from pathlib import Path
@@ -11,10 +12,14 @@ import pytest
 import torch
 
 from conftest import run_script
+from kfdeb import distributed
+from kfdeb.config import resolve
 from kfdeb.data import (
-    NoDuplicatesBatches, ShuffledBatches, find_nli_files, nli_triplets, pad_batch, read_nli, read_sts, shard,
+    STREAM_NLI_BATCHES, STREAM_STS_BATCHES, STREAM_TRIPLETS, NoDuplicatesBatches, ShuffledBatches, find_nli_files,
+    nli_triplets, pad_batch, random_stream, read_nli, read_sts, shard,
 )
 from kfdeb.errors import UserInputError
+from kfdeb.run import read_task_data
 
 STS_HEADER = "genre\tfilename\tyear\tid\tscore\tsentence1\tsentence2"
 
@@ -155,6 +160,88 @@ def test_nli_triplets_follow_the_reference_recipe(bundled_dir):
     assert len(draws) > 5 and nli_triplets(many, 7) == nli_triplets(many, 7)
 
 
+def reference_kor_nli_samples(path, choice):
+    """The seed repository's `load_kor_nli_samples` (jhgan00/ko-sentence-transformers, data_util.py), transcribed:
+    csv.DictReader, both directions into sets per label, two triplets per qualifying sentence."""
+    data = {}
+    with open(path, encoding="utf-8") as handle:
+        for row in csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE):
+            first, second = row["sentence1"].strip(), row["sentence2"].strip()
+            for sent1, sent2 in ((first, second), (second, first)):
+                data.setdefault(sent1, {"contradiction": set(), "entailment": set(), "neutral": set()})
+                data[sent1][row["gold_label"]].add(sent2)
+    samples = []
+    for sent1, others in data.items():
+        if others["entailment"] and others["contradiction"]:
+            samples.append((sent1, choice(others["entailment"]), choice(others["contradiction"])))
+            samples.append((choice(others["entailment"]), sent1, choice(others["contradiction"])))
+    return samples
+
+
+def only(options):
+    assert len(options) == 1, options  # the cases below give each sentence one partner per label in each file
+    return next(iter(options))
+
+
+def nli_examples(data_dir, **overrides):
+    config = resolve({"data_dir": str(data_dir), "tasks": "nli", **overrides})
+    return read_task_data(config, Path(data_dir), distributed.Context(0, 0, 1, torch.device("cpu")))["nli"][0]
+
+
+def test_triplets_are_built_file_by_file_as_the_reference_script_does(tmp_path, bundled_dir):
+    """training_multi-task.py: `load_kor_nli_samples` per training file, lists concatenated. A sentence
+    found in two files is an anchor in each, with that file's partners; scope union pools them."""
+    header = "sentence1\tsentence2\tgold_label\n"
+    write(tmp_path / "KorNLI" / "a.train.ko.tsv", header + "공유\t참1\tentailment\n공유\t거짓1\tcontradiction\n"
+          "공유\t중립1\tneutral\n갑\t참2\tentailment\n갑\t거짓2\tcontradiction\n")
+    write(tmp_path / "KorNLI" / "b.train.ko.tsv", header + "공유\t참3\tentailment\n공유\t거짓3\tcontradiction\n"
+          "을\t참4\tentailment\n을\t거짓4\tcontradiction\n")
+    files = sorted((tmp_path / "KorNLI").glob("*.train.ko.tsv"))
+    expected = [t for path in files for t in reference_kor_nli_samples(path, only)]
+    assert nli_examples(tmp_path) == expected and len(expected) == 8
+    union = nli_examples(tmp_path, nli_triplet_scope="union")
+    assert len(union) == 6 and [t for t in union if t.anchor == "공유"] == [union[0]]
+    assert union[0].positive in {"참1", "참3"} and union[0].negative in {"거짓1", "거짓3"}
+
+    # the bundled XNLI dev + test: each premise has one partner per label within its file, so the
+    # reference's triplets are fixed; two sentences are in both files, one of them a premise
+    xnli = dict(data_dir=bundled_dir, nli_train_glob="KorNLI/xnli.*.ko.tsv")
+    expected = [t for name in ("xnli.dev.ko.tsv", "xnli.test.ko.tsv")
+                for t in reference_kor_nli_samples(bundled_dir / "KorNLI" / name, only)]
+    assert nli_examples(**xnli) == expected and len(expected) == 5000
+    assert len(nli_examples(**xnli, nli_triplet_scope="union")) == 4998
+
+
+def test_every_draw_has_its_own_random_stream():
+    """numpy pads short seeds with zeros: default_rng(s) and default_rng([s, 0]) are one stream. Triplet
+    draws, NLI passes and STS passes of one run, and those of neighbouring seeds, must not share one."""
+    assert (np.random.default_rng(5).permutation(50) == np.random.default_rng([5, 0]).permutation(50)).all()
+    firsts = {}
+    for seed in range(12):
+        for stream in (STREAM_TRIPLETS, STREAM_NLI_BATCHES, STREAM_STS_BATCHES):
+            for pass_index in range(4):
+                firsts[seed, stream, pass_index] = tuple(random_stream(seed, stream, pass_index).integers(2**62, size=2))
+    assert len(set(firsts.values())) == len(firsts)
+
+    # what the samplers draw: with distinct texts nothing is passed over, so a pass's batches are its permutation
+    n, batch_size = 96, 8
+    texts = [(f"a{i}", f"p{i}", f"n{i}") for i in range(n)]
+    orders = {}
+    for seed in range(6):
+        nli, sts = NoDuplicatesBatches(texts, batch_size, seed), ShuffledBatches(n, batch_size, seed)
+        for pass_index in range(3):
+            orders["nli", seed, pass_index] = [i for _ in range(len(nli)) for i in nli.next_batch()]
+            orders["sts", seed, pass_index] = [i for _ in range(len(sts)) for i in sts.next_batch()]
+    assert all(sorted(order) == list(range(n)) for order in orders.values())
+    keys = list(orders)
+    for i, first in enumerate(keys):
+        for second in keys[i + 1:]:  # independent permutations: rank correlation ~ N(0, 1/95)
+            rho = np.corrcoef(orders[first], orders[second])[0, 1]
+            assert abs(rho) < 0.45, (first, second, rho)
+    many = [("s", f"e{i}", "entailment") for i in range(50)] + [("s", f"c{i}", "contradiction") for i in range(50)]
+    assert nli_triplets(many, 3) == nli_triplets(many, random_stream(3, STREAM_TRIPLETS))
+
+
 def legacy_no_duplicates(keys, batch_size, permutations, num_batches):
     """The legacy NoDuplicatesDataLoader's loop, transcribed, with the permutations given."""
     order, pointer, passes, batches = permutations(0), 0, 0, []
@@ -183,7 +270,7 @@ def test_no_duplicates_sampler_matches_the_legacy_loop_and_has_no_duplicates():
     ours = [sampler.next_batch() for _ in range(10 * len(sampler))]
     keys = [{t.strip().lower() for t in example} for example in texts]
     reference = legacy_no_duplicates(
-        keys, 8, lambda p: list(np.random.default_rng([11, p]).permutation(200)), len(ours)
+        keys, 8, lambda p: list(random_stream(11, STREAM_NLI_BATCHES, p).permutation(200)), len(ours)
     )
     assert ours == reference
     for batch in ours:

@@ -283,3 +283,18 @@ def test_step_meter_reads_nothing_back_during_a_step(tiny_deberta, small_data, t
     forbidden = {"_local_scalar_dense", "lift_fresh", "index_put_", "_index_put_impl_"}
     assert not forbidden & set(ops.names()), ops.names()
     assert meter.norm_sums.tolist() == [4.0, 2.0] and meter.loss_sums.tolist() == [0.5, 0.0]
+
+
+def test_the_same_run_twice_gives_the_same_losses_and_weights(small_data, tmp_path):
+    """Fresh output dirs, the tiny model built inside each run, dropout on: bitwise equal results."""
+    runs = [tmp_path / "first", tmp_path / "second"]
+    for out in runs:
+        train(small_config("kfdeb:tiny-deberta", small_data, out, max_steps=6, eval_steps=6, save_steps=6, logging_steps=1))
+    first, second = runs
+    assert json.loads((first / "init-tiny-deberta" / "config.json").read_text())["hidden_dropout_prob"] == 0.1
+    for path in ("init-tiny-deberta/tokenizer.json", "init-tiny-deberta/model.safetensors", "best/model.safetensors"):
+        assert (first / path).read_bytes() == (second / path).read_bytes(), path
+    (_, first_rows), (_, second_rows) = final_state(first), final_state(second)
+    losses = [r["loss"] for r in first_rows if "loss" in r]
+    assert len(losses) == 12 and losses == [r["loss"] for r in second_rows if "loss" in r]  # every step, both objectives
+    assert first_rows == second_rows  # learning rates, gradient norms, dev and test figures too
