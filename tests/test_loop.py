@@ -33,7 +33,7 @@ def small_config(model, data, out, **overrides):
 
 def test_one_step_equals_sentence_transformers(tiny_deberta, small_data):
     """Same weights, same batches: losses, gradients and post-AdamW parameters of both objectives agree."""
-    st = pytest.importorskip("sentence_transformers")
+    import sentence_transformers as st
     from sentence_transformers import InputExample
     from sentence_transformers.sentence_transformer.losses import CosineSimilarityLoss, MultipleNegativesRankingLoss
 
@@ -112,7 +112,7 @@ def test_short_run_writes_every_output(tiny_deberta, small_data, tmp_path):
         ["README.md", "config.json", "model.safetensors", "modules.json", "sentence_bert_config.json", "1_Pooling",
          "kfdeb.json", "tokenizer.json", "tokenizer_config.json"])  # no training state: push best/ as it is
     assert checkpoint.latest(out).name == "step-00000012"
-    st = pytest.importorskip("sentence_transformers")
+    import sentence_transformers as st
     reloaded = st.SentenceTransformer(str(out / "best"), device="cpu").encode(["문장 하나"])
     np.testing.assert_allclose(reloaded, load_encoder(out).encode(["문장 하나"], convert_to_numpy=True), atol=1e-5)
 

@@ -19,8 +19,8 @@ from kfdeb.metrics import FIGURE_KEYS
 from kfdeb.model import load_encoder
 from kfdeb.onnx import INPUT_NAMES, OUTPUT_NAMES, OnnxEncoder, export
 
-onnx = pytest.importorskip("onnx")  # kfdeb.onnx imports them only when used; they are the [onnx] extra
-pytest.importorskip("onnxruntime")
+import onnx  # noqa: E402  (kfdeb.onnx imports them only when used; the [test] extra installs them)
+assert __import__("onnxruntime")  # fail here, not mid-test, when the [onnx] extra is missing
 
 # lengths 2 .. max_seq_length (the long one is truncated), the empty one is [CLS] [SEP] only
 SENTENCES = ["비행기가 이륙하고 있다.", "고양이", "", "한 남자가 큰 플루트를 연주하고 있다.",
