@@ -22,12 +22,16 @@ def load(path: str | os.PathLike, device: str | None = None, max_seq_length: int
 
     `path`: a kfdeb output dir, a Hugging Face encoder folder, a sentence-transformers folder (mean
     pooling), a hub id (where the hub is reachable), or an exported `.onnx` file (its tokenizer
-    next to it).
+    next to it). device: default cuda when available, else cpu (ONNX: onnxruntime's CPU provider).
     """
     if str(path).endswith(".onnx"):
         from kfdeb.onnx import OnnxEncoder
 
         return OnnxEncoder.load(path, max_seq_length=max_seq_length)
+    import torch
+
     from kfdeb.model import load_encoder
 
+    # like sentence-transformers and evaluate.py: the GPU when there is one
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return load_encoder(path, max_seq_length=max_seq_length, device=device)

@@ -285,32 +285,57 @@ def move_files_into(scratch: Path, folder: Path, order: Callable[[Path], Any]) -
         os.replace(scratch / relative, folder / relative)
 
 
+ENCODE_WINDOW = 16384  # sentences tokenized and length-sorted at a time by encode
+
+
+def sentence_transformers_options(normalize: bool, convert_to_numpy: bool, show_progress: bool,
+                                  normalize_embeddings: bool = False, show_progress_bar: bool | None = None,
+                                  convert_to_tensor: bool = False) -> tuple[bool, bool, bool]:
+    """encode's (normalize, convert_to_numpy, show_progress), given ours or sentence-transformers' names."""
+    return (normalize or normalize_embeddings, convert_to_numpy and not convert_to_tensor,
+            show_progress or bool(show_progress_bar))
+
+
 def encode_in_length_order(
     engine: Any,
     embed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    sentences: Sequence[str],
+    sentences: str | Sequence[str],
     batch_size: int,
     normalize: bool,
     convert_to_numpy: bool,
     show_progress: bool,
+    window: int = ENCODE_WINDOW,
 ) -> torch.Tensor | np.ndarray:
     """float32 embeddings (N x H) of `sentences` in input order, for any engine that embeds padded batches.
 
     engine: has tokenize(sentences) -> id lists, pad_id and dimension (SentenceEncoder, OnnxEncoder);
-    embed(input_ids, attention_mask) -> B x H. Sentences are tokenized once and grouped by length
-    into batches that pad little (data.length_sorted_chunks, longest first so that a batch too big
-    for memory fails at once); each batch's embeddings are independent of the others'.
+    embed(input_ids, attention_mask) -> B x H. The sentences stream through in windows of `window`:
+    each window is tokenized, grouped by length into batches that pad little (data.length_sorted_chunks,
+    longest first so that a batch too big for memory fails at once), embedded, and written into the
+    output at its sentences' places. Memory: the N x H output plus one window's token ids, so a
+    million-sentence corpus never exists as token lists. A sentence's embedding does not depend on
+    the other sentences of its batch, so the window changes no result, only the padding.
+    A single string (as in sentence-transformers) gives one H vector.
     """
     if isinstance(sentences, str):
-        raise TypeError("encode takes a list of sentences; wrap a single sentence in a list")
-    chunk_ids, chunk_masks, restore = length_sorted_chunks(engine.tokenize(sentences), batch_size, engine.pad_id)
-    batches = zip(chunk_ids, chunk_masks)
+        return encode_in_length_order(engine, embed, [sentences], batch_size, normalize, convert_to_numpy,
+                                      show_progress, window)[0]
+    sentences = sentences if isinstance(sentences, Sequence) else list(sentences)
+    embeddings = torch.empty((len(sentences), engine.dimension), dtype=torch.float32)
+    bar = None
     if show_progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, total=len(chunk_ids), desc="encode", unit="batch")
-    chunks = [embed(ids, mask).float().cpu() for ids, mask in batches]
-    embeddings = torch.cat(chunks)[restore] if chunks else torch.empty((0, engine.dimension))
+        bar = tqdm(total=len(sentences), desc="encode", unit="sentence")
+    for start in range(0, len(sentences), window):
+        part = sentences[start : start + window]
+        chunk_ids, chunk_masks, restore = length_sorted_chunks(engine.tokenize(part), batch_size, engine.pad_id)
+        sorted_rows = torch.cat([embed(ids, mask).float().cpu() for ids, mask in zip(chunk_ids, chunk_masks)])
+        embeddings[start : start + len(part)] = sorted_rows[restore]
+        if bar is not None:
+            bar.update(len(part))
+    if bar is not None:
+        bar.close()
     if normalize:
         embeddings = F.normalize(embeddings, dim=-1)
     return embeddings.numpy() if convert_to_numpy else embeddings
@@ -396,14 +421,21 @@ class SentenceEncoder(torch.nn.Module):
 
     def encode(
         self,
-        sentences: Sequence[str],
+        sentences: str | Sequence[str],
         batch_size: int = 32,
         normalize: bool = False,
         device: str | torch.device | None = None,
         convert_to_numpy: bool = False,
         show_progress: bool = False,
+        **sentence_transformers_names: bool,
     ) -> torch.Tensor | np.ndarray:
-        """float32 embeddings (N x H) in input order (see encode_in_length_order), under inference_mode."""
+        """float32 embeddings (N x H) in input order (see encode_in_length_order), under inference_mode.
+
+        Also takes sentence-transformers' names: normalize_embeddings, show_progress_bar,
+        convert_to_tensor (a tensor even with convert_to_numpy=True).
+        """
+        normalize, convert_to_numpy, show_progress = sentence_transformers_options(
+            normalize, convert_to_numpy, show_progress, **sentence_transformers_names)
         if device is not None:
             self.to(device)
         device = self.device

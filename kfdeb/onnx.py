@@ -58,7 +58,9 @@ import torch.nn.functional as F
 
 from kfdeb.data import pad_batch
 from kfdeb.errors import UserInputError, first_line
-from kfdeb.model import SentenceEncoder, encode_in_length_order, move_files_into, read_json
+from kfdeb.model import (
+    SentenceEncoder, encode_in_length_order, move_files_into, read_json, sentence_transformers_options,
+)
 
 # 14: the lowest opset whose DeBERTa-v2 graph onnxruntime accepts and that we test; 20: the
 # TorchScript exporter's highest own opset (above it torch converts with onnx's version converter).
@@ -351,17 +353,20 @@ class OnnxEncoder:
 
     def encode(
         self,
-        sentences: Sequence[str],
+        sentences: str | Sequence[str],
         batch_size: int = 32,
         normalize: bool = False,
         device: str | None = None,
         convert_to_numpy: bool = False,
         show_progress: bool = False,
+        **sentence_transformers_names: bool,
     ) -> torch.Tensor | np.ndarray:
-        """float32 embeddings (N x H) in input order, batched as SentenceEncoder.encode batches.
+        """float32 embeddings (N x H) in input order, batched and streamed as SentenceEncoder.encode.
 
         device is accepted for the same signature; the session's providers decide where it runs.
         """
+        normalize, convert_to_numpy, show_progress = sentence_transformers_options(
+            normalize, convert_to_numpy, show_progress, **sentence_transformers_names)
         return encode_in_length_order(self, self._embed, sentences, batch_size, normalize, convert_to_numpy,
                                       show_progress)
 

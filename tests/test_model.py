@@ -71,8 +71,33 @@ def test_encode_keeps_input_order_and_equals_one_by_one(tiny_deberta):
     normalised = encoder.encode(SENTENCES, normalize=True, convert_to_numpy=True)
     np.testing.assert_allclose(np.linalg.norm(normalised, axis=1), 1.0, atol=1e-6)
     assert encoder.encode([]).shape == (0, encoder.dimension)
-    with pytest.raises(TypeError):
-        encoder.encode("a single string")
+    single = encoder.encode(SENTENCES[1])  # a string, as in sentence-transformers: one vector
+    assert single.shape == (encoder.dimension,)
+    torch.testing.assert_close(single, batched[1], rtol=0, atol=1e-5)
+
+
+def test_encode_streams_the_corpus_window_by_window(tiny_deberta):
+    """Windows of 4 sentences: tokenized 4 at a time, and the same embeddings as one window."""
+    from kfdeb.model import encode_in_length_order
+
+    encoder = load_encoder(tiny_deberta).eval()
+    corpus = [f"{i}번 문장: {s}" for i, s in enumerate(SENTENCES * 3)]  # 15 sentences
+    tokenized = []
+    tokenize = encoder.tokenize
+
+    class Spy:
+        pad_id, dimension = encoder.pad_id, encoder.dimension
+
+        def tokenize(self, sentences):
+            tokenized.append(len(sentences))
+            return tokenize(sentences)
+
+    with torch.inference_mode():
+        streamed = encode_in_length_order(Spy(), encoder, corpus, 2, False, False, False, window=4)
+        whole = encode_in_length_order(Spy(), encoder, corpus, 2, False, False, False, window=100)
+    assert tokenized == [4, 4, 4, 3, 15]  # never more than one window of token ids at a time
+    torch.testing.assert_close(streamed, whole, rtol=0, atol=1e-5)
+    torch.testing.assert_close(streamed, torch.cat([encoder.encode([s]) for s in corpus]), rtol=0, atol=1e-5)
 
 
 def test_checkpoint_opens_in_sentence_transformers_and_automodel(tiny_deberta, tmp_path):
@@ -125,3 +150,21 @@ def test_other_poolings_and_non_models_are_refused(tiny_deberta, tmp_path):
         load_encoder(empty)
     with pytest.raises(UserInputError, match="no such model folder"):
         load_encoder(tmp_path / "missing")
+
+
+def test_encode_takes_sentence_transformers_names_with_their_meanings(tiny_deberta):
+    """What a sentence-transformers user types gives what SentenceTransformer.encode gives."""
+    import kfdeb
+
+    ours = kfdeb.load(tiny_deberta, max_seq_length=64)
+    reference = st.SentenceTransformer(str(tiny_deberta), device="cpu")
+    reference.max_seq_length = 64
+    for kwargs in ({}, {"normalize_embeddings": True}, {"convert_to_tensor": True}, {"show_progress_bar": False}):
+        got = ours.encode(SENTENCES[:3], convert_to_numpy=True, **kwargs)
+        expected = reference.encode(SENTENCES[:3], **kwargs)
+        assert type(got) is type(expected), kwargs  # numpy, or a tensor with convert_to_tensor
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=0, atol=1e-5, err_msg=str(kwargs))
+    single, reference_single = ours.encode(SENTENCES[0], convert_to_numpy=True), reference.encode(SENTENCES[0])
+    assert single.shape == reference_single.shape == (ours.dimension,)
+    np.testing.assert_allclose(single, reference_single, rtol=0, atol=1e-5)
+    assert ours.device.type == "cpu"  # kfdeb.load's default: cuda where there is one, as in sentence-transformers

@@ -91,8 +91,9 @@ def test_onnx_encoder_mirrors_encode(exported):
     unit = model.encode(SENTENCES, normalize=True, convert_to_numpy=True)
     assert isinstance(unit, np.ndarray) and np.allclose(np.linalg.norm(unit, axis=1), 1, atol=1e-5)
     assert model.encode([]).shape == (0, 64)
-    with pytest.raises(TypeError):
-        model.encode("한 문장")
+    single = model.encode("한 문장")  # a string, as in sentence-transformers: one vector
+    assert single.shape == (64,)
+    torch.testing.assert_close(single, model.encode(["한 문장"])[0], rtol=0, atol=1e-6)
     assert OnnxEncoder.load(result.paths["fp32"], max_seq_length=8).max_seq_length == 8
 
 
