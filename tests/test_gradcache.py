@@ -89,3 +89,24 @@ def test_a_short_run_with_gradcache_ends_with_the_same_losses_and_weights(tiny_d
         assert tensor.dtype == torch.float64
         torch.testing.assert_close(cached_weights[name], tensor, rtol=0, atol=1e-9, msg=name)
     assert cached["test"]["cosine_spearman"] == pytest.approx(plain["test"]["cosine_spearman"], abs=1e-6)
+
+
+def test_under_fp16_autocast_the_grad_scaler_reaches_the_cached_gradient(tiny_deberta, small_data, tmp_path):
+    """fp16 + GradScaler: the cached step's gradients carry the loss scale exactly as the plain step's do."""
+    from kfdeb.loop import task_loss
+
+    run = nli_run(tiny_deberta, small_data, tmp_path / "fp16", amp="fp16", nli_batch_size=8)
+    assert run.scaler is not None and run.scaler.get_scale() == 65536.0
+    task = run.tasks[0]
+    batch = task.sampler.next_batch()
+    parameters = [p for p in run.encoder.parameters() if p.requires_grad]
+    cached_loss = cached_nli_backward(run, task, batch, 3)
+    cached = torch.cat([p.grad.flatten() for p in parameters])
+    run.encoder.zero_grad(set_to_none=True)
+    with run.autocast():
+        plain_loss = task_loss(run.model, task, batch, run.ctx, run.encoder.pad_id, 1)
+    run.backward(plain_loss)
+    plain = torch.cat([p.grad.flatten() for p in parameters])
+    assert cached_loss.item() == pytest.approx(plain_loss.item(), rel=1e-2)  # fp16 encoders, other groupings
+    assert plain.norm() > 1.0  # scaled by 65536: the true gradient norm of this loss is far below 1
+    assert (cached - plain).norm() / plain.norm() < 0.02
