@@ -496,4 +496,6 @@ def finish(run: Run, progress: Progress, train_seconds: float) -> dict[str, Any]
         name = run.output_dir.resolve().name
         print(f"best model (step {progress.best_step}) in {run.best_dir}\n{TABLE_HEADER}\n"
               f"{table_row(f'{name} (dev)', dev.figures)}\n{table_row(f'{name} (test)', test.figures)}", flush=True)
+    # every rank leaves together: none tears the process group down while rank 0 still writes
+    distributed.barrier(ctx)
     return summary

@@ -151,11 +151,13 @@ def two_nodes(port: int, outputs: list[Path], *extra: str, model, data) -> list[
 
 
 def wait_all(nodes: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str, str]]:
-    results = []
-    for node in nodes:
-        stdout, stderr = node.communicate(timeout=timeout)
-        results.append((node.returncode, stdout, stderr))
-    return results
+    """(status, stdout, stderr) of each node; all pipes drained at once (one node blocked on a full
+    pipe while the test waits for the other would stall both in their next collective)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(nodes)) as pool:
+        outputs = list(pool.map(lambda node: node.communicate(timeout=timeout), nodes))
+    return [(node.returncode, stdout, stderr) for node, (stdout, stderr) in zip(nodes, outputs)]
 
 
 def test_two_nodes_without_a_shared_disk_match_the_single_process(tiny_deberta, ddp_data, single_process_run, tmp_path):
@@ -221,9 +223,8 @@ def test_two_nodes_killed_mid_save_resume_to_the_single_process_result(tiny_debe
                 os.kill(pid, signal.SIGKILL)
             break
         time.sleep(0.01)
-    for node in nodes:
-        node.communicate(timeout=60)
-        assert node.returncode == -signal.SIGKILL
+    for status, _, _ in wait_all(nodes, timeout=60):
+        assert status == -signal.SIGKILL
     saved_at = int(checkpoint.latest(outputs[0]).name.split("-")[1])
     assert saved_at < 12
     # what a kill during the next save leaves: a scratch folder of the step the resumed run saves again
