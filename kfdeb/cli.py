@@ -77,8 +77,20 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_seq_length", type=int, default=None, help="default: the model's own (256 if unset)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--name", default=None, help="row label (default: the checkpoint's name)")
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write the 8 figures (x100, unrounded) here")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the 8 figures (x100, unrounded) here "
+                        "(with --dims: an object of them per width)")
+    parser.add_argument("--dims", default=None, metavar="D1,D2,...",
+                        help="Matryoshka: one row per width, the embeddings truncated to their first D coordinates "
+                             "(as sentence-transformers' truncate_dim), e.g. 768,256,64")
     args = parser.parse_args(argv)
+    dims: list[int] = []
+    if args.dims is not None:
+        try:
+            dims = [int(d) for d in args.dims.split(",") if d.strip()]
+        except ValueError:
+            parser.error(f"--dims {args.dims!r}: expected comma-separated integers")
+        if not dims or any(d < 1 for d in dims):
+            parser.error(f"--dims {args.dims!r}: expected positive widths")
     if args.batch_size < 1:
         parser.error("--batch_size must be at least 1")
     if args.data_file is None and args.score_max is not None:
@@ -98,15 +110,20 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         pairs = read_sts(sts_path(args.data_dir or BUNDLED_DATA_DIR, split))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     encoder = kfdeb.load(args.ckpt, device=device, max_seq_length=args.max_seq_length)
-    result = evaluate_sts(encoder, pairs, args.batch_size)
+    result = evaluate_sts(encoder, pairs, args.batch_size, dims)
     ckpt = Path(args.ckpt)
     name = args.name or (f"{ckpt.parent.name}/{ckpt.name}" if ckpt.suffix == ".onnx" else ckpt.resolve().name)
     print(TABLE_HEADER)
-    print(table_row(f"{name} ({split})", result.figures))
+    if dims:
+        for dim in dims:
+            print(table_row(f"{name} ({split}, {dim} dims)", result.by_dim[dim]))
+    else:
+        print(table_row(f"{name} ({split})", result.figures))
     print(f"encoded {result.sentences} sentences in {result.seconds:.2f} s: "
           f"{result.sentences_per_second:.1f} sentences/s on {getattr(encoder, 'device_name', device)}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result.figures, indent=2) + "\n", encoding="utf-8")
+        figures = {str(dim): result.by_dim[dim] for dim in dims} if dims else result.figures
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
     return 0
 
 

@@ -53,6 +53,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     optimizer: str = "per_task"  # per_task: one AdamW per objective (the reference); joint: one over the summed losses
     seed: int = 42
+    # what the objectives optimise beyond the reference recipe (losses.py)
+    sts_loss: str = "cosine"  # cosine: MSE of the cosine (the reference); cosent or angle: ranking losses
+    matryoshka_dims: str = ""  # comma-separated widths, largest first: the loss summed over these prefixes (MRL)
+    matryoshka_weights: str = ""  # comma-separated, one per width (default: 1 each)
     # evaluation and outputs
     eval_steps: int = 1000
     eval_batch_size: int = 64
@@ -75,6 +79,17 @@ class TrainConfig:
     @property
     def task_list(self) -> list[str]:
         return [t.strip() for t in self.tasks.split(",") if t.strip()]
+
+    @property
+    def matryoshka_dim_list(self) -> tuple[int, ...]:
+        """--matryoshka_dims as integers (validate() has checked them); () when not given."""
+        return tuple(int(d) for d in self.matryoshka_dims.split(",") if d.strip())
+
+    @property
+    def matryoshka_weight_list(self) -> tuple[float, ...]:
+        """--matryoshka_weights as floats, 1.0 for each width when not given."""
+        weights = tuple(float(w) for w in self.matryoshka_weights.split(",") if w.strip())
+        return weights or (1.0,) * len(self.matryoshka_dim_list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -119,7 +134,13 @@ _HELP = {
                          "(one partner table over all files: a sentence in several files is an anchor once)",
     "max_steps": "stop after this many steps (0: num_epochs); the schedule spans them",
     "optimizer": "per_task (reference: one AdamW + schedule per objective, 2 updates a step) or joint",
-    "metric_for_best": "dev figure that selects the best checkpoint",
+    "metric_for_best": "dev figure that selects the best checkpoint (with --matryoshka_dims: at the first width)",
+    "sts_loss": "loss of the sts objective: cosine (MSE between cosine and score / 5, the reference), cosent "
+                "(CoSENT ranking loss, scale 20) or angle (AnglE: the same ranking loss on the angle similarity)",
+    "matryoshka_dims": "Matryoshka (MRL): comma-separated embedding widths, largest first, e.g. 768,512,256,128,64,32; "
+                       "both objectives sum their loss over these prefixes of the embedding (one forward); dev "
+                       "evaluation reports every width and selects the best checkpoint at the first",
+    "matryoshka_weights": "comma-separated weight of each --matryoshka_dims width (default: 1 each)",
     "save_steps": "write resumable state every N steps",
     "resume": "continue from output_dir/state (starts at step 0 when there is none)",
     "overwrite_output_dir": "start over in an output_dir that holds a previous run",
@@ -137,6 +158,7 @@ _HELP = {
 _CHOICES = {
     "nli_triplet_scope": NLI_TRIPLET_SCOPES,
     "optimizer": ("per_task", "joint"),
+    "sts_loss": ("cosine", "cosent", "angle"),
     "amp": ("auto", "none", "bf16", "fp16"),
     "metric_for_best": METRICS_FOR_BEST,
     "preset": ("",) + tuple(PRESETS),  # "": no preset
@@ -182,6 +204,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         return value
     if expected is str and isinstance(value, str):
         return value
+    if name in ("matryoshka_dims", "matryoshka_weights") and isinstance(value, list):  # YAML/JSON lists
+        return ",".join(str(item) for item in value)
     raise UserInputError(f"{source}: {name}: expected {expected.__name__}, got {value!r}")
 
 
@@ -238,9 +262,31 @@ def validate(config: TrainConfig) -> None:
         raise UserInputError(f"--warmup_ratio {config.warmup_ratio}: must be in [0, 1]")
     if config.learning_rate <= 0 or config.weight_decay < 0 or config.max_grad_norm <= 0:
         raise UserInputError("--learning_rate and --max_grad_norm must be > 0, --weight_decay >= 0")
+    _validate_matryoshka(config)
     for name, choices in _CHOICES.items():
         if getattr(config, name) not in choices:
             raise UserInputError(f"--{name} {getattr(config, name)!r}: expected one of {', '.join(c for c in choices if c)}")
+
+
+def _validate_matryoshka(config: TrainConfig) -> None:
+    """Widths: positive integers, largest first, no repeats; weights: one positive number per width.
+    Whether the largest is the model's own width is checked once the model is loaded (run.setup)."""
+    def numbers(flag: str, text: str, kind: type) -> list:
+        try:
+            values = [kind(item) for item in text.split(",") if item.strip()]
+        except ValueError:
+            raise UserInputError(f"--{flag} {text!r}: expected comma-separated {kind.__name__}s") from None
+        if text.strip() and not values or any(not v > 0 for v in values):
+            raise UserInputError(f"--{flag} {text!r}: every value must be > 0")
+        return values
+
+    dims = numbers("matryoshka_dims", config.matryoshka_dims, int)
+    weights = numbers("matryoshka_weights", config.matryoshka_weights, float)
+    if any(later >= earlier for earlier, later in zip(dims, dims[1:])):
+        raise UserInputError(f"--matryoshka_dims {config.matryoshka_dims}: list the widths largest first, each once")
+    if weights and len(weights) != len(dims):
+        raise UserInputError(f"--matryoshka_weights {config.matryoshka_weights}: one weight per --matryoshka_dims width "
+                             f"({len(dims)}), got {len(weights)}")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:

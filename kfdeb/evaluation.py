@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -33,9 +33,14 @@ class Encoder(Protocol):
 
 @dataclass
 class StsResult:
-    figures: dict[str, float]  # FIGURE_KEYS -> value x 100
+    figures: dict[str, float]  # FIGURE_KEYS -> value x 100, of the full embedding
     sentences: int  # distinct sentences encoded
     seconds: float  # encoding wall time
+    by_dim: dict[int, dict[str, float]] = field(default_factory=dict)  # the figures of each truncated width asked for
+
+    def figures_at(self, dim: int | None) -> dict[str, float]:
+        """The figures of the first `dim` coordinates (None: the full embedding)."""
+        return self.figures if dim is None else self.by_dim[dim]
 
     @property
     def sentences_per_second(self) -> float:
@@ -56,20 +61,27 @@ def sts_path(data_dir: str | os.PathLike, split: str, instead: str = "") -> Path
     return path
 
 
-def evaluate_sts(encoder: Encoder, pairs: Sequence[StsPair], batch_size: int = 64) -> StsResult:
+def evaluate_sts(encoder: Encoder, pairs: Sequence[StsPair], batch_size: int = 64, dims: Sequence[int] = ()) -> StsResult:
+    """The 8 figures of the embeddings, and of their first d coordinates for each d of `dims`
+    (Matryoshka: the sentences are encoded once; truncation as sentence-transformers' truncate_dim)."""
     distinct = list(dict.fromkeys(s for pair in pairs for s in (pair.sentence1, pair.sentence2)))
     start = time.perf_counter()
     embeddings = np.asarray(encoder.encode(distinct, batch_size=batch_size, convert_to_numpy=True), dtype=np.float32)
     seconds = time.perf_counter() - start
+    too_wide = [d for d in dims if d > embeddings.shape[1]]
+    if too_wide:
+        raise UserInputError(f"--dims {too_wide[0]}: wider than the model's {embeddings.shape[1]}-dimensional embedding")
     row = {sentence: i for i, sentence in enumerate(distinct)}
     first = embeddings[[row[p.sentence1] for p in pairs]]
     second = embeddings[[row[p.sentence2] for p in pairs]]
     gold = np.array([p.label for p in pairs], dtype=np.float64)
-    return StsResult(sts_figures(first, second, gold), len(distinct), seconds)
+    by_dim = {dim: sts_figures(first[:, :dim], second[:, :dim], gold) for dim in dims}
+    return StsResult(sts_figures(first, second, gold), len(distinct), seconds, by_dim)
 
 
-def evaluate_split(encoder: Encoder, data_dir: str | os.PathLike, split: str, batch_size: int = 64) -> StsResult:
-    return evaluate_sts(encoder, read_sts(sts_path(data_dir, split)), batch_size)
+def evaluate_split(encoder: Encoder, data_dir: str | os.PathLike, split: str, batch_size: int = 64,
+                   dims: Sequence[int] = ()) -> StsResult:
+    return evaluate_sts(encoder, read_sts(sts_path(data_dir, split)), batch_size, dims)
 
 
 def table_row(name: str, figures: dict[str, float]) -> str:

@@ -27,7 +27,7 @@ from kfdeb import distributed
 from kfdeb.config import TrainConfig
 from kfdeb.data import length_sorted_chunks, shard
 from kfdeb.gradcache import cached_backward
-from kfdeb.losses import cosine_mse_loss, in_batch_negatives_loss
+from kfdeb.losses import Objective, cosine_mse_loss, in_batch_negatives_loss, matryoshka, ranking_loss
 from kfdeb.run import Run, Task, evaluate_and_keep_best, finish, save_state, setup, start_or_resume
 
 
@@ -44,23 +44,37 @@ def embed_columns(model: torch.nn.Module, task: Task, rows: np.ndarray, ctx: dis
     return embeddings[restore.to(ctx.device, non_blocking=True)].view(rows.shape[1], len(rows), -1)
 
 
-def nli_loss(columns: torch.Tensor) -> torch.Tensor:
+def nli_loss(columns: torch.Tensor, objective: Objective = Objective()) -> torch.Tensor:
     """In-batch negatives on triplets, or on anchor-positive pairs: then the positives alone are the candidates."""
-    return in_batch_negatives_loss(columns[0], columns[1], columns[2] if len(columns) == 3 else None)
+    def loss_of(c: torch.Tensor) -> torch.Tensor:
+        return in_batch_negatives_loss(c[0], c[1], c[2] if len(c) == 3 else None)
+
+    return matryoshka(loss_of, columns, objective.matryoshka_dims, objective.matryoshka_weights)
+
+
+def sts_loss(columns: torch.Tensor, labels: torch.Tensor, global_batch_size: int, objective: Objective = Objective(),
+             placeholder: bool = False) -> torch.Tensor:
+    """Cosine MSE (the reference), CoSENT or AnglE on this rank's pairs of a global batch of `global_batch_size`."""
+    def loss_of(c: torch.Tensor) -> torch.Tensor:
+        if objective.sts_loss == "cosine":  # a mean of per-pair terms: a placeholder pair weighs 0
+            return (0.0 if placeholder else 1.0) * cosine_mse_loss(c[0], c[1], labels, global_batch_size)
+        return ranking_loss(c[0], c[1], labels, objective.sts_loss, global_batch_size, valid=not placeholder)
+
+    return matryoshka(loss_of, columns, objective.matryoshka_dims, objective.matryoshka_weights)
 
 
 def task_loss(model: torch.nn.Module, task: Task, batch: list[int], ctx: distributed.Context,
-              pad_id: int, pad_to_multiple_of: int) -> torch.Tensor:
+              pad_id: int, pad_to_multiple_of: int, objective: Objective = Objective()) -> torch.Tensor:
     """This rank's share of the objective's loss on the global `batch` (losses.py explains the scaling)."""
     local = shard(batch, ctx.rank, ctx.world_size)
-    weight = 1.0
-    if not local:  # a short last STS batch with fewer pairs than ranks: run one pair at weight 0
-        local, weight = batch[:1], 0.0  # so every rank still joins DDP's gradient reduction
+    placeholder = not local
+    if placeholder:  # a short last STS batch with fewer pairs than ranks: one pair that counts for nothing,
+        local = batch[:1]  # so every rank still joins DDP's gradient reduction (and the ranking loss's gather)
     columns = embed_columns(model, task, task.rows[local], ctx, pad_id, pad_to_multiple_of)
     if task.name == "nli":
-        return nli_loss(columns)
+        return nli_loss(columns, objective)
     labels = torch.from_numpy(task.labels[local]).to(ctx.device, non_blocking=True)
-    return weight * cosine_mse_loss(columns[0], columns[1], labels, global_batch_size=len(batch))
+    return sts_loss(columns, labels, len(batch), objective, placeholder)
 
 
 def cached_nli_backward(run: Run, task: Task, batch: list[int], mini_batch_size: int) -> torch.Tensor:
@@ -73,7 +87,7 @@ def cached_nli_backward(run: Run, task: Task, batch: list[int], mini_batch_size:
 
     no_sync = run.model.no_sync if ctx.distributed else contextlib.nullcontext
     rows = task.rows[shard(batch, ctx.rank, ctx.world_size)]
-    return cached_backward(embed, nli_loss, rows, mini_batch_size, run.backward, no_sync, ctx.device)
+    return cached_backward(embed, lambda columns: nli_loss(columns, run.objective), rows, mini_batch_size, run.backward, no_sync, ctx.device)
 
 
 def update(parameters: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -193,7 +207,7 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
                 loss = cached_nli_backward(run, task, batch, config.nli_mini_batch_size)
             else:
                 with run.autocast():
-                    loss = task_loss(run.model, task, batch, ctx, run.encoder.pad_id, run.pad_multiple)
+                    loss = task_loss(run.model, task, batch, ctx, run.encoder.pad_id, run.pad_multiple, run.objective)
                 run.backward(loss)
             meter.add_loss(t, loss, step)
             if config.optimizer == "per_task":  # the reference: each objective updates right after its backward

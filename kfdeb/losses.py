@@ -16,6 +16,23 @@ in at least float32 whatever the autocast dtype: autocast is switched off inside
 the logits' matrix product in bf16/fp16) and their inputs are widened to float32. The softmax over
 2B logits scaled by 20 is where low precision hurts: a bf16 cosine carries ~3 significant digits.
 
+Ranking losses for scored pairs (--sts_loss cosent|angle), on s_i = scale * sim(u_i, v_i):
+
+    L_rank = log(1 + sum_{(i, j): y_i < y_j} exp(s_i - s_j))        (scale 20)
+
+over every ordered pair of the global batch: a pair whose label is lower should score lower, the
+labels count only through their order and ties add nothing. CoSENT: sim = cos. AnglE: sim is the
+angle similarity of the AnglE paper: with each embedding's first and second halves as the real
+and imaginary parts of z = a + ib and w = c + id, the complex quotient z / w rescaled by |w| / |z|
+has the parts sum_k (a_k c_k + b_k d_k) / (|z| |w|) = cos(z, w) and sum_k (b_k c_k - a_k d_k) / (|z| |w|);
+sim = |sum of both| (an odd width gets a zero coordinate).
+
+Matryoshka (MRL, --matryoshka_dims d_1 > d_2 > ...): L_mrl = sum_k w_k L(normalize(e[:, :d_k])) for
+either objective, from one forward: only the loss repeats per width. Every similarity above
+is invariant to the scale of each vector, so normalize(e[:, :d]) and e[:, :d] give the same loss
+and `matryoshka` does not compute the normalisation: with the single full width and weight 1,
+L_mrl is the plain loss bit for bit.
+
 Data parallelism (W ranks, rank r holding b_r of the B examples, sum_r b_r = B): see
 `_rank_share` for how each rank's loss is scaled so that DDP's gradient average reproduces the
 single-process gradient of the global batch exactly.
@@ -23,11 +40,25 @@ single-process gradient of the global batch exactly.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 COSINE_EPS = 1e-8
+STS_LOSSES = ("cosine", "cosent", "angle")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What turns a batch's embeddings into a loss, besides the task: the STS loss and the
+    Matryoshka widths with their weights (none: the full embedding, the reference recipe)."""
+
+    sts_loss: str = "cosine"  # one of STS_LOSSES
+    matryoshka_dims: tuple[int, ...] = ()
+    matryoshka_weights: tuple[float, ...] = ()
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -111,3 +142,67 @@ def cosine_mse_loss(
     with _no_autocast(u):
         squared_errors = (pairwise_cosine(_at_least_fp32(u), _at_least_fp32(v)) - _at_least_fp32(labels)) ** 2
         return _rank_share(squared_errors.sum(), global_batch_size or u.shape[0] * world_size, world_size)
+
+
+def angle_similarity(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """AnglE's similarity of each row pair (module docstring): n x H, n x H -> n."""
+    if u.shape[-1] % 2:  # the halves must pair up: one zero coordinate changes no norm and no product
+        u, v = F.pad(u, (0, 1)), F.pad(v, (0, 1))
+    a, b = u.chunk(2, dim=-1)
+    c, d = v.chunk(2, dim=-1)
+    norms = (u.norm(dim=-1) * v.norm(dim=-1)).clamp(min=COSINE_EPS)
+    real = (a * c + b * d).sum(-1) / norms
+    imaginary = (b * c - a * d).sum(-1) / norms
+    return (real + imaginary).abs()
+
+
+STS_SIMILARITIES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "cosent": pairwise_cosine, "angle": angle_similarity}
+
+
+def _gather_padded(values: torch.Tensor, rows_per_rank: int) -> torch.Tensor:
+    """Every rank's rows, each rank's block padded with zeros to `rows_per_rank` (shards differ by one at most)."""
+    padded = torch.cat([values, values.new_zeros((rows_per_rank - values.shape[0], *values.shape[1:]))])
+    return _gather_rows(padded)
+
+
+def ranking_loss(
+    u: torch.Tensor, v: torch.Tensor, labels: torch.Tensor, similarity: str, global_batch_size: int | None = None,
+    valid: bool = True, scale: float = 20.0,
+) -> torch.Tensor:
+    """L_rank (CoSENT: similarity "cosent", AnglE: "angle") over the pairs of the global batch.
+
+    u, v: this rank's b x H pairs, labels: b. With W ranks the similarities and labels of all ranks
+    are gathered (the similarities with their gradient path, as the NLI loss gathers candidates),
+    so every ordered pair of the global batch is compared and the loss does not depend on W.
+    Every rank returns the whole L: the gather's backward hands rank r the sum over ranks of
+    dL/d(its rows), W dL/d(its rows), and DDP's average over W restores dL/dtheta (`_rank_share`'s
+    argument with sum_r l_r = W L). valid=False: this rank holds a placeholder pair (a global batch
+    with fewer pairs than ranks) that joins the collectives and is left out of every comparison.
+    """
+    _, world_size = _world()
+    with _no_autocast(u):
+        scores = scale * STS_SIMILARITIES[similarity](_at_least_fp32(u), _at_least_fp32(v))
+        labels = _at_least_fp32(labels)
+        counted = torch.full_like(labels, 1.0 if valid else 0.0)
+        if world_size > 1:
+            rows = -(-(global_batch_size or u.shape[0] * world_size) // world_size)  # the largest shard
+            scores, labels, counted = (_gather_padded(t, rows) for t in (scores, labels, counted.detach()))
+        ordered = (labels[:, None] < labels[None, :]) & (counted[:, None] > 0) & (counted[None, :] > 0)
+        differences = (scores[:, None] - scores[None, :]).masked_fill(~ordered, float("-inf"))  # s_i - s_j
+        # the 1 inside the log is exp(0): one more term of the logsumexp
+        return torch.logsumexp(torch.cat([differences.new_zeros(1), differences.flatten()]), dim=0)
+
+
+def matryoshka(loss_of: Callable[[torch.Tensor], torch.Tensor], embeddings: torch.Tensor,
+               dims: Sequence[int] = (), weights: Sequence[float] = ()) -> torch.Tensor:
+    """sum_k w_k * loss_of(embeddings[..., :d_k]); no dims: loss_of(embeddings). The embeddings are
+    computed once by the caller; truncated views share their storage, so each width costs only its loss."""
+    if not dims:
+        return loss_of(embeddings)
+    total = None
+    for dim, weight in zip(dims, weights):
+        term = loss_of(embeddings[..., :dim])
+        term = term if weight == 1.0 else weight * term
+        total = term if total is None else total + term
+    return total

@@ -288,12 +288,13 @@ def move_files_into(scratch: Path, folder: Path, order: Callable[[Path], Any]) -
 ENCODE_WINDOW = 16384  # sentences tokenized and length-sorted at a time by encode
 
 
-def sentence_transformers_options(normalize: bool, convert_to_numpy: bool, show_progress: bool,
+def sentence_transformers_options(normalize: bool, convert_to_numpy: bool, show_progress: bool, dim: int | None,
                                   normalize_embeddings: bool = False, show_progress_bar: bool | None = None,
-                                  convert_to_tensor: bool = False) -> tuple[bool, bool, bool]:
-    """encode's (normalize, convert_to_numpy, show_progress), given ours or sentence-transformers' names."""
+                                  convert_to_tensor: bool = False, truncate_dim: int | None = None,
+                                  ) -> tuple[bool, bool, bool, int | None]:
+    """encode's (normalize, convert_to_numpy, show_progress, dim), given ours or sentence-transformers' names."""
     return (normalize or normalize_embeddings, convert_to_numpy and not convert_to_tensor,
-            show_progress or bool(show_progress_bar))
+            show_progress or bool(show_progress_bar), dim if dim is not None else truncate_dim)
 
 
 def encode_in_length_order(
@@ -305,6 +306,7 @@ def encode_in_length_order(
     convert_to_numpy: bool,
     show_progress: bool,
     window: int = ENCODE_WINDOW,
+    dim: int | None = None,
 ) -> torch.Tensor | np.ndarray:
     """float32 embeddings (N x H) of `sentences` in input order, for any engine that embeds padded batches.
 
@@ -316,12 +318,22 @@ def encode_in_length_order(
     million-sentence corpus never exists as token lists. A sentence's embedding does not depend on
     the other sentences of its batch, so the window changes no result, only the padding.
     A single string (as in sentence-transformers) gives one H vector.
+
+    dim (Matryoshka): keep the first `dim` coordinates (N x dim). Truncation comes before
+    normalisation, as in sentence-transformers' truncate_dim: with normalize, or with an engine whose
+    embeddings are normalised (a Normalize module), the truncated vectors are re-normalised to unit
+    length; otherwise they are the plain prefixes (what evaluate.py --dims scores).
     """
     if isinstance(sentences, str):
         return encode_in_length_order(engine, embed, [sentences], batch_size, normalize, convert_to_numpy,
-                                      show_progress, window)[0]
+                                      show_progress, window, dim)[0]
+    width = engine.dimension
+    if dim is not None:
+        if not 0 < dim <= engine.dimension:
+            raise UserInputError(f"dim={dim}: expected 1 to the model's embedding width {engine.dimension}")
+        width, normalize = dim, normalize or getattr(engine, "normalize", False)
     sentences = sentences if isinstance(sentences, Sequence) else list(sentences)
-    embeddings = torch.empty((len(sentences), engine.dimension), dtype=torch.float32)
+    embeddings = torch.empty((len(sentences), width), dtype=torch.float32)
     bar = None
     if show_progress:
         from tqdm.auto import tqdm
@@ -330,7 +342,7 @@ def encode_in_length_order(
     for start in range(0, len(sentences), window):
         part = sentences[start : start + window]
         chunk_ids, chunk_masks, restore = length_sorted_chunks(engine.tokenize(part), batch_size, engine.pad_id)
-        sorted_rows = torch.cat([embed(ids, mask).float().cpu() for ids, mask in zip(chunk_ids, chunk_masks)])
+        sorted_rows = torch.cat([embed(ids, mask)[:, :width].float().cpu() for ids, mask in zip(chunk_ids, chunk_masks)])
         embeddings[start : start + len(part)] = sorted_rows[restore]
         if bar is not None:
             bar.update(len(part))
@@ -427,15 +439,16 @@ class SentenceEncoder(torch.nn.Module):
         device: str | torch.device | None = None,
         convert_to_numpy: bool = False,
         show_progress: bool = False,
-        **sentence_transformers_names: bool,
+        dim: int | None = None,
+        **sentence_transformers_names: Any,
     ) -> torch.Tensor | np.ndarray:
-        """float32 embeddings (N x H) in input order (see encode_in_length_order), under inference_mode.
+        """float32 embeddings (N x H, or N x dim) in input order (see encode_in_length_order), under inference_mode.
 
         Also takes sentence-transformers' names: normalize_embeddings, show_progress_bar,
-        convert_to_tensor (a tensor even with convert_to_numpy=True).
+        convert_to_tensor (a tensor even with convert_to_numpy=True), truncate_dim (= dim).
         """
-        normalize, convert_to_numpy, show_progress = sentence_transformers_options(
-            normalize, convert_to_numpy, show_progress, **sentence_transformers_names)
+        normalize, convert_to_numpy, show_progress, dim = sentence_transformers_options(
+            normalize, convert_to_numpy, show_progress, dim, **sentence_transformers_names)
         if device is not None:
             self.to(device)
         device = self.device
@@ -445,7 +458,7 @@ class SentenceEncoder(torch.nn.Module):
             with torch.inference_mode(), tf32_matmuls(device):
                 return encode_in_length_order(
                     self, lambda ids, mask: self(ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)),
-                    sentences, batch_size, normalize, convert_to_numpy, show_progress)
+                    sentences, batch_size, normalize, convert_to_numpy, show_progress, dim=dim)
         finally:
             self.train(was_training)
 

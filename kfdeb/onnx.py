@@ -303,7 +303,7 @@ class OnnxEncoder:
     tokenize = SentenceEncoder.tokenize
 
     def __init__(self, session: Any, tokenizer: Any, max_seq_length: int, do_lower_case: bool, pad_id: int,
-                 dimension: int, path: Path):
+                 dimension: int, path: Path, normalize: bool = False):
         self.session = session
         self.tokenizer = tokenizer
         self.max_seq_length = max_seq_length
@@ -311,6 +311,7 @@ class OnnxEncoder:
         self.pad_id = pad_id
         self.dimension = dimension
         self.path = path
+        self.normalize = normalize  # the graph ends in a Normalize: a truncated embedding is re-normalised
 
     @classmethod
     def load(cls, path: str | os.PathLike, max_seq_length: int | None = None,
@@ -341,7 +342,7 @@ class OnnxEncoder:
         if meta.get("length_limit"):
             length = min(length, meta["length_limit"])
         return cls(session, tokenizer, int(length), bool(meta["do_lower_case"]), int(meta["pad_token_id"]),
-                   int(meta["dimension"]), path)
+                   int(meta["dimension"]), path, bool(meta.get("normalize", False)))
 
     @property
     def device_name(self) -> str:
@@ -359,16 +360,17 @@ class OnnxEncoder:
         device: str | None = None,
         convert_to_numpy: bool = False,
         show_progress: bool = False,
-        **sentence_transformers_names: bool,
+        dim: int | None = None,
+        **sentence_transformers_names: Any,
     ) -> torch.Tensor | np.ndarray:
-        """float32 embeddings (N x H) in input order, batched and streamed as SentenceEncoder.encode.
+        """float32 embeddings (N x H, or N x dim) in input order, batched and streamed as SentenceEncoder.encode.
 
         device is accepted for the same signature; the session's providers decide where it runs.
         """
-        normalize, convert_to_numpy, show_progress = sentence_transformers_options(
-            normalize, convert_to_numpy, show_progress, **sentence_transformers_names)
+        normalize, convert_to_numpy, show_progress, dim = sentence_transformers_options(
+            normalize, convert_to_numpy, show_progress, dim, **sentence_transformers_names)
         return encode_in_length_order(self, self._embed, sentences, batch_size, normalize, convert_to_numpy,
-                                      show_progress)
+                                      show_progress, dim=dim)
 
 
 @dataclass

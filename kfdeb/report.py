@@ -36,9 +36,12 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
         loss_axis.plot(*zip(*points), label=f"{task} loss")
     loss_axis.set_xlabel("step")
     loss_axis.set_ylabel("training loss")
-    dev = [(r["step"], r["cosine_spearman"]) for r in rows if r.get("split") == "dev"]
+    dev = [(r["step"], r["cosine_spearman"]) for r in rows if r.get("split") == "dev" and "dim" not in r]
     if dev:
         dev_axis.plot(*zip(*dev), marker="o", label="dev cosine Spearman")
+    for dim in sorted({r["dim"] for r in rows if r.get("split") == "dev" and "dim" in r}, reverse=True):  # Matryoshka
+        points = [(r["step"], r["cosine_spearman"]) for r in rows if r.get("split") == "dev" and r.get("dim") == dim]
+        dev_axis.plot(*zip(*points), marker=".", linestyle="--", label=f"{dim} dims")
     dev_axis.set_xlabel("step")
     dev_axis.set_ylabel("KorSTS dev cosine Spearman (x100)")
     for axis in (loss_axis, dev_axis):
@@ -51,17 +54,48 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
     os.replace(scratch, png_path)
 
 
-_RECIPES = {
-    "nli,sts": "multitask: KorNLI triplets with in-batch negatives (MultipleNegativesRankingLoss) and KorSTS "
-               "cosine regression (CosineSimilarityLoss), one batch of each per step",
-    "nli": "KorNLI triplets with in-batch negatives (MultipleNegativesRankingLoss)",
-    "sts": "KorSTS cosine regression (CosineSimilarityLoss)",
-}
+_NLI_TEXT = "KorNLI triplets with in-batch negatives (MultipleNegativesRankingLoss)"
+_STS_TEXTS = {"cosine": "KorSTS cosine regression (CosineSimilarityLoss)",
+              "cosent": "KorSTS pairs ranked by score (CoSENTLoss)",
+              "angle": "KorSTS pairs ranked by score on the angle similarity (AnglELoss)"}
+
+
+def recipe_text(config: TrainConfig) -> str:
+    """The objectives of the run, in the names sentence-transformers users know."""
+    parts = {"nli": _NLI_TEXT, "sts": _STS_TEXTS[config.sts_loss]}
+    text = " and ".join(parts[t] for t in config.task_list)
+    if len(config.task_list) == 2:
+        text = "multitask: " + text + ", one batch of each per step"
+    if config.matryoshka_dim_list:
+        text += f", each summed over the Matryoshka widths {', '.join(map(str, config.matryoshka_dim_list))} (MatryoshkaLoss)"
+    return text
 
 
 def model_name(config: TrainConfig) -> str:
     """What the card calls the model: --hub_model_id, else the run folder's name (never a local path)."""
     return config.hub_model_id or Path(config.output_dir).resolve().name
+
+
+def _matryoshka_section(name: str, config: TrainConfig, summary: dict[str, Any]) -> str:
+    """The per-width KorSTS table of a Matryoshka model, and how to use a narrower embedding."""
+    if "test_by_dim" not in summary:
+        return ""
+    dims = config.matryoshka_dim_list
+    rows = "\n".join(table_row(f"{name} ({split}, {dim} dims)", summary[f"{split}_by_dim"][str(dim)])
+                     for split in ("dev", "test") for dim in dims)
+    return f"""
+### Matryoshka widths
+
+Trained with Matryoshka representation learning at widths {", ".join(map(str, dims))} (weights
+{", ".join(f"{w:g}" for w in config.matryoshka_weight_list)}): the first d coordinates of an embedding are an embedding
+of their own. The same checkpoint, embeddings truncated to d:
+
+{TABLE_HEADER}
+{rows}
+
+`kfdeb.load("{name}").encode(sentences, dim={dims[-1]})`, or
+`SentenceTransformer("{name}", truncate_dim={dims[-1]})`, gives the {dims[-1]}-dimensional embeddings.
+"""
 
 
 def write_model_card(model_dir: Path, config: TrainConfig, summary: dict[str, Any]) -> Path:
@@ -98,7 +132,7 @@ tags:
 
 # {name}
 
-A Korean sentence-embedding model: `{base}` fine-tuned with kfdeb on {_RECIPES[",".join(config.task_list)]}.
+A Korean sentence-embedding model: `{base}` fine-tuned with kfdeb on {recipe_text(config)}.
 Sentences become {summary.get('dimension', 'fixed-size')} vectors (mean of the token embeddings);
 similar meanings give a high cosine similarity, for semantic search, clustering and deduplication.
 {tiny_note}
@@ -110,7 +144,7 @@ checkpoint (step {summary['best_step']} of {summary['total_steps']}, selected on
 {TABLE_HEADER}
 {table_row(f"{name} (dev)", summary['dev'])}
 {table_row(f"{name} (test)", summary['test'])}
-
+{_matryoshka_section(name, config, summary)}
 ## Usage
 
 kfdeb:

@@ -42,6 +42,7 @@ from kfdeb.data import (
     find_nli_files, in_batch_examples, nli_triplets_of_files, read_nli, read_own_file, read_scored_file, read_sts,
 )
 from kfdeb.errors import UserInputError
+from kfdeb.losses import Objective
 from kfdeb.evaluation import TABLE_HEADER, StsResult, best_score, evaluate_sts, sts_path, table_row
 from kfdeb.model import RUN_BEST_DIR, SentenceEncoder, load_encoder
 from kfdeb.optim import build_adamw, build_scheduler, warmup_steps_for
@@ -118,6 +119,7 @@ class Run:
     log: MetricsLog | None = None
     last_saved_step: int = -1  # the step of the newest committed state (-1: none)
     eval_seconds: float = 0.0  # dev evaluations and best-model saves, for throughput figures
+    objective: Objective = Objective()  # the STS loss and the Matryoshka widths (losses.py)
 
     @property
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -307,6 +309,8 @@ def setup(config: TrainConfig, ctx: distributed.Context) -> Run:
     if frozen:
         distributed.print0(ctx, f"not trained (the sentence embedding does not use them): {', '.join(frozen)}")
     tasks = build_tasks(config, examples, encoder, ctx)
+    objective = Objective(config.sts_loss, config.matryoshka_dim_list, config.matryoshka_weight_list)
+    check_matryoshka_dims(objective.matryoshka_dims, encoder.dimension, ctx)
     steps_per_epoch = min(len(task.sampler) for task in tasks)
     total_steps = config.max_steps or steps_per_epoch * config.num_epochs
     warmup_steps = warmup_steps_for(total_steps, config.warmup_ratio)
@@ -327,21 +331,38 @@ def setup(config: TrainConfig, ctx: distributed.Context) -> Run:
         amp_dtype=amp_dtype,
         pad_multiple=config.pad_to_multiple_of or (8 if ctx.device.type == "cuda" else 1),  # tensor-core tiles
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, dev_pairs=dev_pairs, test_pairs=test_pairs,
+        objective=objective,
     )
     distributed.print0(ctx, f"{total_steps} steps ({steps_per_epoch} per epoch), warmup {warmup_steps}, "
                        f"{ctx.world_size} process(es) on {ctx.device}, amp {describe_amp(config.amp, amp_dtype, capability)}")
     return run
 
 
-def evaluate(encoder: SentenceEncoder, pairs: list, ctx: distributed.Context, batch_size: int) -> StsResult:
-    """KorSTS figures; with several ranks each encodes every W-th sentence and all get all figures."""
+def check_matryoshka_dims(dims: Sequence[int], dimension: int, ctx: distributed.Context) -> None:
+    """The widths must fit the model; leaving its own width out trains the full embedding only
+    through its prefixes, which jhgan00's scripts and sentence-transformers allow with a warning."""
+    if dims and dims[0] > dimension:
+        raise UserInputError(f"--matryoshka_dims {dims[0]}: wider than the model's {dimension}-dimensional embedding")
+    if dims and dims[0] != dimension:
+        distributed.print0(ctx, f"warning: --matryoshka_dims leaves out the model's own width {dimension}: the full "
+                                f"embedding is not trained as such (list {dimension} first to train it)")
+
+
+def evaluate(encoder: SentenceEncoder, pairs: list, ctx: distributed.Context, batch_size: int,
+             dims: Sequence[int] = ()) -> StsResult:
+    """KorSTS figures (and those of each width in `dims`); with several ranks each encodes every
+    W-th sentence and all get all figures."""
 
     class Sharded:
         def encode(self, sentences: Sequence[str], batch_size: int = 64, convert_to_numpy: bool = True) -> np.ndarray:
             mine = encoder.encode(list(sentences)[ctx.rank :: ctx.world_size], batch_size=batch_size, convert_to_numpy=True)
             return distributed.gather_strided(ctx, mine, len(sentences))
 
-    return evaluate_sts(Sharded(), pairs, batch_size)
+    return evaluate_sts(Sharded(), pairs, batch_size, dims)
+
+
+def _by_dim(result: StsResult) -> dict[str, dict[str, float]]:
+    return {str(dim): figures for dim, figures in result.by_dim.items()}  # JSON keys are strings
 
 
 def say(run: Run, message: str) -> None:
@@ -353,19 +374,26 @@ def say(run: Run, message: str) -> None:
 
 def evaluate_and_keep_best(run: Run, progress: Progress, epoch: int) -> None:
     started = time.perf_counter()
-    result = evaluate(run.encoder, run.dev_pairs, run.ctx, run.config.eval_batch_size)
-    score = best_score(result.figures, run.config.metric_for_best)
+    dims = run.objective.matryoshka_dims
+    result = evaluate(run.encoder, run.dev_pairs, run.ctx, run.config.eval_batch_size, dims)
+    # Matryoshka: selected at the first width listed (jhgan00's choice), the full one when it is listed first
+    score = best_score(result.figures_at(dims[0] if dims else None), run.config.metric_for_best)
     improved = score > progress.best_score  # NaN never improves; every rank has the same figures
     if improved:
         progress.best_score, progress.best_step = score, progress.step
         if run.ctx.is_main:  # the others go on and wait for rank 0 at their next collective
             run.encoder.save(run.best_dir, {"base_model": run.config.model_name_or_path, "step": progress.step,
-                                            "dev": result.figures, "config": run.config.to_dict()})
+                                            "dev": result.figures, **({"dev_by_dim": _by_dim(result)} if dims else {}),
+                                            "config": run.config.to_dict()})
     run.log.write(step=progress.step, epoch=epoch, split="dev", score=score, best=improved, **result.figures)
+    for dim in dims:  # one row per width; the row above is the full embedding's
+        run.log.write(step=progress.step, epoch=epoch, split="dev", dim=dim, **result.by_dim[dim])
     if run.ctx.is_main:
         plot_curves(run.output_dir / "metrics.jsonl", run.output_dir / "curves.png")  # ~0.5 s: only with new dev points
     best = "best" if improved else f"best {progress.best_score:.2f} at step {progress.best_step}"
-    say(run, f"step {progress.step}: dev {run.config.metric_for_best} {score:.2f} ({best})")
+    widths = (f" at width {dims[0]}; cosine Spearman by width: "
+              + ", ".join(f"{d} {result.by_dim[d]['cosine_spearman']:.2f}" for d in dims)) if dims else ""
+    say(run, f"step {progress.step}: dev {run.config.metric_for_best} {score:.2f}{widths} ({best})")
     run.eval_seconds += time.perf_counter() - started
 
 
@@ -484,18 +512,26 @@ def finish(run: Run, progress: Progress, train_seconds: float) -> dict[str, Any]
         _load_best_weights(run)
     elif ctx.is_main:  # every evaluation was NaN: keep the last weights
         run.encoder.save(run.best_dir, {"base_model": run.config.model_name_or_path, "step": progress.step})
-    dev = evaluate(run.encoder, run.dev_pairs, ctx, run.config.eval_batch_size)
-    test = evaluate(run.encoder, run.test_pairs, ctx, run.config.eval_batch_size)
+    dims = run.objective.matryoshka_dims
+    dev = evaluate(run.encoder, run.dev_pairs, ctx, run.config.eval_batch_size, dims)
+    test = evaluate(run.encoder, run.test_pairs, ctx, run.config.eval_batch_size, dims)
     summary = {"best_step": progress.best_step, "total_steps": run.total_steps, "dimension": run.encoder.dimension,
                "train_seconds": train_seconds, "eval_seconds": run.eval_seconds, "dev": dev.figures, "test": test.figures}
+    if dims:
+        summary.update(dev_by_dim=_by_dim(dev), test_by_dim=_by_dim(test))
     if ctx.is_main:
         run.log.write(step=progress.step, split="test", best_step=progress.best_step, **test.figures)
-        run.encoder.save(run.best_dir, {"dev": dev.figures, "test": test.figures, "best_step": progress.best_step})
+        for dim in dims:
+            run.log.write(step=progress.step, split="test", dim=dim, best_step=progress.best_step, **test.by_dim[dim])
+        run.encoder.save(run.best_dir, {"dev": dev.figures, "test": test.figures, "best_step": progress.best_step,
+                                        **{key: summary[key] for key in ("dev_by_dim", "test_by_dim") if key in summary}})
         write_model_card(run.best_dir, run.config, summary)
         plot_curves(run.output_dir / "metrics.jsonl", run.output_dir / "curves.png")
         name = run.output_dir.resolve().name
-        print(f"best model (step {progress.best_step}) in {run.best_dir}\n{TABLE_HEADER}\n"
-              f"{table_row(f'{name} (dev)', dev.figures)}\n{table_row(f'{name} (test)', test.figures)}", flush=True)
+        rows = [table_row(f"{name} ({split})", result.figures) for split, result in (("dev", dev), ("test", test))]
+        rows += [table_row(f"{name} ({split}, {dim} dims)", result.by_dim[dim])
+                 for split, result in (("dev", dev), ("test", test)) for dim in dims]
+        print(f"best model (step {progress.best_step}) in {run.best_dir}\n{TABLE_HEADER}\n" + "\n".join(rows), flush=True)
     # every rank leaves together: none tears the process group down while rank 0 still writes
     distributed.barrier(ctx)
     return summary

@@ -62,7 +62,24 @@ def test_bad_config_files_are_one_line_errors(tmp_path, content, message):
     ({"warmup_ratio": 1.5}, "--warmup_ratio 1.5"),
     ({"preset": "bogus"}, "--preset 'bogus': expected one of multitask, nli, sts, smoke"),
     ({"score_max": 0.0}, "--score_max 0.0: must be a positive number"),
+    ({"matryoshka_dims": "256,768"}, "--matryoshka_dims 256,768: list the widths largest first, each once"),
+    ({"matryoshka_dims": "768,256,256"}, "list the widths largest first, each once"),
+    ({"matryoshka_dims": "768,half"}, "--matryoshka_dims '768,half': expected comma-separated ints"),
+    ({"matryoshka_dims": "768,0"}, "--matryoshka_dims '768,0': every value must be > 0"),
+    ({"matryoshka_dims": "768,256", "matryoshka_weights": "1"}, "--matryoshka_weights 1: one weight per --matryoshka_dims width"),
+    ({"matryoshka_dims": "768", "matryoshka_weights": "-1"}, "--matryoshka_weights '-1': every value must be > 0"),
+    ({"sts_loss": "triplet"}, "--sts_loss 'triplet': expected one of cosine, cosent, angle"),
 ])
 def test_invalid_values_are_refused(overrides, message):
     with pytest.raises(UserInputError, match=message.replace("(", r"\(")):
         resolve(overrides)
+
+
+def test_matryoshka_flags_as_in_jhgan00s_scripts(tmp_path):
+    config = parse_args(["--matryoshka_dims", "768, 512,256,128,64,32", "--sts_loss", "angle"])
+    assert config.matryoshka_dim_list == (768, 512, 256, 128, 64, 32)
+    assert config.matryoshka_weight_list == (1.0,) * 6 and config.sts_loss == "angle"
+    (tmp_path / "run.yaml").write_text("matryoshka_dims: [768, 256]\nmatryoshka_weights: [1, 0.5]\n")  # YAML lists too
+    from_yaml = parse_args(["--config", str(tmp_path / "run.yaml")])
+    assert (from_yaml.matryoshka_dim_list, from_yaml.matryoshka_weight_list) == ((768, 256), (1.0, 0.5))
+    assert parse_args([]).matryoshka_dim_list == () and parse_args([]).sts_loss == "cosine"  # the reference recipe

@@ -67,6 +67,61 @@ def test_gathered_losses_equal_the_single_process_loss_and_gradients():
             torch.testing.assert_close(result[name] / world, expected, rtol=0, atol=1e-12, msg=f"rank {rank} {name}")
 
 
+def _sts_objectives_worker(rank: int, world: int, port: int, inputs: dict, results: dict) -> None:
+    from kfdeb.data import shard
+    from kfdeb.loop import sts_loss
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for key, (objective, size) in inputs["cases"].items():
+            batch = list(range(size))
+            local = shard(batch, rank, world)
+            placeholder = not local
+            rows = batch[:1] if placeholder else local
+            columns = inputs["columns"][:, rows].clone().requires_grad_()
+            loss = sts_loss(columns, inputs["labels"][rows], size, objective, placeholder)
+            loss.backward()
+            results[(rank, key)] = {"loss": loss.item(), "rows": [] if placeholder else rows, "grad": columns.grad}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sts_objectives_over_two_ranks_equal_the_single_process():
+    """CoSENT and AnglE compare the pairs of the whole global batch (gathered), also with shards of
+    3 + 2 pairs and with a rank whose shard is empty (a placeholder pair that counts for nothing);
+    Matryoshka on top. The logged loss (mean over ranks) and the input gradients (x W, then DDP's
+    average) are the single process's."""
+    from kfdeb.loop import sts_loss
+    from kfdeb.losses import Objective
+
+    generator = torch.Generator().manual_seed(1)
+    columns = torch.randn(2, 8, 6, dtype=torch.float64, generator=generator)
+    labels = torch.randint(0, 6, (8,), generator=generator).double() / 5
+    mrl = {"matryoshka_dims": (6, 4, 2), "matryoshka_weights": (1.0, 0.5, 0.25)}
+    cases = {f"{loss}-{'mrl' if dims else 'full'}-{size}": (Objective(loss, **(mrl if dims else {})), size)
+             for loss in ("cosine", "cosent", "angle") for dims in (False, True) for size in (8, 5, 1)}
+    world = 2
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.start_processes(_sts_objectives_worker, args=(world, free_port(), {"cases": cases, "columns": columns,
+                                                                             "labels": labels}, results),
+                           nprocs=world, start_method="spawn")
+        results = dict(results)
+    for key, (objective, size) in cases.items():
+        single = columns[:, :size].clone().requires_grad_()
+        loss = sts_loss(single, labels[:size], size, objective)
+        loss.backward()
+        assert sum(results[(rank, key)]["loss"] for rank in range(world)) / world == pytest.approx(loss.item(), abs=1e-12), key
+        for rank in range(world):
+            result = results[(rank, key)]
+            if result["rows"]:
+                torch.testing.assert_close(result["grad"] / world, single.grad[:, result["rows"]], rtol=0, atol=1e-12,
+                                           msg=f"{key} rank {rank}")
+            else:  # the placeholder pair: no gradient at all
+                assert not result["grad"].any(), key
+
+
 @pytest.fixture(scope="module")
 def ddp_data(small_data, tmp_path_factory) -> Path:
     """small_data with a 21-pair STS train: batches of 4 end in a 1-pair batch that one of two ranks lacks.
@@ -97,9 +152,11 @@ def train_args(model, data, out, *extra) -> list[str]:
 
 def torchrun(port: int, *args: str, nnodes: int = 1, nproc: int = 2, node_rank: int | None = None) -> list[str]:
     command = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}",
-               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--max_restarts", "0"]
-    if node_rank is not None:
-        command += ["--node_rank", str(node_rank)]
+               "--max_restarts", "0"]
+    if node_rank is None:
+        command += ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}"]
+    else:  # README's command for nodes without a shared disk: static rendezvous, node 0 is the one with the state
+        command += [f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port}"]
     return command + list(args)
 
 
@@ -130,16 +187,27 @@ def single_process_run(tiny_deberta, ddp_data, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("gradcache", [[], ["--nli_mini_batch_size", "3"]], ids=["plain", "gradcache"])
+MATRYOSHKA_COSENT = ["--matryoshka_dims", "64,16", "--matryoshka_weights", "1,0.5", "--sts_loss", "cosent"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--nli_mini_batch_size", "3"], MATRYOSHKA_COSENT],
+                         ids=["plain", "gradcache", "matryoshka-cosent"])
 def test_two_ranks_give_the_single_process_losses_and_weights(tiny_deberta, ddp_data, single_process_run, tmp_path,
-                                                              gradcache):
-    """With GradCache each rank embeds its 8 triplets 3, 3, 2 at a time: still the single process's run."""
+                                                              extra):
+    """With GradCache each rank embeds its 8 triplets 3, 3, 2 at a time; with Matryoshka + CoSENT both
+    objectives gather across ranks at every width: still the single process's run."""
+    reference = single_process_run
+    if extra == MATRYOSHKA_COSENT:
+        reference = tmp_path / "single"
+        single = subprocess.run([sys.executable, *train_args(tiny_deberta, ddp_data, reference, *extra)],
+                                capture_output=True, text=True, timeout=300, env=ENV)
+        assert single.returncode == 0, single.stderr[-3000:]
     out = tmp_path / "ddp"
-    result = subprocess.run(torchrun(free_port(), *train_args(tiny_deberta, ddp_data, out, *gradcache)),
+    result = subprocess.run(torchrun(free_port(), *train_args(tiny_deberta, ddp_data, out, *extra)),
                             capture_output=True, text=True, timeout=300, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout and result.stdout.count("best model (step") == 1  # rank 0 talks
-    assert_same_training(single_process_run, out)
+    assert_same_training(reference, out)
 
 
 def two_nodes(port: int, outputs: list[Path], *extra: str, model, data) -> list[subprocess.Popen]:

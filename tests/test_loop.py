@@ -298,3 +298,66 @@ def test_the_same_run_twice_gives_the_same_losses_and_weights(small_data, tmp_pa
     losses = [r["loss"] for r in first_rows if "loss" in r]
     assert len(losses) == 12 and losses == [r["loss"] for r in second_rows if "loss" in r]  # every step, both objectives
     assert first_rows == second_rows  # learning rates, gradient norms, dev and test figures too
+
+
+def test_a_single_full_matryoshka_width_trains_the_plain_model_bit_for_bit(tiny_deberta, small_data, tmp_path):
+    """MRL at the model's own width (64) with weight 1 is the plain recipe: same losses, same weights."""
+    plain = train(small_config(tiny_deberta, small_data, tmp_path / "plain", max_steps=4, eval_steps=4, save_steps=4,
+                               logging_steps=1))
+    mrl = train(small_config(tiny_deberta, small_data, tmp_path / "mrl", max_steps=4, eval_steps=4, save_steps=4,
+                             logging_steps=1, matryoshka_dims="64"))
+    (plain_state, plain_rows), (mrl_state, mrl_rows) = final_state(tmp_path / "plain"), final_state(tmp_path / "mrl")
+    assert [r["loss"] for r in plain_rows if "loss" in r] == [r["loss"] for r in mrl_rows if "loss" in r]
+    for name, tensor in plain_state["model"].items():
+        assert torch.equal(mrl_state["model"][name], tensor), name
+    assert mrl["test_by_dim"]["64"] == plain["test"]
+
+
+def test_matryoshka_run_reports_every_width_and_selects_at_the_first(tiny_deberta, small_data, tmp_path, capsys):
+    """Widths 32, 16, 8 of a 64-wide model with CoSENT: dev rows per width, the best step chosen on
+    width 32, the card's per-width table; evaluate.py --dims, sentence-transformers' truncate_dim and
+    encode(dim=) all give those widths' embeddings and figures."""
+    from kfdeb.evaluation import best_score, evaluate_sts
+
+    out = tmp_path / "mrl"
+    summary = train(small_config(tiny_deberta, small_data, out, max_steps=9, eval_steps=3, save_steps=9,
+                                 matryoshka_dims="32,16,8", matryoshka_weights="1,0.5,0.5", sts_loss="cosent"))
+    assert "leaves out the model's own width 64" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    dev = [r for r in rows if r.get("split") == "dev"]
+    assert [(r["step"], r.get("dim")) for r in dev] == [(s, d) for s in (3, 6, 9) for d in (None, 32, 16, 8)]
+    at_32 = {r["step"]: r for r in dev if r.get("dim") == 32}
+    for row in dev:
+        if "score" in row:  # the selection score is width 32's max Spearman, not the full embedding's
+            assert row["score"] == best_score(at_32[row["step"]], "max_spearman")
+    assert summary["best_step"] == max(at_32, key=lambda step: best_score(at_32[step], "max_spearman"))
+    metadata = json.loads((out / "best" / "kfdeb.json").read_text())
+    assert metadata["test_by_dim"] == summary["test_by_dim"] and sorted(metadata["test_by_dim"]) == ["16", "32", "8"]
+    card = (out / "best" / "README.md").read_text()
+    assert "### Matryoshka widths" in card and "CoSENTLoss" in card and "MatryoshkaLoss" in card
+    assert f"| mrl (test, 8 dims) | {summary['test_by_dim']['8']['cosine_pearson']:.2f} |" in card
+
+    figures = tmp_path / "dims.json"
+    result = run_script("evaluate.py", str(out), "--data_dir", str(small_data), "--dims", "32,8", "--json", str(figures))
+    assert result.returncode == 0, result.stderr
+    assert "| mrl (test, 32 dims) |" in result.stdout and "| mrl (test, 8 dims) |" in result.stdout
+    by_dim = json.loads(figures.read_text())
+    for dim in ("32", "8"):
+        for key, value in summary["test_by_dim"][dim].items():
+            assert by_dim[dim][key] == pytest.approx(value, abs=1e-4), (dim, key)
+
+    import sentence_transformers as st
+    from kfdeb.data import read_sts
+    reference = st.SentenceTransformer(str(out / "best"), device="cpu", truncate_dim=8)
+    pairs = read_sts(small_data / "KorSTS" / "sts-test.tsv")
+    for key, value in evaluate_sts(reference, pairs).figures.items():
+        assert value == pytest.approx(by_dim["8"][key], abs=1e-3), key
+
+    encoder = load_encoder(out)
+    sentences = ["문장 하나", "두 번째 문장입니다"]
+    full = encoder.encode(sentences, convert_to_numpy=True)
+    np.testing.assert_array_equal(encoder.encode(sentences, dim=8, convert_to_numpy=True), full[:, :8])
+    unit = encoder.encode(sentences, dim=8, normalize_embeddings=True, convert_to_numpy=True)
+    np.testing.assert_allclose(unit, full[:, :8] / np.linalg.norm(full[:, :8], axis=1, keepdims=True), atol=1e-6)
+    np.testing.assert_allclose(reference.encode(sentences), full[:, :8], atol=1e-5)
+    assert encoder.encode(sentences[0], truncate_dim=16).shape == (16,)

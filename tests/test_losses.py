@@ -74,3 +74,126 @@ def test_losses_run_in_float32_under_bf16_autocast():
     assert nli.dtype == sts.dtype == torch.float32
     assert nli.item() == pytest.approx(naive_in_batch_negatives(a.double(), p.double(), n.double()), abs=1e-5)
     assert sts.item() == pytest.approx(naive_cosine_mse(a.double(), p.double(), labels.double()), abs=1e-6)
+
+
+# --- ranking losses (CoSENT, AnglE) and Matryoshka ------------------------------------------------
+
+def naive_angle(x, y):
+    """AnglE's similarity from its definition: halves as real and imaginary parts, z / w scaled by |w| / |z|."""
+    half = len(x) // 2
+    z = [complex(float(x[k]), float(x[k + half])) for k in range(half)]
+    w = [complex(float(y[k]), float(y[k + half])) for k in range(half)]
+    norm_z = math.sqrt(sum(abs(t) ** 2 for t in z))
+    norm_w = math.sqrt(sum(abs(t) ** 2 for t in w))
+    quotients = [a / b * abs(b) ** 2 / (norm_z * norm_w) for a, b in zip(z, w)]  # = a conj(b) / (|z| |w|)
+    return abs(sum(q.real for q in quotients) + sum(q.imag for q in quotients))
+
+
+def naive_cosine(x, y):
+    return float(x @ y / (x.norm() * y.norm()))
+
+
+def naive_ranking(u, v, labels, similarity, scale=20.0):
+    """log(1 + sum over (i, j) with y_i < y_j of exp(s_i - s_j)), by a double loop."""
+    scores = [scale * similarity(x, y) for x, y in zip(u, v)]
+    total = 1.0
+    for i in range(len(scores)):
+        for j in range(len(scores)):
+            if float(labels[i]) < float(labels[j]):
+                total += math.exp(scores[i] - scores[j])
+    return math.log(total)
+
+
+@pytest.mark.parametrize("similarity,naive", [("cosent", naive_cosine), ("angle", naive_angle)])
+def test_ranking_losses_equal_the_naive_double_loop(similarity, naive):
+    from kfdeb.losses import ranking_loss
+
+    u, v = embeddings(9, 6, seed=20), embeddings(9, 6, seed=21)
+    labels = torch.tensor([0.2, 0.8, 0.2, 1.0, 0.0, 0.6, 0.6, 0.4, 0.9], dtype=torch.float64)  # ties included
+    assert ranking_loss(u, v, labels, similarity).item() == pytest.approx(naive_ranking(u, v, labels, naive), rel=1e-12)
+    # the labels count only through their order: a monotone map changes nothing
+    assert ranking_loss(u, v, labels ** 3 * 5 - 1, similarity).item() == pytest.approx(
+        ranking_loss(u, v, labels, similarity).item(), rel=1e-15)
+    # all labels tied: no ordered pair, loss log(1) = 0
+    assert ranking_loss(u, v, torch.full((9,), 0.5, dtype=torch.float64), similarity).item() == 0.0
+    # gradients: finite differences
+    u.requires_grad_(), v.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: ranking_loss(a, b, labels, similarity), (u, v), eps=1e-6, atol=1e-7)
+
+
+def test_angle_similarity_of_an_odd_width_pads_one_zero():
+    from kfdeb.losses import angle_similarity
+
+    u, v = embeddings(4, 5, seed=22), embeddings(4, 5, seed=23)
+    padded = [naive_angle(torch.cat([x, x.new_zeros(1)]), torch.cat([y, y.new_zeros(1)])) for x, y in zip(u, v)]
+    torch.testing.assert_close(angle_similarity(u, v), torch.tensor(padded, dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+def test_ranking_losses_equal_sentence_transformers():
+    import sentence_transformers.sentence_transformer.losses as st_losses
+    from kfdeb.losses import ranking_loss
+
+    u, v = embeddings(16, 12, seed=24, dtype=torch.float32), embeddings(16, 12, seed=25, dtype=torch.float32)
+    labels = torch.randint(0, 6, (16,), generator=torch.Generator().manual_seed(26)).float() / 5  # KorSTS-like ties
+    for similarity, reference in (("cosent", st_losses.CoSENTLoss(model=None, scale=20.0)),
+                                  ("angle", st_losses.AnglELoss(model=None, scale=20.0))):
+        assert ranking_loss(u, v, labels, similarity).item() == pytest.approx(
+            reference.compute_loss_from_embeddings([u, v], labels).item(), abs=1e-5), similarity
+
+
+def naive_matryoshka(loss_of, columns, dims, weights):
+    """sum_k w_k L(normalize(e[:, :d_k])), normalising explicitly."""
+    return sum(w * loss_of(torch.nn.functional.normalize(columns[..., :d], dim=-1)) for d, w in zip(dims, weights))
+
+
+def test_matryoshka_equals_the_weighted_sum_over_normalised_prefixes():
+    from kfdeb.losses import matryoshka, ranking_loss
+
+    a, p, n = embeddings(6, 8, seed=27), embeddings(6, 8, seed=28), embeddings(6, 8, seed=29)
+    columns = torch.stack([a, p, n])
+    labels = torch.rand(6, generator=torch.Generator().manual_seed(30), dtype=torch.float64)
+    dims, weights = (8, 5, 2), (1.0, 0.5, 2.0)
+    cases = [(lambda c: in_batch_negatives_loss(c[0], c[1], c[2]), columns),
+             (lambda c: cosine_mse_loss(c[0], c[1], labels), columns[:2]),
+             (lambda c: ranking_loss(c[0], c[1], labels, "angle"), columns[:2])]
+    for loss_of, inputs in cases:
+        assert matryoshka(loss_of, inputs, dims, weights).item() == pytest.approx(
+            naive_matryoshka(loss_of, inputs, dims, weights).item(), rel=1e-12)
+        # one full width at weight 1 is the plain loss, bit for bit
+        assert torch.equal(matryoshka(loss_of, inputs, (8,), (1.0,)), loss_of(inputs))
+        leaf = inputs.clone().requires_grad_()
+        assert torch.autograd.gradcheck(lambda x: matryoshka(loss_of, x, dims, weights), (leaf,), eps=1e-6, atol=1e-7)
+
+
+class _GivenEmbeddings(torch.nn.Module):
+    """A sentence-transformers module whose 'sentence_embedding' is the tensor fed in: the reference
+    losses then see exactly the embeddings ours see."""
+
+    def forward(self, features):
+        return {**features, "sentence_embedding": features["embedding"]}
+
+    def get_sentence_embedding_dimension(self):
+        return 12
+
+
+def test_matryoshka_equals_sentence_transformers():
+    import sentence_transformers
+    import sentence_transformers.sentence_transformer.losses as st_losses
+    from kfdeb.losses import matryoshka, ranking_loss
+
+    model = sentence_transformers.SentenceTransformer(modules=[_GivenEmbeddings()], device="cpu")
+    a, p, n = (embeddings(8, 12, seed=s, dtype=torch.float32) for s in (31, 32, 33))
+    labels = torch.randint(0, 6, (8,), generator=torch.Generator().manual_seed(34)).float() / 5
+    dims, weights = (12, 6, 3), (1.0, 0.5, 0.25)
+    cases = [
+        (st_losses.MultipleNegativesRankingLoss(model, scale=20.0), [a, p, n], None,
+         lambda c: in_batch_negatives_loss(c[0], c[1], c[2])),
+        (st_losses.CosineSimilarityLoss(model), [a, p], labels, lambda c: cosine_mse_loss(c[0], c[1], labels)),
+        (st_losses.CoSENTLoss(model, scale=20.0), [a, p], labels, lambda c: ranking_loss(c[0], c[1], labels, "cosent")),
+        (st_losses.AnglELoss(model, scale=20.0), [a, p], labels, lambda c: ranking_loss(c[0], c[1], labels, "angle")),
+    ]
+    for base, columns, target, loss_of in cases:
+        reference = st_losses.MatryoshkaLoss(model, base, matryoshka_dims=list(dims), matryoshka_weights=list(weights))
+        expected = reference([{"embedding": column} for column in columns], target)
+        assert matryoshka(loss_of, torch.stack(columns), dims, weights).item() == pytest.approx(
+            expected.item(), abs=2e-5), type(base).__name__

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kfdeb.distributed import resolve_device
+from kfdeb.distributed import Context, resolve_device
 from kfdeb.errors import UserInputError
 from kfdeb.run import amp_dtype_for, describe_amp
 
@@ -55,3 +55,17 @@ def test_resolve_device(requested, local_rank, world, cuda, expected):
 def test_resolve_device_refuses_what_cannot_work(requested, world, cuda, message):
     with pytest.raises(UserInputError, match=message):
         resolve_device(requested, 0, world, cuda)
+
+
+CPU_CONTEXT = Context(0, 0, 1, torch.device("cpu"))
+
+
+def test_matryoshka_widths_must_fit_the_model_and_a_missing_full_width_warns(capsys):
+    from kfdeb.run import check_matryoshka_dims
+
+    with pytest.raises(UserInputError, match="--matryoshka_dims 1024: wider than the model's 768-dimensional embedding"):
+        check_matryoshka_dims((1024, 256), 768, CPU_CONTEXT)
+    check_matryoshka_dims((768, 256), 768, CPU_CONTEXT)
+    assert capsys.readouterr().out == ""
+    check_matryoshka_dims((512, 256), 768, CPU_CONTEXT)
+    assert "leaves out the model's own width 768" in capsys.readouterr().out
