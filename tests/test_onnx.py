@@ -95,6 +95,13 @@ def test_onnx_encoder_mirrors_encode(exported):
     assert single.shape == (64,)
     torch.testing.assert_close(single, model.encode(["한 문장"])[0], rtol=0, atol=1e-6)
     assert OnnxEncoder.load(result.paths["fp32"], max_seq_length=8).max_seq_length == 8
+    # Matryoshka widths: the prefixes, re-normalised when normalising (as the PyTorch encoder)
+    torch.testing.assert_close(model.encode(SENTENCES, dim=16), vectors[:, :16], rtol=0, atol=0)
+    narrow = model.encode(SENTENCES, truncate_dim=16, normalize_embeddings=True)
+    torch.testing.assert_close(narrow, torch.nn.functional.normalize(vectors[:, :16], dim=-1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(narrow, encoder.encode(SENTENCES, dim=16, normalize=True), rtol=0, atol=1e-5)
+    with pytest.raises(UserInputError, match="dim=65: expected 1 to the model's embedding width 64"):
+        model.encode(SENTENCES, dim=65)
 
 
 def test_int8_and_fp16_agree_with_pytorch(exported, bundled_dir):
