@@ -17,7 +17,7 @@ import torch
 
 from conftest import REPO
 from kfdeb import checkpoint, distributed, token_cache
-from kfdeb.config import BUNDLED, resolve
+from kfdeb.config import BUNDLED, TINY_MODEL, resolve
 from kfdeb.data import BUNDLED_DATA_DIR, NoDuplicatesBatches, ShuffledBatches
 from kfdeb.loop import train
 from kfdeb.model import SentenceEncoder, load_encoder
@@ -263,9 +263,10 @@ def test_a_build_killed_by_sigkill_is_not_used(tiny_deberta, own_data, tmp_path)
         assert task.sequences[i].tolist() == encoder.tokenize(texts[i : i + 1])[0]
 
 
-def test_two_ranks_share_one_build(tiny_deberta, eval_files, tmp_path):
+def test_two_ranks_share_one_build(eval_files, tmp_path):
+    """With the tiny preset's model, which each rank builds in a folder of its own (no shared disk)."""
     cache = tmp_path / "cache"
-    args = [str(REPO / "train.py"), "--model_name_or_path", str(tiny_deberta), "--data_dir", BUNDLED,
+    args = [str(REPO / "train.py"), "--model_name_or_path", TINY_MODEL, "--data_dir", BUNDLED,
             "--nli_train_glob", "KorNLI/xnli.*.ko.tsv", "--nli_batch_size", "16", "--sts_batch_size", "4",
             "--max_seq_length", "64", "--max_steps", "2", "--device", "cpu", "--output_dir", str(tmp_path / "out"),
             "--progress", "false", "--cache_dir", str(cache), "--sts_dev_file", eval_files["sts_dev_file"],
