@@ -257,8 +257,10 @@ def ensure(folder: Path, key: dict[str, Any], write: Callable[[Path], dict[str, 
     try:
         parent.mkdir(parents=True, exist_ok=True)
         clear_stale_scratch(parent)
-        if folder.exists():  # not written by this protocol (no marker, another key): never used
-            shutil.rmtree(folder)
+        if folder.exists():
+            if is_complete(folder, key):  # another process (a node sharing this disk) finished it meanwhile
+                return False
+            shutil.rmtree(folder)  # not written by this protocol (no marker, another key): never used
         scratch = parent / f"{SCRATCH_PREFIX}{socket.gethostname()}@{os.getpid()}@{folder.name}"
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir()
