@@ -72,6 +72,8 @@ class TrainConfig:
     amp: str = "auto"  # auto: bf16 on GPUs with native bf16, fp16 + GradScaler on older ones, none on CPU
     pad_to_multiple_of: int = 0  # 0: 8 on GPU (tensor-core tiles), 1 on CPU
     dist_timeout: int = 1800  # seconds a rank waits in a collective (e.g. for rank 0's checkpoint save) before the job fails
+    cache_dir: str = ""  # the token cache (token_cache.py); "": $XDG_CACHE_HOME/kfdeb, else ~/.cache/kfdeb
+    no_cache: bool = False  # read and tokenize the training files in memory, every run (no token cache)
     progress: bool = True
     preset: str = ""
     config: str = ""
@@ -151,6 +153,10 @@ _HELP = {
                     "fails; a rank that dies ends the job within seconds whatever this is",
     "hub_model_id": "name of the model in its model card's usage snippets, e.g. user/kf-deberta-multitask "
                     "(default: the output folder's name)",
+    "cache_dir": "token cache folder: each objective's examples and token ids, built by the first run (one "
+                 "process per node) and memory-mapped by later runs and every rank; delete it to clear it "
+                 "(\"\": $XDG_CACHE_HOME/kfdeb, else ~/.cache/kfdeb)",
+    "no_cache": "no token cache: read and tokenize the training files in memory, in every run and rank",
     "device": "auto (cuda:LOCAL_RANK if CUDA is available, else cpu), cpu, cuda (this rank's GPU), cuda:N (one process)",
     "preset": f"named defaults: {', '.join(PRESETS)}",
     "config": "JSON or YAML file of the same keys (command-line flags win)",

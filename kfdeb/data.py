@@ -42,7 +42,9 @@ Samplers (pure index arithmetic, state = two integers, so resume is exact):
   an example whose normalised text (strip().lower()) is already in the batch being built is
   passed over (it comes back on a later pass); when the pointer wraps, the next pass uses a
   fresh permutation. len = floor(N / batch_size) full batches. Pass p's permutation is a pure
-  function of (seed, p), so a position is (pass, pointer).
+  function of (seed, p), so a position is (pass, pointer). The normalised texts are compared as
+  integer ids (examples x columns): numbered from the texts, or read from the token cache
+  (`from_keys`, token_cache.py), which numbers them the same way.
 - `ShuffledBatches`: a DataLoader(shuffle=True, drop_last=False): pass p is a permutation of
   (seed, p) cut into ceil(N / batch_size) batches, the last one possibly short.
 """
@@ -258,12 +260,24 @@ class NoDuplicatesBatches:
     """Batches of example indices with no normalised text twice in a batch (see module docstring)."""
 
     def __init__(self, texts: Sequence[Sequence[str]], batch_size: int, seed: int):
+        ids: dict[str, int] = {}
+        self._start(np.array([[ids.setdefault(t.strip().lower(), len(ids)) for t in example] for example in texts],
+                             dtype=np.int64), batch_size, seed)
+
+    @classmethod
+    def from_keys(cls, keys: np.ndarray, batch_size: int, seed: int) -> "NoDuplicatesBatches":
+        """The sampler of examples whose texts are given as integer ids of their normalised forms
+        (examples x columns, e.g. memory-mapped from the token cache): the batches of the texts."""
+        sampler = cls.__new__(cls)
+        sampler._start(keys, batch_size, seed)
+        return sampler
+
+    def _start(self, keys: np.ndarray, batch_size: int, seed: int) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        if len(texts) < batch_size:
-            raise UserInputError(f"only {len(texts)} NLI triplets, fewer than one batch of {batch_size}")
-        ids: dict[str, int] = {}
-        self.keys = [tuple(ids.setdefault(t.strip().lower(), len(ids)) for t in example) for example in texts]
+        if len(keys) < batch_size:
+            raise UserInputError(f"only {len(keys)} NLI triplets, fewer than one batch of {batch_size}")
+        self.keys = keys  # only which keys are equal matters, not their values
         self.batch_size, self.seed = batch_size, seed
         self.pass_index, self.pointer = 0, 0
         self._order = _permutation(len(self.keys), seed, STREAM_NLI_BATCHES, 0)
@@ -277,7 +291,7 @@ class NoDuplicatesBatches:
         visited = 0
         while len(batch) < self.batch_size:
             index = int(self._order[self.pointer])
-            keys = self.keys[index]
+            keys = self.keys[index].tolist()
             if in_batch.isdisjoint(keys):
                 batch.append(index)
                 in_batch.update(keys)

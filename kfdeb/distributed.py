@@ -151,6 +151,30 @@ def main_only(ctx: Context, work: Callable[[], Any]) -> Any:
     return value
 
 
+def each_node_first(ctx: Context, work: Callable[[], Any]) -> Any:
+    """Run `work` on each node's local rank 0 while the node's other ranks wait; raise a
+    UserInputError of any node on every rank. Returns `work`'s result on local ranks 0, else None.
+
+    For what each node keeps on its own disk (the token cache): one process per node writes it,
+    then every rank reads it. All ranks wait for all nodes (one collective), which costs nothing
+    when the nodes do the same work.
+    """
+    from kfdeb.errors import UserInputError
+
+    result, error = None, None
+    if ctx.local_rank == 0:
+        try:
+            result = work()
+        except UserInputError as err:
+            if not ctx.distributed:
+                raise
+            error = str(err)
+    errors = [e for e in gather_objects(ctx, error) if e is not None]
+    if errors:
+        raise UserInputError(errors[0])
+    return result
+
+
 def broadcast_tensors(ctx: Context, tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
     """Rank 0's named CPU tensors on every rank, as CPU tensors (the other ranks pass None).
 

@@ -4,7 +4,10 @@
   seeds: the data order and the NLI triplets depend on `seed` alone, so every rank draws the same
   global batches; dropout draws from `seed + rank`, so ranks draw different masks, as one
   process over the whole batch would.
-- Data: each objective's examples, tokenized once, and its sampler (`read_task_data`, `build_tasks`).
+- Data: each objective's examples and their token ids (`task_examples`, `build_tasks`), from the
+  token cache (token_cache.py: built once per node by its local rank 0 while the node's other ranks
+  wait, then memory-mapped by every rank; a cache hit parses and tokenizes nothing), or with
+  --no_cache read and tokenized in memory by every rank (`read_task_data`); and each one's sampler.
 - State: resumable state every save_steps (`save_state`, `start_or_resume`), the best model after
   each dev evaluation (`evaluate_and_keep_best`), the final dev/test figures (`finish`).
 
@@ -35,7 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from kfdeb import checkpoint, distributed
+from kfdeb import checkpoint, distributed, token_cache
 from kfdeb.config import BUNDLED, TINY_MODEL, TrainConfig
 from kfdeb.data import (
     BUNDLED_DATA_DIR, IN_BATCH_KINDS, ROW_KIND_NAMES, NoDuplicatesBatches, ShuffledBatches, StsPair, expand_file_list,
@@ -43,6 +46,7 @@ from kfdeb.data import (
 )
 from kfdeb.errors import UserInputError
 from kfdeb.losses import Objective
+from kfdeb.token_cache import Examples, TokenTable
 from kfdeb.evaluation import TABLE_HEADER, StsResult, best_score, evaluate_sts, sts_path, table_row
 from kfdeb.model import RUN_BEST_DIR, SentenceEncoder, load_encoder
 from kfdeb.optim import build_adamw, build_scheduler, warmup_steps_for
@@ -51,7 +55,8 @@ from kfdeb.report import plot_curves, write_model_card
 BEST_DIR = RUN_BEST_DIR
 # keys that may change between a run and its --resume (how it runs, not what it computes)
 RESUMABLE_CHANGES = {"resume", "output_dir", "progress", "logging_steps", "eval_batch_size", "device",
-                     "dist_timeout", "config", "preset", "save_steps", "overwrite_output_dir", "hub_model_id"}
+                     "dist_timeout", "config", "preset", "save_steps", "overwrite_output_dir", "hub_model_id",
+                     "cache_dir", "no_cache"}
 
 
 @dataclass
@@ -60,8 +65,8 @@ class Task:
 
     name: str  # "nli" or "sts"
     rows: np.ndarray  # N x columns: indices into `sequences` (NLI: anchor, positive[, negative]; STS: pair)
-    sequences: list[list[int]]  # token ids of every distinct text
-    labels: np.ndarray | None  # STS: score / 5
+    sequences: TokenTable  # token ids of every distinct text (sequences[i]: text i's)
+    labels: np.ndarray | None  # STS: score / score_max
     sampler: NoDuplicatesBatches | ShuffledBatches
     batch_size: int
 
@@ -184,14 +189,6 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _tokenize_all(encoder: SentenceEncoder, texts: Sequence[str]) -> tuple[list[list[int]], dict[str, int]]:
-    distinct = list(dict.fromkeys(texts))
-    sequences: list[list[int]] = []
-    for start in range(0, len(distinct), 10000):  # chunks keep the fast tokenizer's memory flat
-        sequences += encoder.tokenize(distinct[start : start + 10000])
-    return sequences, {text: i for i, text in enumerate(distinct)}
-
-
 def read_sts_split(config: TrainConfig, data_dir: Path, split: str) -> list[StsPair]:
     """Scored pairs of `split` (train, dev, test): the --sts_{split}_file if given, else data_dir's KorSTS file."""
     flag = f"--sts_{split}_file"
@@ -211,49 +208,136 @@ def read_own_in_batch_rows(config: TrainConfig, ctx: distributed.Context) -> lis
     return in_batch_examples(files, config.seed, "--nli_train_files", config.nli_triplet_scope)
 
 
-def read_task_data(config: TrainConfig, data_dir: Path, ctx: distributed.Context) -> dict[str, tuple[list, np.ndarray | None]]:
-    """Each objective's examples as texts (NLI: triplets; STS: sentence pairs) and labels (STS only).
+def _check_batch_size(config: TrainConfig, name: str, ctx: distributed.Context) -> None:
+    batch_size = config.nli_batch_size if name == "nli" else config.sts_batch_size
+    if batch_size % ctx.world_size:
+        raise UserInputError(
+            f"--{name}_batch_size {batch_size} is the global batch and must divide by the world size {ctx.world_size}"
+        )
 
-    Read before the model loads, so a bad file fails in a second, not after a model download.
-    Every rank reads its own copy (each node has its own disk) and draws the same triplets.
-    """
-    examples: dict[str, tuple[list, np.ndarray | None]] = {}
+
+def read_task_texts(config: TrainConfig, data_dir: Path, ctx: distributed.Context, name: str) -> tuple[list, np.ndarray | None]:
+    """One objective's examples as texts (NLI: triplets or pairs; STS: sentence pairs) and labels (STS only)."""
+    if name == "nli" and config.nli_train_files:
+        return read_own_in_batch_rows(config, ctx), None
+    if name == "nli":
+        pairs_per_file = []
+        for path in find_nli_files(data_dir, config.nli_train_glob):
+            read = read_nli(path)
+            pairs_per_file.append(read.pairs)
+            distributed.print0(ctx, f"read {len(read.pairs)} NLI pairs from {path}"
+                               + (f" ({read.skipped_no_consensus} with gold label '-', not used)" if read.skipped_no_consensus else ""))
+        return nli_triplets_of_files(pairs_per_file, config.seed, config.nli_triplet_scope), None
+    sts = read_sts_split(config, data_dir, "train")
+    return [(p.sentence1, p.sentence2) for p in sts], np.array([p.label for p in sts], dtype=np.float32)
+
+
+def read_task_data(config: TrainConfig, data_dir: Path, ctx: distributed.Context) -> dict[str, tuple[list, np.ndarray | None]]:
+    """Each objective's examples as texts and labels (`read_task_texts`), all read now: --no_cache's path."""
+    examples = {}
     for name in config.task_list:
-        batch_size = config.nli_batch_size if name == "nli" else config.sts_batch_size
-        if batch_size % ctx.world_size:
-            raise UserInputError(
-                f"--{name}_batch_size {batch_size} is the global batch and must divide by the world size {ctx.world_size}"
-            )
-        if name == "nli" and config.nli_train_files:
-            examples[name] = (read_own_in_batch_rows(config, ctx), None)
-        elif name == "nli":
-            pairs_per_file = []
-            for path in find_nli_files(data_dir, config.nli_train_glob):
-                read = read_nli(path)
-                pairs_per_file.append(read.pairs)
-                distributed.print0(ctx, f"read {len(read.pairs)} NLI pairs from {path}"
-                                   + (f" ({read.skipped_no_consensus} with gold label '-', not used)" if read.skipped_no_consensus else ""))
-            examples[name] = (nli_triplets_of_files(pairs_per_file, config.seed, config.nli_triplet_scope), None)
-        else:
-            sts = read_sts_split(config, data_dir, "train")
-            examples[name] = ([(p.sentence1, p.sentence2) for p in sts], np.array([p.label for p in sts], dtype=np.float32))
+        _check_batch_size(config, name, ctx)
+        examples[name] = read_task_texts(config, data_dir, ctx, name)
     return examples
 
 
-def build_tasks(config: TrainConfig, examples: dict[str, tuple[list, np.ndarray | None]], encoder: SentenceEncoder,
+def examples_in_memory(texts: dict[str, tuple[list, np.ndarray | None]]) -> dict[str, Examples]:
+    """`read_task_data`'s texts as integer examples, held in memory (no token cache)."""
+    return {name: Examples.from_texts(rows, labels, with_keys=name == "nli") for name, (rows, labels) in texts.items()}
+
+
+def cache_dir(config: TrainConfig) -> Path:
+    return Path(config.cache_dir) if config.cache_dir else token_cache.default_cache_dir()
+
+
+def examples_key(config: TrainConfig, data_dir: Path, name: str) -> dict[str, Any]:
+    """What one objective's examples depend on: its input files (token_cache.file_fingerprint), the
+    reader, and the settings that change its rows. Computing it reads nothing but the files' bytes."""
+    if name == "nli":
+        own = bool(config.nli_train_files)
+        files = (expand_file_list(config.nli_train_files, "--nli_train_files") if own
+                 else find_nli_files(data_dir, config.nli_train_glob))
+        settings = {"seed": config.seed, "nli_triplet_scope": config.nli_triplet_scope}
+    else:
+        own = bool(config.sts_train_file)
+        files = [config.sts_train_file if own else sts_path(data_dir, "train", instead="--sts_train_file")]
+        settings = {"score_max": config.score_max if own else 5.0}
+    return {"format": token_cache.FORMAT_VERSION, "task": name, "reader": "own" if own else "kornlu",
+            "files": [token_cache.file_fingerprint(path) for path in files], **settings}
+
+
+def _open_built(ctx: distributed.Context, folder: Path, key: dict[str, Any]) -> None:
+    """After each node's local rank 0 built `folder`: it must be there for this rank too."""
+    if not token_cache.is_complete(folder, key):
+        raise UserInputError(f"{folder}: token cache not found on rank {ctx.rank} after its node's local rank 0 "
+                             "built it (did an input file change meanwhile?); run again, or pass --no_cache")
+
+
+def _cache_note(ctx: distributed.Context, what: str, folder: Path, key: dict[str, Any]) -> None:
+    """Each node's builder says so before a build (a full KorNLI build takes a minute)."""
+    if not token_cache.is_complete(folder, key):
+        print(f"building the token cache ({what}) in {folder} on {socket.gethostname()} (rank {ctx.rank})", flush=True)
+
+
+def task_examples(config: TrainConfig, data_dir: Path, ctx: distributed.Context) -> dict[str, Examples]:
+    """Each objective's examples: from the token cache (built on a miss by each node's local rank 0,
+    which reads the files as `read_task_texts` does), or with --no_cache read in memory by every rank.
+
+    Called before the model loads, so a bad file fails in a second, not after a model download.
+    """
+    if config.no_cache:
+        return examples_in_memory(read_task_data(config, data_dir, ctx))
+    examples = {}
+    for name in config.task_list:
+        _check_batch_size(config, name, ctx)
+        key = examples_key(config, data_dir, name)
+        folder = token_cache.examples_folder(cache_dir(config), name, key)
+
+        def build() -> Examples:  # on a cache miss only
+            return examples_in_memory({name: read_task_texts(config, data_dir, ctx, name)})[name]
+
+        def work() -> bool:  # each node's local rank 0, within this iteration
+            _cache_note(ctx, f"{name.upper()} examples", folder, key)
+            return token_cache.ensure_examples(folder, key, build)
+
+        built = distributed.each_node_first(ctx, work)
+        _open_built(ctx, folder, key)
+        examples[name] = token_cache.open_examples(folder)
+        distributed.print0(ctx, f"{name.upper()}: examples {'built' if built else 'from the token cache (hit)'}: {folder}")
+    return examples
+
+
+def task_tokens(name: str, examples: Examples, encoder: SentenceEncoder, ctx: distributed.Context) -> TokenTable:
+    """Token ids of the examples' distinct texts: from the token cache beside the examples (built on a
+    miss by each node's local rank 0 with the fast tokenizer's threads), or tokenized in memory."""
+    if examples.folder is None:  # --no_cache: tokenized here, by every rank
+        return TokenTable.from_tokenizer(examples.texts, encoder.tokenize)
+    key = token_cache.tokenizer_fingerprint(encoder.tokenizer, encoder.do_lower_case, encoder.max_seq_length)
+    folder = token_cache.tokens_folder(examples.folder, key)
+
+    def work() -> bool:
+        _cache_note(ctx, f"{name.upper()} token ids", folder, key)
+        return token_cache.ensure_tokens(folder, key, examples.texts, encoder.bulk_tokenizer)
+
+    built = distributed.each_node_first(ctx, work)
+    _open_built(ctx, folder, key)
+    distributed.print0(ctx, f"{name.upper()}: token ids {'built' if built else 'from the token cache (hit)'}: {folder}")
+    return token_cache.open_tokens(folder)
+
+
+def build_tasks(config: TrainConfig, examples: dict[str, Examples], encoder: SentenceEncoder,
                 ctx: distributed.Context) -> list[Task]:
-    """Tokenize every distinct text once and set up each objective's sampler."""
+    """Each objective's token ids (`task_tokens`) and sampler."""
     tasks = []
-    for name, (texts, labels) in examples.items():
+    for name, data in examples.items():
         batch_size = config.nli_batch_size if name == "nli" else config.sts_batch_size
-        sequences, index = _tokenize_all(encoder, [t for example in texts for t in example])
-        rows = np.array([[index[t] for t in example] for example in texts], dtype=np.int64)
+        rows = data.rows
         if name == "nli":
-            sampler: NoDuplicatesBatches | ShuffledBatches = NoDuplicatesBatches(texts, batch_size, config.seed)
+            sampler: NoDuplicatesBatches | ShuffledBatches = NoDuplicatesBatches.from_keys(data.keys, batch_size, config.seed)
         else:  # its own random stream (data.random_stream): independent of the NLI sampler's
-            sampler = ShuffledBatches(len(texts), batch_size, config.seed)
-        tasks.append(Task(name, rows, sequences, labels, sampler, batch_size))
-        distributed.print0(ctx, f"{name.upper()}: {len(texts)} {'triplets' if rows.shape[1] == 3 else 'pairs'}, "
+            sampler = ShuffledBatches(len(rows), batch_size, config.seed)
+        tasks.append(Task(name, rows, task_tokens(name, data, encoder, ctx), data.labels, sampler, batch_size))
+        distributed.print0(ctx, f"{name.upper()}: {len(rows)} {'triplets' if rows.shape[1] == 3 else 'pairs'}, "
                            f"{len(sampler)} batches of {batch_size}")
     return tasks
 
@@ -299,7 +383,7 @@ def setup(config: TrainConfig, ctx: distributed.Context) -> Run:
     """Read and tokenize the data, load the encoder, build optimizers and schedules."""
     output_dir = _prepare_output(config, ctx)
     data_dir = BUNDLED_DATA_DIR if config.data_dir == BUNDLED else Path(config.data_dir)
-    examples = read_task_data(config, data_dir, ctx)
+    examples = task_examples(config, data_dir, ctx)
     dev_pairs, test_pairs = read_sts_split(config, data_dir, "dev"), read_sts_split(config, data_dir, "test")
     encoder = _load_start_model(config, output_dir, ctx)
     encoder.metadata = {"base_model": config.model_name_or_path}

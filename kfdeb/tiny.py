@@ -124,12 +124,19 @@ def build_tiny_deberta(output_dir: str | os.PathLike, seed: int = 0, vocab_size:
     (130000 as in kf-deberta-base, where the embedding is half the parameters and its optimizer
     cost matters).
     """
+    from safetensors.torch import save_file
     from transformers import DebertaV2Model
 
     output_dir = Path(output_dir)
     tokenizer = shipped_wordpiece() if vocab_size is None else train_wordpiece(bundled_sentences(), vocab_size)
     torch.manual_seed(seed)
     model = DebertaV2Model(tiny_deberta_config(max(len(tokenizer), model_vocab_size or 0), **config))
-    model.save_pretrained(output_dir, safe_serialization=True)
+    # config and weights written here, not by model.save_pretrained: under an initialised process
+    # group transformers 5 saves on global rank 0 only, and every rank of a torchrun job builds its
+    # own copy (nodes share no disk); the same files save_pretrained writes for this model
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.config.architectures, model.config.dtype = [type(model).__name__], "float32"  # as save_pretrained records
+    model.config.save_pretrained(output_dir)
+    save_file(model.state_dict(), output_dir / "model.safetensors", metadata={"format": "pt"})
     tokenizer.save_pretrained(output_dir)
     return output_dir

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,8 +14,19 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the token cache's default home (and every other XDG cache) in a folder of this session, set at
+# import so that the environments tests copy for their subprocesses have it too: no test writes
+# into the real ~/.cache
+TEST_CACHE_HOME = tempfile.mkdtemp(prefix="kfdeb-test-cache-")
+os.environ["XDG_CACHE_HOME"] = TEST_CACHE_HOME
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_test_cache_home():
+    yield
+    shutil.rmtree(TEST_CACHE_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

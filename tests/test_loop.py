@@ -19,7 +19,7 @@ from kfdeb import checkpoint, distributed
 from kfdeb.config import resolve
 from kfdeb.data import nli_triplets, read_nli, read_sts
 from kfdeb.loop import task_loss, train, update
-from kfdeb.run import build_tasks
+from kfdeb.run import build_tasks, examples_in_memory
 from kfdeb.model import load_encoder
 from kfdeb.optim import build_adamw, build_scheduler, warmup_linear
 
@@ -44,7 +44,7 @@ def test_one_step_equals_sentence_transformers(tiny_deberta, small_data):
     encoder = load_encoder(tiny_deberta, max_seq_length=64)
     examples = {"nli": (triplets, None),
                 "sts": ([(p.sentence1, p.sentence2) for p in pairs], np.array([p.label for p in pairs], dtype=np.float32))}
-    tasks = build_tasks(config, examples, encoder, ctx)
+    tasks = build_tasks(config, examples_in_memory(examples), encoder, ctx)
 
     reference = st.SentenceTransformer(str(tiny_deberta), device="cpu")
     reference.max_seq_length = 64
@@ -240,9 +240,8 @@ def test_a_bf16_step_feeds_the_losses_float32(tiny_deberta, small_data, monkeypa
     encoder = load_encoder(tiny_deberta, max_seq_length=64)
     triplets = nli_triplets(read_nli(small_data / "KorNLI" / "small.train.ko.tsv").pairs, seed=0)[:16]
     pairs = read_sts(small_data / "KorSTS" / "sts-train.tsv")[:8]
-    tasks = build_tasks(config, {"nli": (triplets, None), "sts": ([(p.sentence1, p.sentence2) for p in pairs],
-                                                                  np.array([p.label for p in pairs], dtype=np.float32))},
-                        encoder, ctx)
+    tasks = build_tasks(config, examples_in_memory({"nli": (triplets, None), "sts": (
+        [(p.sentence1, p.sentence2) for p in pairs], np.array([p.label for p in pairs], dtype=np.float32))}), encoder, ctx)
     seen = {}
 
     def spy(name, loss_function):

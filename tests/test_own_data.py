@@ -20,7 +20,7 @@ from kfdeb.config import resolve
 from kfdeb.errors import UserInputError
 from kfdeb.loop import task_loss, train
 from kfdeb.model import load_encoder
-from kfdeb.run import build_tasks, read_sts_split, read_task_data
+from kfdeb.run import build_tasks, examples_in_memory, read_sts_split, read_task_data
 
 EXAMPLES = REPO / "examples" / "data"
 CPU = distributed.Context(0, 0, 1, torch.device("cpu"))
@@ -77,7 +77,7 @@ def test_pair_rows_batch_without_duplicates_and_score_against_the_positives_only
     examples = read_task_data(config, tmp_path / "nowhere", CPU)
     assert examples["nli"][0] == pairs
     encoder = load_encoder(tiny_deberta, max_seq_length=64)
-    (task,) = build_tasks(config, examples, encoder, CPU)
+    (task,) = build_tasks(config, examples_in_memory(examples), encoder, CPU)
     assert task.rows.shape == (24, 2) and len(task.sampler) == 3
     batch = task.sampler.next_batch()
     texts = [pairs[i] for i in batch]
