@@ -57,7 +57,8 @@ def sts_loss(columns: torch.Tensor, labels: torch.Tensor, global_batch_size: int
     """Cosine MSE (the reference), CoSENT or AnglE on this rank's pairs of a global batch of `global_batch_size`."""
     def loss_of(c: torch.Tensor) -> torch.Tensor:
         if objective.sts_loss == "cosine":  # a mean of per-pair terms: a placeholder pair weighs 0
-            return (0.0 if placeholder else 1.0) * cosine_mse_loss(c[0], c[1], labels, global_batch_size)
+            weight = 0.0 if placeholder else 1.0
+            return weight * cosine_mse_loss(c[0], c[1], labels, global_batch_size=global_batch_size)
         return ranking_loss(c[0], c[1], labels, objective.sts_loss, global_batch_size, valid=not placeholder)
 
     return matryoshka(loss_of, columns, objective.matryoshka_dims, objective.matryoshka_weights)
