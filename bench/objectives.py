@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 from harness import REPO, git_commit, model_path
-from whole_run_parity import bare_encoder
+from whole_run_parity import bare_encoder, kfdeb_recipe
 
 VARIANTS = {
     "cosine": {"sts_loss": "cosine"},
@@ -50,15 +50,8 @@ DIMS = (384, 256, 128, 64, 32)
 
 
 def recipe(args, out: Path, variant: str) -> dict:
-    """whole_run_parity.run_kfdeb's config, plus the variant's flags."""
-    return {
-        "model_name_or_path": args.model_path, "data_dir": args.data_dir, "nli_train_glob": args.nli_train_glob,
-        "tasks": "nli,sts", "max_seq_length": args.max_seq_length, "nli_batch_size": 64, "sts_batch_size": 8,
-        "num_epochs": 1, "max_steps": args.max_steps, "learning_rate": 2e-5, "warmup_ratio": 0.1, "weight_decay": 0.01,
-        "max_grad_norm": 1.0, "optimizer": "per_task", "amp": "none", "seed": args.seed, "device": args.device,
-        "eval_steps": 10**9, "save_steps": 10**9, "logging_steps": 1,
-        "output_dir": str(out), "overwrite_output_dir": True, "progress": False, **VARIANTS[variant],
-    }
+    """whole_run_parity.py's kfdeb config, plus the variant's flags."""
+    return {**kfdeb_recipe(args, out), **VARIANTS[variant]}
 
 
 def child(args) -> None:

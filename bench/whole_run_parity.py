@@ -60,20 +60,25 @@ def bare_encoder(model_dir: Path, workdir: Path) -> Path:
     return bare
 
 
-def run_kfdeb(args) -> dict:
-    from kfdeb import checkpoint
-    from kfdeb.config import resolve
-    from kfdeb.loop import train
-
-    out = Path(args.out) / f"kfdeb-seed{args.seed}"
-    config = resolve({
+def kfdeb_recipe(args, out: Path) -> dict:
+    """The issue's recipe as kfdeb config values (bench/objectives.py adds its variants' flags)."""
+    return {
         "model_name_or_path": args.model_path, "data_dir": args.data_dir, "nli_train_glob": args.nli_train_glob,
         "tasks": "nli,sts", "max_seq_length": args.max_seq_length, "nli_batch_size": 64, "sts_batch_size": 8,
         "num_epochs": 1, "max_steps": args.max_steps, "learning_rate": 2e-5, "warmup_ratio": 0.1, "weight_decay": 0.01,
         "max_grad_norm": 1.0, "optimizer": "per_task", "amp": "none", "seed": args.seed, "device": args.device,
         "eval_steps": 10**9, "save_steps": 10**9, "logging_steps": 1,  # dev only at the (one) epoch end; every loss
         "output_dir": str(out), "overwrite_output_dir": True, "progress": False,
-    })
+    }
+
+
+def run_kfdeb(args) -> dict:
+    from kfdeb import checkpoint
+    from kfdeb.config import resolve
+    from kfdeb.loop import train
+
+    out = Path(args.out) / f"kfdeb-seed{args.seed}"
+    config = resolve(kfdeb_recipe(args, out))
     started = time.perf_counter()
     summary = train(config)
     seconds = time.perf_counter() - started
