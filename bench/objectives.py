@@ -54,6 +54,17 @@ def recipe(args, out: Path, variant: str) -> dict:
     return {**kfdeb_recipe(args, out), **VARIANTS[variant]}
 
 
+def data_digest(data_dir: str, nli_train_glob: str) -> str:
+    """sha256 over the files the recipe reads (another checkout's bundled copy is the same data)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    root = Path(data_dir)
+    for path in sorted(root.glob(nli_train_glob)) + sorted((root / "KorSTS").glob("sts-*.tsv")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def child(args) -> None:
     import torch
 
@@ -75,8 +86,10 @@ def child(args) -> None:
         # the same weights behind either bench's bare-encoder folder of links; keys the older run lacks are defaults
         same_model = (Path(saved["model_name_or_path"], "model.safetensors").resolve()
                       == Path(mine["model_name_or_path"], "model.safetensors").resolve())
-        differing = sorted(k for k in set(saved) | set(mine) if k not in ("output_dir", "model_name_or_path")
-                           and saved.get(k, mine.get(k)) != mine.get(k)) + ([] if same_model else ["model_name_or_path"])
+        same_data = data_digest(saved["data_dir"], saved["nli_train_glob"]) == data_digest(args.data_dir, args.nli_train_glob)
+        differing = sorted(k for k in set(saved) | set(mine) if k not in ("output_dir", "model_name_or_path", "data_dir")
+                           and saved.get(k, mine.get(k)) != mine.get(k))
+        differing += ([] if same_model else ["model_name_or_path"]) + ([] if same_data else ["data_dir"])
         if differing:
             raise SystemExit(f"{reused}: not this recipe ({', '.join(differing)} differ); run without --cosine_runs")
         out = reused
@@ -160,7 +173,8 @@ def main() -> None:
                            "--model_path", str(model), "--data_dir", args.data_dir, "--nli_train_glob", args.nli_train_glob,
                            "--max_seq_length", str(args.max_seq_length), "--max_steps", str(args.max_steps),
                            "--device", args.device, "--out", str(out), "--cosine_runs", args.cosine_runs]
-                subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                if subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}).returncode:
+                    sys.exit(f"{variant} seed {seed}: failed (its message above)")
                 print(f"{variant} seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)
             result = json.loads(json_path.read_text())
             results[variant].append(result)
