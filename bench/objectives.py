@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 from harness import REPO, git_commit, model_path
-from whole_run_parity import bare_encoder, kfdeb_recipe
+from whole_run_parity import add_recipe_arguments, bare_encoder, kfdeb_recipe
 
 VARIANTS = {
     "cosine": {"sts_loss": "cosine"},
@@ -139,21 +139,12 @@ def summarize(results: dict[str, list[dict]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="minilm", help="model folder, or minilm (its bare HF encoder is used)")
-    parser.add_argument("--data_dir", default=str(REPO / "kfdeb" / "bundled" / "kor-nlu"))
-    parser.add_argument("--nli_train_glob", default="KorNLI/xnli.*.ko.tsv")
-    parser.add_argument("--max_seq_length", type=int, default=128)
-    parser.add_argument("--max_steps", type=int, default=0, help="stop after N steps (harness checks); 0: one epoch")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
+    add_recipe_arguments(parser)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--cosine_runs", default="", help="whole_run_parity.py's output folder: score its kfdeb runs "
                                                          "as the cosine variant instead of training them again")
     parser.add_argument("--out", default=str(REPO / "output" / "objectives"), help="JSONs and models")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
-    parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--json", help=argparse.SUPPRESS)
-    parser.add_argument("--model_path", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         return child(args)

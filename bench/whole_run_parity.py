@@ -273,8 +273,8 @@ def plot(results: dict[str, list[dict]], curves: dict, window: int, steps: int, 
     figure.savefig(png, dpi=110)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """The recipe's flags, and the ones a parent passes its child process (bench/objectives.py shares them)."""
     parser.add_argument("--model", default="minilm", help="model folder, or minilm (its bare HF encoder is used)")
     parser.add_argument("--data_dir", default=str(REPO / "kfdeb" / "bundled" / "kor-nlu"))
     parser.add_argument("--nli_train_glob", default="KorNLI/xnli.*.ko.tsv")
@@ -282,12 +282,17 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, default=0, help="stop after N steps (harness checks); 0: one epoch")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--window", type=int, default=10, help="moving-average window of the loss comparison")
-    parser.add_argument("--out", default=str(REPO / "output" / "whole-run-parity"), help="JSONs, models and curves.png")
-    parser.add_argument("--engine", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     parser.add_argument("--model_path", help=argparse.SUPPRESS)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_recipe_arguments(parser)
+    parser.add_argument("--window", type=int, default=10, help="moving-average window of the loss comparison")
+    parser.add_argument("--out", default=str(REPO / "output" / "whole-run-parity"), help="JSONs, models and curves.png")
+    parser.add_argument("--engine", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.engine:
         return child(args)

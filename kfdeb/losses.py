@@ -202,7 +202,6 @@ def matryoshka(loss_of: Callable[[torch.Tensor], torch.Tensor], embeddings: torc
         return loss_of(embeddings)
     total = None
     for dim, weight in zip(dims, weights):
-        term = loss_of(embeddings[..., :dim])
-        term = term if weight == 1.0 else weight * term
+        term = weight * loss_of(embeddings[..., :dim])  # x 1.0 is exact: one full width is the plain loss
         total = term if total is None else total + term
     return total
