@@ -20,10 +20,12 @@ check below compares with the windowed PyTorch path.
 Files (beside the .onnx; written to a scratch folder, checked, then renamed into place with the
 .onnx files last, so a failed export leaves nothing and a reader never sees a half-written graph):
     model.onnx          fp32 graph; onnx.checker-valid; compared with PyTorch on onnxruntime
-    model.int8.onnx     --quantize int8: onnxruntime quantize_dynamic, QInt8 weights (MatMul with
-                        one scale per output column, embedding Gathers), activations quantized
-                        per batch at run time. Per-column, not per-tensor, scales: on 512 KorSTS
-                        sentences all-MiniLM-L6-v2 keeps mean cosine 0.986 to fp32 instead of 0.889
+    model.int8.onnx     --quantize int8: onnxruntime quantize_dynamic with Int8Settings (below):
+                        weights u8 with one scale per output column, activations u8 quantized per
+                        batch at run time, the embedding tables and layer 0's FFN output projection
+                        kept fp32. Measured on all-MiniLM-L6-v2, 2514 KorSTS test sentences, on an
+                        AVX2 CPU without VNNI (bench/ONNX_RESULTS.md): mean / min cosine to fp32
+                        0.9905 / 0.9732; onnxruntime's plain settings (per-tensor s8) give 0.88 / 0.75
     model.fp16.onnx     --fp16: fp16 weights and arithmetic, float32 inputs/outputs kept
     tokenizer.json ...  tokenizer.save_pretrained, for any runtime
     kfdeb_onnx.json     max_seq_length, do_lower_case, normalize, pad id: how OnnxEncoder tokenizes
@@ -43,7 +45,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -207,16 +211,93 @@ def _pytorch_outputs(encoder: SentenceEncoder, input_ids: torch.Tensor, attentio
     return [t.float().cpu().numpy() for t in outputs]
 
 
-def _quantize_int8(source: Path, target: Path) -> None:
+@dataclass(frozen=True)
+class Int8Settings:
+    """How `--quantize int8` quantises the fp32 graph (onnxruntime quantize_dynamic).
+
+    per_channel   one weight scale per output column of each MatMul (else one per tensor)
+    reduce_range  7-bit weights (s8 only: x86 CPUs without VNNI multiply u8 x s8 with VPMADDUBSW,
+                  whose int16 sums of two products saturate; 7-bit weights cannot reach that point)
+    weight_type   "U8" or "S8" weights; activations are always u8, quantised per batch at run time
+    embeddings    quantise the embedding-table Gathers too (else they stay fp32)
+    keep_fp32     MatMuls left in fp32: a role in every layer ("output/dense": each FFN output
+                  projection), a role in one layer ("layer.0/output/dense") or a node's full name
+
+    The defaults were chosen on KorSTS *dev* sentences with bench/int8_settings.py (all-MiniLM-L6-v2
+    on an AVX2 CPU without VNNI; every figure is in bench/ONNX_RESULTS.md), mean / min cosine to fp32:
+    - per-channel: one scale per tensor gives 0.88 / 0.75;
+    - u8 weights: onnxruntime's u8 x u8 kernels do not saturate on any x86 CPU (its quantisation
+      guide); u8 x s8 does without VNNI (0.977 / 0.933), 7-bit s8 avoids it at one bit less
+      (0.983 / 0.959). The price is speed: u8 x u8 ran at 1.30x fp32 there, s8 at 1.53x;
+    - embeddings fp32: a quantised table's error enters every layer;
+    - layer 0's FFN output projection fp32: it reads the first layer's post-GELU activations, whose
+      outliers one u8 scale per batch cannot cover. Of the 36 MatMuls it is, alone, the one that
+      lifts the min cosine most (0.944 -> 0.976); no other one lifts it by more than 0.021.
+    """
+
+    per_channel: bool = True
+    reduce_range: bool = False
+    weight_type: str = "U8"
+    embeddings: bool = False
+    keep_fp32: tuple[str, ...] = ("layer.0/output/dense",)
+
+    def __post_init__(self):
+        if self.weight_type not in ("U8", "S8"):
+            raise ValueError(f"weight_type {self.weight_type!r}: expected 'U8' or 'S8'")
+
+
+@dataclass(frozen=True)
+class ConstMatMul:
+    name: str  # the graph node, e.g. /encoder/transformer/encoder/layer.0/output/dense/MatMul
+    layer: int | None  # transformer layer index, None outside the layers
+    role: str  # the module path inside its layer, e.g. output/dense; the full name outside the layers
+
+    def named_by(self, entry: str) -> bool:
+        return entry in (self.name, self.role, f"layer.{self.layer}/{self.role}")
+
+
+_LAYER_ROLE = re.compile(r"layer\.(\d+)/(.+)/MatMul(_\d+)?$")
+
+
+def quantizable_matmuls(path: str | os.PathLike) -> list[ConstMatMul]:
+    """The MatMuls with a constant weight (the ones dynamic quantisation rewrites), in graph order."""
+    onnx = require("onnx")
+    graph = onnx.load(str(path), load_external_data=False).graph
+    constants = {t.name for t in graph.initializer}
+    found = []
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.input[1] in constants:
+            match = _LAYER_ROLE.search(node.name)
+            found.append(ConstMatMul(node.name, int(match.group(1)), match.group(2)) if match
+                         else ConstMatMul(node.name, None, node.name))
+    return found
+
+
+def quantize_int8(source: str | os.PathLike, target: str | os.PathLike, settings: Int8Settings = Int8Settings(),
+                  strict: bool = True) -> None:
+    """Write the int8 graph of `source`. A keep_fp32 entry that names no MatMul is an error, or with
+    strict=False (the defaults, on a model whose layers are named otherwise) a printed warning."""
     import logging
 
     require("onnx")
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    matmuls = quantizable_matmuls(source)
+    for entry in settings.keep_fp32:
+        if not any(m.named_by(entry) for m in matmuls):
+            message = f"keep_fp32 {entry!r}: no MatMul of {Path(source).name} has that role or name"
+            if strict:
+                raise UserInputError(message)
+            print(f"warning: {message}; every MatMul is quantised", file=sys.stderr)
+    excluded = [m.name for m in matmuls if any(m.named_by(entry) for entry in settings.keep_fp32)]
     disabled = logging.root.manager.disable
     logging.disable(logging.WARNING)  # it logs advice on pre-processing (which fails on these graphs) to root
     try:
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)
+        quantize_dynamic(str(source), str(target), per_channel=settings.per_channel,
+                         reduce_range=settings.reduce_range,
+                         weight_type=QuantType.QInt8 if settings.weight_type == "S8" else QuantType.QUInt8,
+                         op_types_to_quantize=["MatMul", "Gather"] if settings.embeddings else ["MatMul"],
+                         nodes_to_exclude=excluded)
     finally:
         logging.disable(disabled)
 
@@ -258,7 +339,7 @@ class ExportResult:
 
 
 def export(encoder: SentenceEncoder, output: str | os.PathLike, opset: int = DEFAULT_OPSET, check: bool = True,
-           quantize: str | None = None, fp16: bool = False) -> ExportResult:
+           quantize: str | None = None, fp16: bool = False, int8: Int8Settings | None = None) -> ExportResult:
     """Write `output` (fp32), its tokenizer and kfdeb_onnx.json, and the chosen variants beside it."""
     output = Path(output)
     check_arguments(output, opset, quantize)
@@ -282,7 +363,7 @@ def export(encoder: SentenceEncoder, output: str | os.PathLike, opset: int = DEF
                 diffs["fp16"] = verify(staged["fp16"], encoder, relative=True, tolerance=FP16_RELATIVE_TOLERANCE)
         if quantize:
             staged["int8"] = scratch / sibling(output, "int8").name
-            _quantize_int8(staged["fp32"], staged["int8"])
+            quantize_int8(staged["fp32"], staged["int8"], int8 or Int8Settings(), strict=int8 is not None)
         # tokenizer and metadata first, graphs last: whoever sees a new .onnx also sees how to feed it
         move_files_into(scratch, output.parent, order=lambda p: p.suffix == ".onnx")
         for variant in VARIANTS.difference(staged):  # an older export's: it no longer matches model.onnx

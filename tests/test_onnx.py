@@ -108,15 +108,61 @@ def test_int8_and_fp16_agree_with_pytorch(exported, bundled_dir):
     _, encoder, result = exported["deberta"]
     paths = result.paths
     assert paths["int8"].name == "model.int8.onnx" and paths["fp16"].name == "model.fp16.onnx"
-    assert paths["int8"].stat().st_size < paths["fp32"].stat().st_size / 2
+    assert paths["int8"].stat().st_size < paths["fp32"].stat().st_size  # MatMul weights in 1 byte, tables fp32
     assert result.max_abs_diff["fp16"]["sentence_embedding"] < 1e-2
     pairs = read_sts(bundled_dir / "KorSTS" / "sts-test.tsv")[:100]
     sentences = [s for p in pairs for s in (p.sentence1, p.sentence2)]
     rows = {row.name: row for row in kfdeb_onnx.compare(encoder, paths, sentences)}
     assert rows["ONNX fp32"].cosine_min > 0.99999
     assert rows["ONNX int8"].cosine_mean >= 0.99  # measured 0.9999 on this random tiny model
+    # the default settings: u8 weights; the embedding tables and layer 0's FFN output projection fp32
+    graph = onnx.load(str(paths["int8"])).graph
+    initializers = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    float_matmuls = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in initializers
+                     and initializers[n.input[1]].dtype == np.float32]
+    assert [name.split("encoder/")[-1] for name in float_matmuls] == ["layer.0/output/dense/MatMul"]
+    assert {v.dtype for v in initializers.values() if v.dtype.kind in "iu" and v.dtype.itemsize == 1} == {np.dtype(np.uint8)}
+    assert {v.dtype for k, v in initializers.items() if "word_embeddings" in k} == {np.dtype(np.float32)}
     assert rows["ONNX fp16"].cosine_mean >= 0.999
     assert all(row.sentences_per_second > 0 for row in rows.values())
+
+
+EXPECTED_ROLES = {
+    "deberta": {"attention/self/query_proj", "attention/self/key_proj", "attention/self/value_proj",
+                "attention/output/dense", "intermediate/dense", "output/dense"},
+    "bert": {"attention/self/query", "attention/self/key", "attention/self/value",
+             "attention/output/dense", "intermediate/dense", "output/dense"},
+}
+
+
+@pytest.mark.parametrize("name", ["deberta", "bert"])
+def test_int8_settings_rewrite_what_they_name(exported, name, tmp_path):
+    """The exporter's node names carry each weight's layer and role, and Int8Settings acts on exactly those."""
+    _, encoder, result = exported[name]
+    matmuls = kfdeb_onnx.quantizable_matmuls(result.paths["fp32"])
+    layers = encoder.transformer.config.num_hidden_layers
+    in_layers = [m for m in matmuls if m.layer is not None]
+    assert {(m.layer, m.role) for m in in_layers} == {(i, r) for i in range(layers) for r in EXPECTED_ROLES[name]}
+    kept = matmuls[0].name  # one node by its full name, and one role in every layer
+    settings = kfdeb_onnx.Int8Settings(weight_type="S8", reduce_range=True, embeddings=False, keep_fp32=("output/dense", kept))
+    target = tmp_path / "model.int8.onnx"
+    kfdeb_onnx.quantize_int8(result.paths["fp32"], target, settings)
+    graph = onnx.load(str(target)).graph
+    initializers = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    float_matmuls = {n.name for n in graph.node if n.op_type == "MatMul"
+                     and initializers.get(n.input[1], np.zeros(0)).dtype == np.float32}
+    assert float_matmuls == {m.name for m in matmuls if m.role == "output/dense" or m.name == kept}
+    quantized = [v for v in initializers.values() if v.dtype == np.int8 and v.ndim == 2]  # weights, not zero points
+    assert len(quantized) == len(matmuls) - len(float_matmuls)  # no Gather table among them: embeddings fp32
+    assert max(int(np.abs(v.astype(int)).max()) for v in quantized) == 64  # reduce_range: 7-bit symmetric weights
+    assert {v.dtype for k, v in initializers.items() if "word_embeddings" in k} == {np.dtype(np.float32)}
+    unknown = kfdeb_onnx.Int8Settings(keep_fp32=("layer/nothing",))
+    with pytest.raises(UserInputError, match="keep_fp32 'layer/nothing': no MatMul"):
+        kfdeb_onnx.quantize_int8(result.paths["fp32"], tmp_path / "x.onnx", unknown)
+    assert not (tmp_path / "x.onnx").exists()
+    kfdeb_onnx.quantize_int8(result.paths["fp32"], tmp_path / "x.onnx", unknown, strict=False)  # warns, goes on
+    graph = onnx.load(str(tmp_path / "x.onnx")).graph
+    assert not any(n.op_type == "MatMul" and n.input[1] in {t.name for t in graph.initializer} for n in graph.node)
 
 
 def test_evaluate_reads_onnx_with_the_checkpoint_figures(exported, tmp_path, bundled_dir):
