@@ -57,3 +57,33 @@ def run_alternating(script: str, reps: int, workdir: Path, child_args: list[str]
             results[engine].append(result)
             report(rep, engine, result)
     return results
+
+
+class Recorder:
+    """Passes encode through and keeps the embeddings, so evaluate_sts's vectors can be compared."""
+
+    def __init__(self, engine):
+        self.engine, self.vectors = engine, None
+
+    def encode(self, sentences, **kwargs):
+        self.vectors = self.engine.encode(sentences, **kwargs)
+        return self.vectors
+
+
+def sts_rounds(engines: dict, pairs: list, batch_size: int, rounds: int) -> tuple[dict, dict, dict, int]:
+    """Every engine scores `pairs` (kfdeb.evaluation.evaluate_sts) `rounds` times, the engines in turn and never
+    two at once. Returns sentences/s per engine per round, the first round's figures and embeddings, and the
+    number of distinct sentences encoded."""
+    from kfdeb.evaluation import evaluate_sts
+
+    speeds: dict[str, list[float]] = {name: [] for name in engines}
+    figures, vectors, sentences = {}, {}, 0
+    for round_ in range(rounds):
+        for name, engine in engines.items():
+            recorder = Recorder(engine)
+            run = evaluate_sts(recorder, pairs, batch_size)
+            speeds[name].append(run.sentences_per_second)
+            sentences = run.sentences
+            if round_ == 0:
+                figures[name], vectors[name] = run.figures, recorder.vectors
+    return speeds, figures, vectors, sentences

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from harness import Recorder, sts_rounds  # noqa: E402
 from kfdeb.cli import quiet_third_party  # noqa: E402
 from kfdeb.data import BUNDLED_DATA_DIR, read_sts  # noqa: E402
 from kfdeb.evaluation import evaluate_sts, sts_path  # noqa: E402
@@ -40,15 +41,6 @@ from kfdeb.onnx import Int8Settings, OnnxEncoder, export, quantize_int8, quantiz
 
 def distinct_sentences(pairs) -> list[str]:
     return list(dict.fromkeys(s for p in pairs for s in (p.sentence1, p.sentence2)))
-
-
-class Recorder:
-    def __init__(self, engine):
-        self.engine, self.vectors = engine, None
-
-    def encode(self, sentences, **kwargs):
-        self.vectors = self.engine.encode(sentences, **kwargs)
-        return self.vectors
 
 
 def agreement(vectors: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
@@ -144,15 +136,7 @@ def main() -> None:
     engines.update({name: OnnxEncoder.load(graph(s, f"final-{i}")) for i, (name, s) in enumerate(finalists.items())})
     for engine in engines.values():  # warm-up
         engine.encode(dev[:args.batch_size], batch_size=args.batch_size)
-    speeds = {name: [] for name in engines}
-    figures, vectors = {}, {}
-    for round_ in range(args.rounds):
-        for name, engine in engines.items():
-            recorder = Recorder(engine)
-            run = evaluate_sts(recorder, test_pairs, args.batch_size)
-            speeds[name].append(run.sentences_per_second)
-            if round_ == 0:
-                figures[name], vectors[name] = run.figures, recorder.vectors
+    speeds, figures, vectors, _ = sts_rounds(engines, test_pairs, args.batch_size, args.rounds)
     pytorch = Recorder(encoder)
     torch_figures = evaluate_sts(pytorch, test_pairs, args.batch_size).figures
     fp32_speed = statistics.median(speeds["ONNX fp32"])

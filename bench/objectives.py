@@ -21,7 +21,8 @@ DIR/kfdeb-seed<seed>/ of that bench (its train_config.json must equal the one bu
 aside) is scored instead of being trained again.
 
     pip install -e ".[bench]"
-    python bench/objectives.py --seeds 42 1 2 [--cosine_runs output/whole-run-parity]   # ~8-10 min per run, 2 cores
+    python bench/objectives.py --seeds 42 1 2 [--cosine_runs output/whole-run-parity]   # ~15 min per run, 2 cores
+    python bench/objectives.py --seeds 42 1 2 --report                                  # the runs done so far
     python bench/objectives.py --seeds 42 --variants mrl --max_steps 3                  # harness check
 """
 
@@ -144,6 +145,7 @@ def main() -> None:
     parser.add_argument("--cosine_runs", default="", help="whole_run_parity.py's output folder: score its kfdeb runs "
                                                          "as the cosine variant instead of training them again")
     parser.add_argument("--out", default=str(REPO / "output" / "objectives"), help="JSONs and models")
+    parser.add_argument("--report", action="store_true", help="run nothing: summarize the runs whose JSON exists")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
@@ -158,6 +160,8 @@ def main() -> None:
     for seed in args.seeds:
         for variant in args.variants:
             json_path = out / f"{variant}-seed{seed}{f'-steps{args.max_steps}' if args.max_steps else ''}.json"
+            if args.report and not json_path.exists():
+                continue
             if not json_path.exists():
                 started = time.perf_counter()
                 command = [sys.executable, __file__, "--variant", variant, "--seed", str(seed), "--json", str(json_path),

@@ -24,23 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from harness import sts_rounds  # noqa: E402
 from kfdeb.cli import quiet_third_party  # noqa: E402
 from kfdeb.data import BUNDLED_DATA_DIR, read_sts  # noqa: E402
-from kfdeb.evaluation import evaluate_sts, sts_path, table_row  # noqa: E402
+from kfdeb.evaluation import sts_path, table_row  # noqa: E402
 from kfdeb.metrics import FIGURE_KEYS  # noqa: E402
 from kfdeb.model import load_encoder  # noqa: E402
 from kfdeb.onnx import OnnxEncoder, export  # noqa: E402
-
-
-class Recorder:
-    """Passes encode through and keeps the embeddings, so evaluate_sts's vectors can be compared."""
-
-    def __init__(self, engine):
-        self.engine, self.vectors = engine, None
-
-    def encode(self, sentences, **kwargs):
-        self.vectors = self.engine.encode(sentences, **kwargs)
-        return self.vectors
 
 
 def main() -> None:
@@ -62,16 +52,7 @@ def main() -> None:
     sizes = {"ONNX fp32": result.paths["fp32"].stat().st_size, "ONNX int8": result.paths["int8"].stat().st_size}
     for engine in engines.values():  # warm-up: allocations, thread pools
         engine.encode([p.sentence1 for p in pairs[:64]], batch_size=args.batch_size)
-    speeds = {name: [] for name in engines}
-    figures, vectors = {}, {}
-    for round_ in range(args.rounds):
-        for name, engine in engines.items():
-            recorder = Recorder(engine)
-            run = evaluate_sts(recorder, pairs, args.batch_size)
-            speeds[name].append(run.sentences_per_second)
-            if round_ == 0:
-                figures[name], vectors[name] = run.figures, recorder.vectors
-            sentences = run.sentences
+    speeds, figures, vectors, sentences = sts_rounds(engines, pairs, args.batch_size, args.rounds)
     diffs = result.max_abs_diff["fp32"]
     print(f"{args.ckpt}: {sentences} distinct KorSTS {args.split} sentences, batch {args.batch_size}, "
           f"{args.rounds} rounds; check: max abs diff fp32 ONNX vs PyTorch "

@@ -227,8 +227,10 @@ class Int8Settings:
     on an AVX2 CPU without VNNI; every figure is in bench/ONNX_RESULTS.md), mean / min cosine to fp32:
     - per-channel: one scale per tensor gives 0.88 / 0.75;
     - u8 weights: onnxruntime's u8 x u8 kernels do not saturate on any x86 CPU (its quantisation
-      guide); u8 x s8 does without VNNI (0.977 / 0.933), 7-bit s8 avoids it at one bit less
-      (0.983 / 0.959). The price is speed: u8 x u8 ran at 1.30x fp32 there, s8 at 1.53x;
+      guide); u8 x s8 does without VNNI. With the tables in fp32: s8 0.978 / 0.937, 7-bit s8
+      0.983 / 0.959, u8 0.988 / 0.944; with layer 0's FFN output in fp32 too, on KorSTS test, u8
+      0.9905 / 0.9732 and 7-bit s8 0.9888 / 0.9588. The price is speed: u8 ran at 1.30x fp32 there,
+      7-bit s8 at 1.53x;
     - embeddings fp32: a quantised table's error enters every layer;
     - layer 0's FFN output projection fp32: it reads the first layer's post-GELU activations, whose
       outliers one u8 scale per batch cannot cover. Of the 36 MatMuls it is, alone, the one that
