@@ -34,13 +34,9 @@ import torch.nn.functional as F  # noqa: E402
 from harness import Recorder, sts_rounds  # noqa: E402
 from kfdeb.cli import quiet_third_party  # noqa: E402
 from kfdeb.data import BUNDLED_DATA_DIR, read_sts  # noqa: E402
-from kfdeb.evaluation import evaluate_sts, sts_path  # noqa: E402
+from kfdeb.evaluation import distinct_sentences, evaluate_sts, sts_path  # noqa: E402
 from kfdeb.model import load_encoder  # noqa: E402
 from kfdeb.onnx import Int8Settings, OnnxEncoder, export, quantize_int8, quantizable_matmuls  # noqa: E402
-
-
-def distinct_sentences(pairs) -> list[str]:
-    return list(dict.fromkeys(s for p in pairs for s in (p.sentence1, p.sentence2)))
 
 
 def agreement(vectors: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
@@ -85,33 +81,26 @@ def main() -> None:
         for name, (mean, low) in rows:
             print(f"| {name} | {mean:.5f} | {low:.5f} |", flush=True)
 
-    default = Int8Settings()
-    grid = {
-        "per-tensor S8 (onnxruntime's default)": Int8Settings(per_channel=False, reduce_range=False, weight_type="S8",
-                                                               embeddings=True, keep_fp32=()),
-        "per-channel S8 (export.py before)": Int8Settings(per_channel=True, reduce_range=False, weight_type="S8",
-                                                           embeddings=True, keep_fp32=()),
-        "per-channel S8 reduce_range": Int8Settings(per_channel=True, reduce_range=True, weight_type="S8",
-                                                     embeddings=True, keep_fp32=()),
-        "per-channel U8": Int8Settings(per_channel=True, reduce_range=False, weight_type="U8", embeddings=True,
-                                       keep_fp32=()),
-        "per-channel S8, embeddings fp32": Int8Settings(per_channel=True, reduce_range=False, weight_type="S8",
-                                                         embeddings=False, keep_fp32=()),
-        "per-channel S8 reduce_range, embeddings fp32": Int8Settings(per_channel=True, reduce_range=True,
-                                                                      weight_type="S8", embeddings=False, keep_fp32=()),
-        "per-channel U8, embeddings fp32": Int8Settings(per_channel=True, reduce_range=False, weight_type="U8",
-                                                         embeddings=False, keep_fp32=()),
-        "kfdeb default": default,
+    s8 = Int8Settings(per_channel=True, reduce_range=False, weight_type="S8", embeddings=True, keep_fp32=())
+    grid = {  # every MatMul and table quantised unless the name says otherwise
+        "per-tensor S8 (onnxruntime's default)": replace(s8, per_channel=False),
+        "per-channel S8 (export.py before)": s8,
+        "per-channel S8 reduce_range": replace(s8, reduce_range=True),
+        "per-channel U8": replace(s8, weight_type="U8"),
+        "per-channel S8, embeddings fp32": replace(s8, embeddings=False),
+        "per-channel S8 reduce_range, embeddings fp32": replace(s8, reduce_range=True, embeddings=False),
+        "per-channel U8, embeddings fp32": replace(s8, weight_type="U8", embeddings=False),
+        "kfdeb default": Int8Settings(),
     }
-    if "1" in stages or "2" in stages or "3" in stages:
+    if stages & {"1", "2", "3"}:  # stages 2 and 3 start from stage 1's best
         print("\n### stage 1: settings")
         stage1 = {name: on_dev(s, f"s1-{i}") for i, (name, s) in enumerate(grid.items())}
         show(stage1.items())
         base_name = args.base or max((n for n in grid if n != "kfdeb default"), key=lambda n: stage1[n])
         base = replace(grid[base_name], keep_fp32=())
     finalists = {name: grid[name] for name in ("per-channel S8 (export.py before)", "kfdeb default")}
-    finalists["per-channel S8 reduce_range, embeddings fp32, layer 0 FFN output fp32"] = Int8Settings(
-        per_channel=True, reduce_range=True, weight_type="S8", embeddings=False, keep_fp32=("layer.0/output/dense",))
+    finalists["per-channel S8 reduce_range, embeddings fp32, layer 0 FFN output fp32"] = replace(
+        s8, reduce_range=True, embeddings=False, keep_fp32=("layer.0/output/dense",))
     if "2" in stages:
         print(f"\n### stage 2: one role kept fp32 in every layer (the rest: {base_name})")
         roles = sorted({m.role for m in matmuls})

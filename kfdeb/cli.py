@@ -154,6 +154,7 @@ def export_main(argv: list[str] | None = None) -> int:
     quiet_third_party()
     import kfdeb.onnx as kfdeb_onnx
     from kfdeb.data import BUNDLED_DATA_DIR, read_sts
+    from kfdeb.evaluation import distinct_sentences
     from kfdeb.model import load_encoder, resolve_model_dir
 
     if args.output is None and not Path(args.ckpt).is_dir():
@@ -179,7 +180,7 @@ def export_main(argv: list[str] | None = None) -> int:
     print(f"wrote the tokenizer and {METADATA_FILE} beside it")
     if args.quantize or args.fp16:
         pairs = read_sts(BUNDLED_DATA_DIR / "KorSTS" / "sts-dev.tsv")
-        sentences = list(dict.fromkeys(s for p in pairs for s in (p.sentence1, p.sentence2)))[:512]
+        sentences = distinct_sentences(pairs)[:512]
         rows = kfdeb_onnx.compare(encoder, result.paths, sentences)
         print(f"| engine ({len(sentences)} KorSTS dev sentences, batch 32, CPU) | file MB | cosine to PyTorch fp32 "
               "(mean / min) | sentences/s |\n|---|---|---|---|")

@@ -61,10 +61,15 @@ def sts_path(data_dir: str | os.PathLike, split: str, instead: str = "") -> Path
     return path
 
 
+def distinct_sentences(pairs: Sequence[StsPair]) -> list[str]:
+    """Every sentence of the pairs once, in order of first appearance: what gets encoded."""
+    return list(dict.fromkeys(s for pair in pairs for s in (pair.sentence1, pair.sentence2)))
+
+
 def evaluate_sts(encoder: Encoder, pairs: Sequence[StsPair], batch_size: int = 64, dims: Sequence[int] = ()) -> StsResult:
     """The 8 figures of the embeddings, and of their first d coordinates for each d of `dims`
     (Matryoshka: the sentences are encoded once; truncation as sentence-transformers' truncate_dim)."""
-    distinct = list(dict.fromkeys(s for pair in pairs for s in (pair.sentence1, pair.sentence2)))
+    distinct = distinct_sentences(pairs)
     start = time.perf_counter()
     embeddings = np.asarray(encoder.encode(distinct, batch_size=batch_size, convert_to_numpy=True), dtype=np.float32)
     seconds = time.perf_counter() - start

@@ -255,7 +255,8 @@ class ConstMatMul:
     role: str  # the module path inside its layer, e.g. output/dense; the full name outside the layers
 
     def named_by(self, entry: str) -> bool:
-        return entry in (self.name, self.role, f"layer.{self.layer}/{self.role}")
+        """`entry` is this node's full name, its role (in every layer) or layer.N/role (in layer N only)."""
+        return entry in (self.name, self.role) or (self.layer is not None and entry == f"layer.{self.layer}/{self.role}")
 
 
 _LAYER_ROLE = re.compile(r"layer\.(\d+)/(.+)/MatMul(_\d+)?$")

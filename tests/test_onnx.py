@@ -136,7 +136,7 @@ EXPECTED_ROLES = {
 
 
 @pytest.mark.parametrize("name", ["deberta", "bert"])
-def test_int8_settings_rewrite_what_they_name(exported, name, tmp_path):
+def test_int8_settings_rewrite_what_they_name(exported, name, tmp_path, capsys):
     """The exporter's node names carry each weight's layer and role, and Int8Settings acts on exactly those."""
     _, encoder, result = exported[name]
     matmuls = kfdeb_onnx.quantizable_matmuls(result.paths["fp32"])
@@ -160,7 +160,9 @@ def test_int8_settings_rewrite_what_they_name(exported, name, tmp_path):
     with pytest.raises(UserInputError, match="keep_fp32 'layer/nothing': no MatMul"):
         kfdeb_onnx.quantize_int8(result.paths["fp32"], tmp_path / "x.onnx", unknown)
     assert not (tmp_path / "x.onnx").exists()
+    capsys.readouterr()
     kfdeb_onnx.quantize_int8(result.paths["fp32"], tmp_path / "x.onnx", unknown, strict=False)  # warns, goes on
+    assert "warning: keep_fp32 'layer/nothing': no MatMul" in capsys.readouterr().err
     graph = onnx.load(str(tmp_path / "x.onnx")).graph
     assert not any(n.op_type == "MatMul" and n.input[1] in {t.name for t in graph.initializer} for n in graph.node)
 
