@@ -14,6 +14,8 @@ distinct KorSTS dev sentences, never on test: its per-sentence cosine to PyTorch
            min-cosine gain; then the top 1, 2, 4, 8 kept fp32 together
   report   the finalists on KorSTS *test*: cosine Spearman vs fp32, mean / min cosine, and
            sentences/s of ONNX fp32 vs the int8 graph in alternating rounds (best / median)
+  exact    what a VNNI CPU computes for the s8 graphs, on this CPU (see `exact_u8s8`): dev and test
+           agreement of each s8 setting as this CPU runs it and without saturation; figures only
 
 Prints markdown tables. Run it alone: a busy neighbour stalls the 2 cores and the speeds mean nothing.
 """
@@ -39,6 +41,73 @@ from kfdeb.model import load_encoder  # noqa: E402
 from kfdeb.onnx import Int8Settings, OnnxEncoder, export, quantize_int8, quantizable_matmuls  # noqa: E402
 
 
+def exact_u8s8(source: Path, target: Path) -> int:
+    """Write `source` with every s8 MatMulInteger weight as u8 = s8 + 128 and zero point + 128.
+
+    (w_u8 - z_u8) = (w_s8 - z_s8) for every element, so the integer product is unchanged; but
+    onnxruntime multiplies u8 x u8 with exact int32 sums on every x86 CPU, while u8 x s8 without
+    VNNI goes through VPMADDUBSW, whose int16 sum of two products saturates (255 * 127 * 2 > 32767).
+    So the new graph gives, on this CPU, the figures a VNNI CPU (VPDPBUSD: u8 x s8 into int32)
+    gives for `source`. Returns the number of weights rewritten.
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(source))
+    initializers = {t.name: t for t in model.graph.initializer}
+    rewritten: set[str] = set()
+    for node in model.graph.node:
+        if node.op_type != "MatMulInteger" or node.input[1] not in initializers:
+            continue
+        for name in (node.input[1], node.input[3] if len(node.input) > 3 else ""):
+            tensor = initializers.get(name)
+            if tensor is None or name in rewritten:
+                continue
+            values = numpy_helper.to_array(tensor)
+            if values.dtype != np.int8:
+                break  # already u8: nothing saturates
+            tensor.CopyFrom(numpy_helper.from_array((values.astype(np.int16) + 128).astype(np.uint8), name))
+            rewritten.add(name)
+    onnx.save(model, str(target))
+    return len(rewritten)
+
+
+def check_exact_u8s8(folder: Path) -> str:
+    """One MatMulInteger whose u8 x s8 products saturate VPMADDUBSW: onnxruntime on this CPU, on the
+    rewritten graph, and numpy's int64 product. The rewritten graph must equal numpy exactly."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    a = np.full((2, 64), 255, dtype=np.uint8)
+    a[1, ::2] = 3
+    b = np.full((64, 3), 127, dtype=np.int8)
+    b[:, 1] = -127
+    b[::3, 2] = 5
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "b", "a_zero", "b_zero"], ["y"])], "check",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [2, 3])],
+        [numpy_helper.from_array(b, "b"), numpy_helper.from_array(np.array(0, np.uint8), "a_zero"),
+         numpy_helper.from_array(np.zeros(3, np.int8), "b_zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(folder / "check-s8.onnx"))
+    exact_u8s8(folder / "check-s8.onnx", folder / "check-u8.onnx")
+    want = a.astype(np.int64) @ b.astype(np.int64)
+
+    def run(path: Path) -> np.ndarray:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"a": a})[0]
+
+    here, rewritten = run(folder / "check-s8.onnx"), run(folder / "check-u8.onnx")
+    if not np.array_equal(rewritten, want):
+        raise SystemExit(f"exact_u8s8 check failed: {rewritten.tolist()} != {want.tolist()}")
+    return ("this CPU's u8 x s8 equals the exact product" if np.array_equal(here, want)
+            else f"this CPU's u8 x s8 saturates (max error {np.abs(here - want).max()} of {np.abs(want).max()})")
+
+
 def agreement(vectors: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
     cosine = F.cosine_similarity(torch.as_tensor(vectors).double(), torch.as_tensor(reference).double(), dim=-1)
     return float(cosine.mean()), float(cosine.min())
@@ -53,7 +122,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dev_sentences", type=int, default=0, help="the first N distinct dev sentences (0: all)")
     parser.add_argument("--base", default="", help="stage 1's setting that stages 2-3 start from (default: the best)")
-    parser.add_argument("--stages", default="1,2,3,report", help="which stages to run (comma-separated)")
+    parser.add_argument("--stages", default="1,2,3,report", help="which stages to run (comma-separated: 1,2,3,report,exact)")
     args = parser.parse_args()
     quiet_third_party()
     torch.set_num_threads(2)
@@ -101,6 +170,8 @@ def main() -> None:
     finalists = {name: grid[name] for name in ("per-channel S8 (export.py before)", "kfdeb default")}
     finalists["per-channel S8 reduce_range, embeddings fp32, layer 0 FFN output fp32"] = replace(
         s8, reduce_range=True, embeddings=False, keep_fp32=("layer.0/output/dense",))
+    finalists["per-channel S8, embeddings fp32, layer 0 FFN output fp32 (for VNNI CPUs)"] = replace(
+        s8, embeddings=False, keep_fp32=("layer.0/output/dense",))
     if "2" in stages:
         print(f"\n### stage 2: one role kept fp32 in every layer (the rest: {base_name})")
         roles = sorted({m.role for m in matmuls})
@@ -118,6 +189,8 @@ def main() -> None:
             print(f"| top {k} | {mean:.5f} | {low:.5f} |", flush=True)
             finalists[f"{base_name} + top {k} MatMuls fp32"] = settings
 
+    if "exact" in stages:
+        exact_stage(args, folder, graph, finalists, dev, reference_dev, encoder, test_pairs)
     if "report" not in stages:
         return
     print("\n### report: KorSTS test (finalists chosen on dev)")
@@ -140,6 +213,37 @@ def main() -> None:
               f"| {figures[name]['cosine_pearson']:.2f} | {mean:.5f} / {low:.5f} "
               f"| {max(speeds[name]):.1f} / {statistics.median(speeds[name]):.1f} "
               f"| {statistics.median(speeds[name]) / fp32_speed:.2f}x | {engine.path.stat().st_size / 1e6:.1f} |",
+              flush=True)
+
+
+def exact_stage(args, folder, graph, finalists, dev, reference_dev, encoder, test_pairs) -> None:
+    print("\n### exact: the s8 graphs as this CPU runs them and as a VNNI CPU does (u8 x s8 exact; `exact_u8s8`)")
+    print(f"self-check on one saturating MatMulInteger: {check_exact_u8s8(folder)}; the rewritten graph is exact")
+    test = distinct_sentences(test_pairs)
+    pytorch = Recorder(encoder)
+    torch_spearman = evaluate_sts(pytorch, test_pairs, args.batch_size).figures["cosine_spearman"]
+    reference_test = pytorch.vectors
+    print(f"PyTorch fp32 test cosine Spearman {torch_spearman:.2f}")
+    print("| s8 graph | arithmetic | dev cosine mean / min | test cosine mean / min | test cos Spearman (vs fp32) |"
+          "\n|---|---|---|---|---|")
+    for i, (name, settings) in enumerate(finalists.items()):
+        if settings.weight_type != "S8":
+            continue
+        here = graph(settings, f"exact-{i}")
+        exact = folder / f"exact-{i}-u8.onnx"
+        exact_u8s8(here, exact)
+        vectors = {}
+        for arithmetic, path in (("this CPU", here), ("exact (VNNI)", exact)):
+            engine = OnnxEncoder.load(path)
+            dev_mean, dev_min = agreement(engine.encode(dev, batch_size=args.batch_size), reference_dev)
+            recorder = Recorder(engine)
+            spearman = evaluate_sts(recorder, test_pairs, args.batch_size).figures["cosine_spearman"]
+            vectors[arithmetic] = recorder.vectors
+            test_mean, test_min = agreement(recorder.vectors, reference_test)
+            print(f"| {name} | {arithmetic} | {dev_mean:.5f} / {dev_min:.5f} | {test_mean:.5f} / {test_min:.5f} "
+                  f"| {spearman:.2f} ({spearman - torch_spearman:+.2f}) |", flush=True)
+        gap = agreement(vectors["this CPU"], vectors["exact (VNNI)"])
+        print(f"|  | this CPU vs exact, cosine mean / min | {gap[0]:.7f} / {gap[1]:.7f} | {len(test)} test sentences | |",
               flush=True)
 
 

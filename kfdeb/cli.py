@@ -145,6 +145,9 @@ def export_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, 14 to 20 (default {DEFAULT_OPSET})")
     parser.add_argument("--quantize", default=None, metavar="int8",
                         help="also write MODEL.int8.onnx (dynamic int8) and compare size, agreement and speed")
+    parser.add_argument("--int8_weights", default=None, choices=["u8", "s8"],
+                        help="int8 weight type: u8 (default; exact on every x86 CPU) or s8 (faster on CPUs with VNNI, "
+                             "avx512_vnni or avx_vnni in /proc/cpuinfo; saturates on AVX2 without VNNI)")
     parser.add_argument("--fp16", action="store_true", help="also write MODEL.fp16.onnx (fp16 inside, float32 in/out)")
     parser.add_argument("--max_seq_length", type=int, default=None,
                         help="truncation length recorded for the ONNX encoder (default: the model's own)")
@@ -164,10 +167,16 @@ def export_main(argv: list[str] | None = None) -> int:
     output = Path(args.output) if args.output else resolve_model_dir(args.ckpt) / "onnx" / "model.onnx"
     # bad flags and a missing [onnx] extra fail before the model loads
     kfdeb_onnx.check_arguments(output, args.opset, args.quantize)
+    if args.int8_weights and not args.quantize:
+        raise UserInputError(f"--int8_weights {args.int8_weights}: only with --quantize int8")
+    int8 = kfdeb_onnx.Int8Settings(weight_type=(args.int8_weights or "u8").upper())
+    if args.quantize and int8.weight_type == "S8" and kfdeb_onnx.cpu_has_vnni() is False:
+        print("note: this CPU has no VNNI, so onnxruntime multiplies u8 x s8 with VPMADDUBSW, whose int16 sums "
+              "saturate: the int8 agreement printed below is this CPU's; a VNNI CPU computes the same graph exactly")
     kfdeb_onnx.require("onnx")
     kfdeb_onnx.require("onnxruntime")
     encoder = load_encoder(args.ckpt, max_seq_length=args.max_seq_length, device="cpu")
-    result = kfdeb_onnx.export(encoder, output, args.opset, args.check, args.quantize, args.fp16)
+    result = kfdeb_onnx.export(encoder, output, args.opset, args.check, args.quantize, args.fp16, int8)
     for variant, diffs in result.max_abs_diff.items():
         limit = f"{FP32_TOLERANCE:g}" if variant == "fp32" else f"{FP16_RELATIVE_TOLERANCE:g} x max |value|"
         print(f"check {variant}: max abs diff to PyTorch on onnxruntime (batches of 1, 3, 5 sentences, padded): "

@@ -167,6 +167,27 @@ def test_int8_settings_rewrite_what_they_name(exported, name, tmp_path, capsys):
     assert not any(n.op_type == "MatMul" and n.input[1] in {t.name for t in graph.initializer} for n in graph.node)
 
 
+def test_export_int8_weights_s8_keeps_the_default_exclusions(tiny_deberta, tmp_path, capsys):
+    """export.py --quantize int8 --int8_weights s8: signed 8-bit weights, the rest of the default settings."""
+    from kfdeb import cli
+
+    output = tmp_path / "onnx" / "model.onnx"
+    assert cli.export_main([str(tiny_deberta), "--output", str(output), "--quantize", "int8", "--int8_weights", "s8",
+                            "--no-check"]) == 0
+    out = capsys.readouterr().out
+    assert ("note: this CPU has no VNNI" in out) == (kfdeb_onnx.cpu_has_vnni() is False)
+    graph = onnx.load(str(tmp_path / "onnx" / "model.int8.onnx")).graph
+    initializers = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    weights = {n.name: initializers[n.input[1]] for n in graph.node
+               if n.op_type in ("MatMul", "MatMulInteger") and n.input[1] in initializers}
+    assert [name.split("encoder/")[-1] for name, w in weights.items() if w.dtype == np.float32] == \
+        ["layer.0/output/dense/MatMul"]
+    quantized = [w for w in weights.values() if w.dtype != np.float32]
+    assert quantized and {w.dtype for w in quantized} == {np.dtype(np.int8)}
+    assert max(int(np.abs(w.astype(int)).max()) for w in quantized) == 127  # 8-bit symmetric, not reduce_range
+    assert {v.dtype for k, v in initializers.items() if "word_embeddings" in k} == {np.dtype(np.float32)}
+
+
 def test_evaluate_reads_onnx_with_the_checkpoint_figures(exported, tmp_path, bundled_dir):
     folder, _, result = exported["deberta"]
     data_dir = tmp_path / "data"  # the first 400 KorSTS dev pairs: the same comparison in a quarter of the time
@@ -197,6 +218,7 @@ def test_export_bad_input_is_one_line_and_writes_nothing(tiny_deberta, tmp_path,
 
     for args, message in [(["--opset", "9"], "--opset 9: not supported (use 14 to 20"),
                           (["--quantize", "int4"], "--quantize int4: only int8"),
+                          (["--int8_weights", "s8"], "--int8_weights s8: only with --quantize int8"),
                           (["--output", tmp_path / "out" / "model.bin"], "must end in .onnx")]:
         with pytest.raises(SystemExit) as exit_status:  # cli.run: the same path as export.py, in-process
             cli.run(lambda: cli.export_main([str(tiny_deberta), "--output", str(tmp_path / "out" / "model.onnx"),
