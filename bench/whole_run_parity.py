@@ -210,6 +210,25 @@ def moving_average(values: list[float], window: int) -> list[float]:
     return [sum(values[max(0, i + 1 - window): i + 1]) / (i + 1 - max(0, i + 1 - window)) for i in range(len(values))]
 
 
+def welch_summary(a: list[float], b: list[float]) -> str:
+    """Welch's t for mean(a) - mean(b), its Welch-Satterthwaite degrees of freedom, two-sided p and
+    the 95% interval of the difference (scipy's t distribution)."""
+    from scipy import stats
+
+    if len(a) < 2 or len(b) < 2:
+        return ""
+    (ma, sa), (mb, sb) = mean_sd(a), mean_sd(b)
+    va, vb = sa**2 / len(a), sb**2 / len(b)
+    if va + vb == 0:
+        return ""
+    se = math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    t = (ma - mb) / se
+    half = stats.t.ppf(0.975, df) * se
+    return (f", Welch t {t:.2f}, df {df:.1f}, two-sided p {2 * stats.t.sf(abs(t), df):.2f}, "
+            f"standard error {se:.3f}, 95% interval [{ma - mb - half:+.2f}, {ma - mb + half:+.2f}]")
+
+
 def summarize(results: dict[str, list[dict]], window: int, out: Path) -> None:
     print("\n| engine | seed | steps | NLI loss first / last | STS loss first / last | test cos Pearson | test cos Spearman |")
     print("|---|---|---|---|---|---|---|")
@@ -225,11 +244,9 @@ def summarize(results: dict[str, list[dict]], window: int, out: Path) -> None:
         mean, sd = stats[engine]
         spread = f"+- {sd:.2f}" if len(spearman[engine]) > 1 else "(one seed: no sd)"
         print(f"{engine:9s}: test cos Spearman {mean:.2f} {spread} (n = {len(spearman[engine])})")
-    (mk, sk), (mr, sr) = stats["kfdeb"], stats["reference"]
-    nk, nr = len(spearman["kfdeb"]), len(spearman["reference"])
-    welch = (mk - mr) / math.sqrt(sk**2 / nk + sr**2 / nr) if nk > 1 and nr > 1 and sk + sr > 0 else float("nan")
-    print(f"difference of means kfdeb - reference: {mk - mr:+.2f} points"
-          + (f", Welch t {welch:.2f}" if not math.isnan(welch) else ""))
+    difference = stats["kfdeb"][0] - stats["reference"][0]
+    print(f"difference of means kfdeb - reference: {difference:+.3f} points"
+          + welch_summary(spearman["kfdeb"], spearman["reference"]))
 
     # per-step losses: both engines' mean curves, smoothed; the gap between them against the seed spread
     steps = min(len(r["losses"]["nli"]) for engine in ENGINES for r in results[engine])
