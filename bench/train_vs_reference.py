@@ -11,6 +11,12 @@ Each engine runs in a fresh process, one at a time, alternating A/B and B/A over
     python bench/train_vs_reference.py                                   # all-MiniLM-L6-v2, bundled XNLI + KorSTS, 1 epoch
     python bench/train_vs_reference.py --amp bf16 --reference_amp         # mixed precision on both
     python bench/train_vs_reference.py --model deberta-base-random --max_steps 3 --reps 1   # throughput only
+    python bench/train_vs_reference.py --no_dropout --max_seq_length 128 --reps 1          # the same run, computed twice
+
+--no_dropout trains a copy of the model with its dropout probabilities set to 0. The engines then
+draw nothing at random apart from the batches, which they share, so a whole run must give the same
+weights up to float rounding: the script prints the largest weight difference between the two
+final models, which proves (or refutes) that the step maths agrees over a whole run, not only one step.
 
 Reported: examples/s = (NLI triplets + STS pairs) per second of training (the fit call minus its
 dev evaluations and best-model saves; no data loading, no final test), wall time, peak memory
@@ -53,6 +59,35 @@ def run_kfdeb(args, out: Path) -> dict:
     summary = train(config)
     return {"steps": summary["total_steps"], "train_seconds": summary["train_seconds"],
             "eval_seconds": summary["eval_seconds"], "test": summary["test"]}
+
+
+def without_dropout(model: str, workdir: Path) -> str:
+    """A copy of the model folder whose config sets every dropout probability to 0."""
+    import shutil
+
+    folder = workdir / "no-dropout"
+    shutil.copytree(model, folder, dirs_exist_ok=True)
+    config = json.loads((folder / "config.json").read_text())
+    changed = {k: 0.0 for k in config if k.endswith("dropout_prob") or k.endswith("dropout")}
+    if not changed:
+        raise SystemExit(f"{model}/config.json names no dropout probability")
+    (folder / "config.json").write_text(json.dumps({**config, **changed}, indent=2))
+    print(f"dropout off: {', '.join(sorted(changed))} = 0 in {folder}", flush=True)
+    return str(folder)
+
+
+def weight_gap(a: Path, b: Path) -> tuple[float, float, str]:
+    """Largest |a - b| over the tensors both safetensors files hold, that divided by the tensor's
+    largest |a|, and the tensor where the relative gap is largest."""
+    from safetensors.torch import load_file
+
+    left, right = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    if left.keys() != right.keys():
+        raise SystemExit(f"{a} and {b} hold different tensors")
+    gaps = {k: (float((left[k].double() - right[k].double()).abs().max()), float(left[k].double().abs().max()))
+            for k in left}
+    worst = max(gaps, key=lambda k: gaps[k][0] / max(gaps[k][1], 1e-12))
+    return max(g for g, _ in gaps.values()), gaps[worst][0] / max(gaps[worst][1], 1e-12), worst
 
 
 class SameBatches:
@@ -162,6 +197,7 @@ def main() -> None:
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="kfdeb's autocast")
     parser.add_argument("--reference_amp", action="store_true", help="old_fit(use_amp=True): fp16 on CUDA, bf16 on CPU")
     parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--no_dropout", action="store_true", help="train a copy with dropout 0: both runs deterministic")
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -172,6 +208,8 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="kfdeb-bench-"))
     model = model_path(args.model, workdir)
+    if args.no_dropout:
+        model = without_dropout(model, workdir)
     print(f"model {args.model} ({model}), device {args.device}, kfdeb amp {args.amp}, reference amp {args.reference_amp}, "
           f"commit {git_commit()}", flush=True)
 
@@ -196,6 +234,10 @@ def main() -> None:
     ratio = mean("kfdeb", "examples_per_s") / mean("reference", "examples_per_s")
     gap = results["kfdeb"][-1]["test"]["cosine_spearman"] - results["reference"][-1]["test"]["cosine_spearman"]
     print(f"\nkfdeb / reference examples/s: {ratio:.2f}x; test cos Spearman difference {gap:+.2f} points")
+    # the last repetition's final weights (kfdeb keeps best/, old_fit its output folder)
+    largest, relative, where = weight_gap(workdir / "kfdeb" / "best", workdir / "reference")
+    print(f"final weights, kfdeb vs reference: max |difference| {largest:.3e}; largest relative to the tensor's "
+          f"max |value|: {relative:.3e} ({where})")
 
 
 if __name__ == "__main__":
