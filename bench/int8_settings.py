@@ -41,14 +41,14 @@ from kfdeb.model import load_encoder  # noqa: E402
 from kfdeb.onnx import Int8Settings, OnnxEncoder, export, quantize_int8, quantizable_matmuls  # noqa: E402
 
 
-def exact_u8s8(source: Path, target: Path) -> int:
-    """Write `source` with every s8 MatMulInteger weight as u8 = s8 + 128 and zero point + 128.
+def exact_u8s8(source: Path, target: Path) -> None:
+    """Write `source` with every s8 MatMulInteger weight as u8 = s8 + 128 and its zero point + 128.
 
     (w_u8 - z_u8) = (w_s8 - z_s8) for every element, so the integer product is unchanged; but
     onnxruntime multiplies u8 x u8 with exact int32 sums on every x86 CPU, while u8 x s8 without
     VNNI goes through VPMADDUBSW, whose int16 sum of two products saturates (255 * 127 * 2 > 32767).
     So the new graph gives, on this CPU, the figures a VNNI CPU (VPDPBUSD: u8 x s8 into int32)
-    gives for `source`. Returns the number of weights rewritten.
+    gives for `source`.
     """
     import numpy as np
     import onnx
@@ -56,21 +56,19 @@ def exact_u8s8(source: Path, target: Path) -> int:
 
     model = onnx.load(str(source))
     initializers = {t.name: t for t in model.graph.initializer}
-    rewritten: set[str] = set()
+    shifted: set[str] = set()  # a tensor two nodes share is shifted once
     for node in model.graph.node:
-        if node.op_type != "MatMulInteger" or node.input[1] not in initializers:
-            continue
-        for name in (node.input[1], node.input[3] if len(node.input) > 3 else ""):
-            tensor = initializers.get(name)
-            if tensor is None or name in rewritten:
-                continue
-            values = numpy_helper.to_array(tensor)
-            if values.dtype != np.int8:
-                break  # already u8: nothing saturates
-            tensor.CopyFrom(numpy_helper.from_array((values.astype(np.int16) + 128).astype(np.uint8), name))
-            rewritten.add(name)
+        weight = initializers.get(node.input[1]) if node.op_type == "MatMulInteger" else None
+        if weight is None or weight.data_type != onnx.TensorProto.INT8:
+            continue  # not a constant weight, or u8 already: nothing saturates
+        if len(node.input) < 4 or node.input[3] not in initializers:  # the zero point must move with the weight
+            raise SystemExit(f"{source}: {node.name} has an s8 weight without a constant zero point")
+        for name in (node.input[1], node.input[3]):
+            if name not in shifted:
+                values = numpy_helper.to_array(initializers[name]).astype(np.int16) + 128
+                initializers[name].CopyFrom(numpy_helper.from_array(values.astype(np.uint8), name))
+                shifted.add(name)
     onnx.save(model, str(target))
-    return len(rewritten)
 
 
 def check_exact_u8s8(folder: Path) -> str:

@@ -251,11 +251,11 @@ class Int8Settings:
             raise ValueError(f"weight_type {self.weight_type!r}: expected 'U8' or 'S8'")
 
 
-def cpu_has_vnni() -> bool | None:
+def cpu_has_vnni(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool | None:
     """Whether this CPU multiplies u8 x s8 into int32 in one instruction (AVX512-VNNI or AVX-VNNI), read
     from /proc/cpuinfo's flags; None where that file or an x86 flags line is missing (not Linux x86)."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = Path(cpuinfo).read_text()
     except OSError:
         return None
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)

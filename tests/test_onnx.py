@@ -188,6 +188,19 @@ def test_export_int8_weights_s8_keeps_the_default_exclusions(tiny_deberta, tmp_p
     assert {v.dtype for k, v in initializers.items() if "word_embeddings" in k} == {np.dtype(np.float32)}
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n", True),   # AVX512-VNNI (Cascade Lake, Zen 4)
+    ("flags\t\t: fpu avx2 avx_vnni\n", True),                                 # AVX-VNNI (Alder Lake)
+    ("flags\t\t: fpu avx2 avx512f avx512vnni_like\n", False),                 # a flag only containing the name
+    ("processor\t: 0\nflags\t\t: fpu avx2 fma\n", False),                    # AVX2 only (Zen 2/3)
+    ("processor\t: 0\nFeatures\t: fp asimd asimddp\n", None),                 # aarch64: no x86 flags line
+])
+def test_cpu_has_vnni_reads_the_flags_line(tmp_path, text, expected):
+    (tmp_path / "cpuinfo").write_text(text)
+    assert kfdeb_onnx.cpu_has_vnni(tmp_path / "cpuinfo") is expected
+    assert kfdeb_onnx.cpu_has_vnni(tmp_path / "missing") is None
+
+
 def test_evaluate_reads_onnx_with_the_checkpoint_figures(exported, tmp_path, bundled_dir):
     folder, _, result = exported["deberta"]
     data_dir = tmp_path / "data"  # the first 400 KorSTS dev pairs: the same comparison in a quarter of the time
