@@ -16,7 +16,10 @@ Each engine runs in a fresh process, one at a time, alternating A/B and B/A over
 --no_dropout trains a copy of the model with its dropout probabilities set to 0. The engines then
 draw nothing at random apart from the batches, which they share, so a whole run must give the same
 weights up to float rounding: the script prints the largest weight difference between the two
-final models, which proves (or refutes) that the step maths agrees over a whole run, not only one step.
+final models (also without the attention key biases, whose gradient is zero up to rounding) and the
+largest difference of the KorSTS test cosine similarities they compute, which proves (or refutes)
+that the step maths agrees over a whole run, not only one step. `--compare DIR` re-prints that
+comparison for the models a previous run left in DIR.
 
 Reported: examples/s = (NLI triplets + STS pairs) per second of training (the fit call minus its
 dev evaluations and best-model saves; no data loading, no final test), wall time, peak memory
@@ -76,18 +79,81 @@ def without_dropout(model: str, workdir: Path) -> str:
     return str(folder)
 
 
-def weight_gap(a: Path, b: Path) -> tuple[float, float, str]:
-    """Largest |a - b| over the tensors both safetensors files hold, that divided by the tensor's
-    largest |a|, and the tensor where the relative gap is largest."""
+# Softmax ignores a constant added to every score of a query, and q . b_key is such a constant: the
+# key bias's gradient is zero up to rounding, and AdamW's normalised step moves it by ~lr times the
+# sign of that noise. Two correct engines may therefore disagree on it by up to lr x steps while
+# computing the same function; the other tensors must agree to rounding. (BERT's names. DeBERTa's
+# key_proj bias is not such a tensor: its position-to-content scores vary it across keys.)
+def is_key_bias(name: str) -> bool:
+    return name.endswith("attention.self.key.bias")
+
+
+def weight_gap(a: Path, b: Path, skip=lambda name: False) -> tuple[float, float, str]:
+    """Largest |a - b| over the tensors both safetensors files hold (those `skip` names left out),
+    that divided by the tensor's largest |a|, and the tensor where the relative gap is largest."""
     from safetensors.torch import load_file
 
     left, right = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     if left.keys() != right.keys():
         raise SystemExit(f"{a} and {b} hold different tensors")
     gaps = {k: (float((left[k].double() - right[k].double()).abs().max()), float(left[k].double().abs().max()))
-            for k in left}
+            for k in left if not skip(k)}
     worst = max(gaps, key=lambda k: gaps[k][0] / max(gaps[k][1], 1e-12))
     return max(g for g, _ in gaps.values()), gaps[worst][0] / max(gaps[worst][1], 1e-12), worst
+
+
+def gap_over_update(start: Path, a: Path, b: Path) -> float:
+    """||a - b|| / ||a - start|| over all trained tensors but the key biases: how large the engines'
+    disagreement is next to how far training moved the weights."""
+    from safetensors.torch import load_file
+
+    first, left, right = (load_file(str(folder / "model.safetensors")) for folder in (start, a, b))
+    names = [k for k in left if not is_key_bias(k)]
+    if not all(k in first for k in names):
+        raise SystemExit(f"{start} lacks tensors of {a}")
+    gap = sum(float((left[k].double() - right[k].double()).square().sum()) for k in names)
+    update = sum(float((left[k].double() - first[k].double()).square().sum()) for k in names)
+    return (gap / update) ** 0.5
+
+
+def similarity_gap(a: Path, b: Path, data_dir: str, device: str) -> dict[str, float]:
+    """What the two final models compute: the KorSTS test pairs' cosine similarities under each,
+    their largest |difference|, and each model's cosine Spearman at full precision."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from kfdeb.data import read_sts
+    from kfdeb.evaluation import distinct_sentences, sts_path
+    from kfdeb.model import load_encoder
+
+    pairs = read_sts(sts_path(data_dir, "test"))
+    sentences = distinct_sentences(pairs)
+    row = {s: i for i, s in enumerate(sentences)}
+    gold = [p.label for p in pairs]
+    cosines = []
+    for folder in (a, b):
+        embeddings = load_encoder(folder, device=device).encode(sentences, batch_size=64, convert_to_numpy=True)
+        embeddings = np.asarray(embeddings, dtype=np.float64)
+        embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+        cosines.append(np.einsum("ij,ij->i", embeddings[[row[p.sentence1] for p in pairs]],
+                                 embeddings[[row[p.sentence2] for p in pairs]]))
+    return {"pairs": len(pairs), "max_cosine_difference": float(np.abs(cosines[0] - cosines[1]).max()),
+            "spearman_a": 100 * spearmanr(cosines[0], gold)[0], "spearman_b": 100 * spearmanr(cosines[1], gold)[0]}
+
+
+def print_final_gap(kfdeb_dir: Path, reference_dir: Path, data_dir: str, device: str, start: Path | None) -> None:
+    largest, relative, where = weight_gap(kfdeb_dir, reference_dir)
+    print(f"final weights, kfdeb vs reference: max |difference| {largest:.3e}; largest relative to the tensor's "
+          f"max |value|: {relative:.3e} ({where})")
+    largest, relative, where = weight_gap(kfdeb_dir, reference_dir, skip=is_key_bias)
+    print(f"  without the attention key biases (gradient zero up to rounding): max |difference| {largest:.3e}; "
+          f"largest relative {relative:.3e} ({where})")
+    if start is not None and (start / "model.safetensors").exists():
+        print(f"  ||kfdeb - reference|| / ||kfdeb - starting weights|| (no key biases): "
+              f"{gap_over_update(start, kfdeb_dir, reference_dir):.3e}")
+    gap = similarity_gap(kfdeb_dir, reference_dir, data_dir, device)
+    print(f"  KorSTS test, {gap['pairs']} pairs: max |cosine difference| {gap['max_cosine_difference']:.3e}; "
+          f"cos Spearman kfdeb {gap['spearman_a']:.6f}, reference {gap['spearman_b']:.6f}", flush=True)
 
 
 class SameBatches:
@@ -198,6 +264,8 @@ def main() -> None:
     parser.add_argument("--reference_amp", action="store_true", help="old_fit(use_amp=True): fp16 on CUDA, bf16 on CPU")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--no_dropout", action="store_true", help="train a copy with dropout 0: both runs deterministic")
+    parser.add_argument("--compare", metavar="DIR", help="only compare the final models a previous run left in DIR "
+                        "(the kfdeb-bench-* folder it printed): weights and KorSTS test similarities")
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -205,6 +273,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.engine:
         return child(args)
+    if args.compare:
+        workdir = Path(args.compare)
+        return print_final_gap(workdir / "kfdeb" / "best", workdir / "reference", args.data_dir, args.device,
+                               workdir / "no-dropout")
 
     workdir = Path(tempfile.mkdtemp(prefix="kfdeb-bench-"))
     model = model_path(args.model, workdir)
@@ -235,9 +307,8 @@ def main() -> None:
     gap = results["kfdeb"][-1]["test"]["cosine_spearman"] - results["reference"][-1]["test"]["cosine_spearman"]
     print(f"\nkfdeb / reference examples/s: {ratio:.2f}x; test cos Spearman difference {gap:+.2f} points")
     # the last repetition's final weights (kfdeb keeps best/, old_fit its output folder)
-    largest, relative, where = weight_gap(workdir / "kfdeb" / "best", workdir / "reference")
-    print(f"final weights, kfdeb vs reference: max |difference| {largest:.3e}; largest relative to the tensor's "
-          f"max |value|: {relative:.3e} ({where})")
+    print_final_gap(workdir / "kfdeb" / "best", workdir / "reference", args.data_dir, args.device,
+                    Path(model) if args.no_dropout else None)
 
 
 if __name__ == "__main__":
