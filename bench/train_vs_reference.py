@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from harness import REPO, git_commit, model_path, run_alternating
 
 
@@ -88,72 +90,62 @@ def is_key_bias(name: str) -> bool:
     return name.endswith("attention.self.key.bias")
 
 
-def weight_gap(a: Path, b: Path, skip=lambda name: False) -> tuple[float, float, str]:
-    """Largest |a - b| over the tensors both safetensors files hold (those `skip` names left out),
-    that divided by the tensor's largest |a|, and the tensor where the relative gap is largest."""
-    from safetensors.torch import load_file
-
-    left, right = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
-    if left.keys() != right.keys():
-        raise SystemExit(f"{a} and {b} hold different tensors")
+def weight_gap(left: dict, right: dict, skip=lambda name: False) -> tuple[float, float, str]:
+    """Largest |left - right| over the tensors (those `skip` names left out), that divided by the
+    tensor's largest |left|, and the tensor where the relative gap is largest."""
     gaps = {k: (float((left[k].double() - right[k].double()).abs().max()), float(left[k].double().abs().max()))
             for k in left if not skip(k)}
     worst = max(gaps, key=lambda k: gaps[k][0] / max(gaps[k][1], 1e-12))
     return max(g for g, _ in gaps.values()), gaps[worst][0] / max(gaps[worst][1], 1e-12), worst
 
 
-def gap_over_update(start: Path, a: Path, b: Path) -> float:
-    """||a - b|| / ||a - start|| over all trained tensors but the key biases: how large the engines'
-    disagreement is next to how far training moved the weights."""
-    from safetensors.torch import load_file
-
-    first, left, right = (load_file(str(folder / "model.safetensors")) for folder in (start, a, b))
+def gap_over_update(start: dict, left: dict, right: dict) -> float:
+    """||left - right|| / ||left - start|| over all trained tensors but the key biases: how large the
+    engines' disagreement is next to how far training moved the weights."""
     names = [k for k in left if not is_key_bias(k)]
-    if not all(k in first for k in names):
-        raise SystemExit(f"{start} lacks tensors of {a}")
     gap = sum(float((left[k].double() - right[k].double()).square().sum()) for k in names)
-    update = sum(float((left[k].double() - first[k].double()).square().sum()) for k in names)
+    update = sum(float((left[k].double() - start[k].double()).square().sum()) for k in names)
     return (gap / update) ** 0.5
 
 
-def similarity_gap(a: Path, b: Path, data_dir: str, device: str) -> dict[str, float]:
-    """What the two final models compute: the KorSTS test pairs' cosine similarities under each,
-    their largest |difference|, and each model's cosine Spearman at full precision."""
-    import numpy as np
-    from scipy.stats import spearmanr
-
+def korsts_test_cosines(folder: Path, data_dir: str, device: str) -> np.ndarray:
+    """The model's cosine similarity of each KorSTS test pair, in float64."""
     from kfdeb.data import read_sts
-    from kfdeb.evaluation import distinct_sentences, sts_path
+    from kfdeb.evaluation import pair_embeddings, sts_path
     from kfdeb.model import load_encoder
 
-    pairs = read_sts(sts_path(data_dir, "test"))
-    sentences = distinct_sentences(pairs)
-    row = {s: i for i, s in enumerate(sentences)}
-    gold = [p.label for p in pairs]
-    cosines = []
-    for folder in (a, b):
-        embeddings = load_encoder(folder, device=device).encode(sentences, batch_size=64, convert_to_numpy=True)
-        embeddings = np.asarray(embeddings, dtype=np.float64)
-        embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
-        cosines.append(np.einsum("ij,ij->i", embeddings[[row[p.sentence1] for p in pairs]],
-                                 embeddings[[row[p.sentence2] for p in pairs]]))
-    return {"pairs": len(pairs), "max_cosine_difference": float(np.abs(cosines[0] - cosines[1]).max()),
-            "spearman_a": 100 * spearmanr(cosines[0], gold)[0], "spearman_b": 100 * spearmanr(cosines[1], gold)[0]}
+    first, second, _ = pair_embeddings(load_encoder(folder, device=device), read_sts(sts_path(data_dir, "test")))
+    first, second = first.astype(np.float64), second.astype(np.float64)
+    return (first * second).sum(1) / (np.linalg.norm(first, axis=1) * np.linalg.norm(second, axis=1))
 
 
-def print_final_gap(kfdeb_dir: Path, reference_dir: Path, data_dir: str, device: str, start: Path | None) -> None:
-    largest, relative, where = weight_gap(kfdeb_dir, reference_dir)
+def compare_final_models(workdir: Path, data_dir: str, device: str) -> None:
+    """What a run left in `workdir` (kfdeb's best/, old_fit's output folder, with --no_dropout the
+    starting weights in no-dropout/): how far apart the two final models' weights and outputs are."""
+    from safetensors.torch import load_file
+
+    from kfdeb.data import read_sts
+    from kfdeb.evaluation import sts_path
+    from kfdeb.metrics import spearman
+
+    kfdeb_dir, reference_dir, start = workdir / "kfdeb" / "best", workdir / "reference", workdir / "no-dropout"
+    ours, theirs = load_file(str(kfdeb_dir / "model.safetensors")), load_file(str(reference_dir / "model.safetensors"))
+    if ours.keys() != theirs.keys():
+        raise SystemExit(f"{kfdeb_dir} and {reference_dir} hold different tensors")
+    largest, relative, where = weight_gap(ours, theirs)
     print(f"final weights, kfdeb vs reference: max |difference| {largest:.3e}; largest relative to the tensor's "
           f"max |value|: {relative:.3e} ({where})")
-    largest, relative, where = weight_gap(kfdeb_dir, reference_dir, skip=is_key_bias)
+    largest, relative, where = weight_gap(ours, theirs, skip=is_key_bias)
     print(f"  without the attention key biases (gradient zero up to rounding): max |difference| {largest:.3e}; "
           f"largest relative {relative:.3e} ({where})")
-    if start is not None and (start / "model.safetensors").exists():
+    if (start / "model.safetensors").exists():
         print(f"  ||kfdeb - reference|| / ||kfdeb - starting weights|| (no key biases): "
-              f"{gap_over_update(start, kfdeb_dir, reference_dir):.3e}")
-    gap = similarity_gap(kfdeb_dir, reference_dir, data_dir, device)
-    print(f"  KorSTS test, {gap['pairs']} pairs: max |cosine difference| {gap['max_cosine_difference']:.3e}; "
-          f"cos Spearman kfdeb {gap['spearman_a']:.6f}, reference {gap['spearman_b']:.6f}", flush=True)
+              f"{gap_over_update(load_file(str(start / 'model.safetensors')), ours, theirs):.3e}")
+    gold = [p.label for p in read_sts(sts_path(data_dir, "test"))]
+    ours, theirs = (korsts_test_cosines(folder, data_dir, device) for folder in (kfdeb_dir, reference_dir))
+    print(f"  KorSTS test, {len(gold)} pairs: max |cosine difference| {np.abs(ours - theirs).max():.3e}; "
+          f"cos Spearman kfdeb {100 * spearman(ours, gold):.6f}, reference {100 * spearman(theirs, gold):.6f}",
+          flush=True)
 
 
 class SameBatches:
@@ -172,7 +164,6 @@ class SameBatches:
 
 
 def run_reference(args, out: Path) -> dict:
-    import numpy as np
     import torch
     from sentence_transformers import InputExample, SentenceTransformer
     from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
@@ -274,9 +265,7 @@ def main() -> None:
     if args.engine:
         return child(args)
     if args.compare:
-        workdir = Path(args.compare)
-        return print_final_gap(workdir / "kfdeb" / "best", workdir / "reference", args.data_dir, args.device,
-                               workdir / "no-dropout")
+        return compare_final_models(Path(args.compare), args.data_dir, args.device)
 
     workdir = Path(tempfile.mkdtemp(prefix="kfdeb-bench-"))
     model = model_path(args.model, workdir)
@@ -306,9 +295,7 @@ def main() -> None:
     ratio = mean("kfdeb", "examples_per_s") / mean("reference", "examples_per_s")
     gap = results["kfdeb"][-1]["test"]["cosine_spearman"] - results["reference"][-1]["test"]["cosine_spearman"]
     print(f"\nkfdeb / reference examples/s: {ratio:.2f}x; test cos Spearman difference {gap:+.2f} points")
-    # the last repetition's final weights (kfdeb keeps best/, old_fit its output folder)
-    print_final_gap(workdir / "kfdeb" / "best", workdir / "reference", args.data_dir, args.device,
-                    Path(model) if args.no_dropout else None)
+    compare_final_models(workdir, args.data_dir, args.device)  # the last repetition's final models
 
 
 if __name__ == "__main__":

@@ -66,22 +66,27 @@ def distinct_sentences(pairs: Sequence[StsPair]) -> list[str]:
     return list(dict.fromkeys(s for pair in pairs for s in (pair.sentence1, pair.sentence2)))
 
 
+def pair_embeddings(encoder: Encoder, pairs: Sequence[StsPair], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, int]:
+    """(embeddings of each pair's sentence1, of its sentence2, the number of sentences encoded):
+    every distinct sentence is encoded once, in float32."""
+    distinct = distinct_sentences(pairs)
+    embeddings = np.asarray(encoder.encode(distinct, batch_size=batch_size, convert_to_numpy=True), dtype=np.float32)
+    row = {sentence: i for i, sentence in enumerate(distinct)}
+    return embeddings[[row[p.sentence1] for p in pairs]], embeddings[[row[p.sentence2] for p in pairs]], len(distinct)
+
+
 def evaluate_sts(encoder: Encoder, pairs: Sequence[StsPair], batch_size: int = 64, dims: Sequence[int] = ()) -> StsResult:
     """The 8 figures of the embeddings, and of their first d coordinates for each d of `dims`
     (Matryoshka: the sentences are encoded once; truncation as sentence-transformers' truncate_dim)."""
-    distinct = distinct_sentences(pairs)
     start = time.perf_counter()
-    embeddings = np.asarray(encoder.encode(distinct, batch_size=batch_size, convert_to_numpy=True), dtype=np.float32)
+    first, second, encoded = pair_embeddings(encoder, pairs, batch_size)
     seconds = time.perf_counter() - start
-    too_wide = [d for d in dims if d > embeddings.shape[1]]
+    too_wide = [d for d in dims if d > first.shape[1]]
     if too_wide:
-        raise UserInputError(f"--dims {too_wide[0]}: wider than the model's {embeddings.shape[1]}-dimensional embedding")
-    row = {sentence: i for i, sentence in enumerate(distinct)}
-    first = embeddings[[row[p.sentence1] for p in pairs]]
-    second = embeddings[[row[p.sentence2] for p in pairs]]
+        raise UserInputError(f"--dims {too_wide[0]}: wider than the model's {first.shape[1]}-dimensional embedding")
     gold = np.array([p.label for p in pairs], dtype=np.float64)
     by_dim = {dim: sts_figures(first[:, :dim], second[:, :dim], gold) for dim in dims}
-    return StsResult(sts_figures(first, second, gold), len(distinct), seconds, by_dim)
+    return StsResult(sts_figures(first, second, gold), encoded, seconds, by_dim)
 
 
 def evaluate_split(encoder: Encoder, data_dir: str | os.PathLike, split: str, batch_size: int = 64,

@@ -102,6 +102,27 @@ def small_data(tmp_path_factory, bundled_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def distinct_sts_data(small_data, tmp_path_factory) -> Path:
+    """small_data without its 3 STS train pairs of identical sentences, for runs compared weight by weight.
+
+    Their gradient is zero in exact arithmetic (cos(u, u) = 1 whatever u) but +-1e-9 in float32, with
+    a sign that depends on how the batch was computed; Adam normalises that into a full +-lr step of
+    the embedding rows of tokens seen only there, so any change of batching (more ranks, or another
+    engine) moves those weights by ~lr. That is Adam's, not the engine's.
+    """
+    import shutil
+
+    root = tmp_path_factory.mktemp("distinct-sts") / "data"
+    shutil.copytree(small_data, root)
+    sts_train = root / "KorSTS" / "sts-train.tsv"
+    lines = sts_train.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if line.rstrip("\n").split("\t")[5] != line.rstrip("\n").split("\t")[6]]
+    assert len(lines) - len(kept) == 3
+    sts_train.write_text("".join(kept), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
 def tiny_deberta_dropout(tmp_path_factory, tiny_deberta) -> Path:
     """The tiny DeBERTa-v2 with dropout 0.1, for runs whose exactness depends on the RNG state."""
     import json

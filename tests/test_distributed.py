@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -123,22 +124,13 @@ def test_sts_objectives_over_two_ranks_equal_the_single_process():
 
 
 @pytest.fixture(scope="module")
-def ddp_data(small_data, tmp_path_factory) -> Path:
-    """small_data with a 21-pair STS train: batches of 4 end in a 1-pair batch that one of two ranks lacks.
-
-    The STS pairs of identical sentences are left out. Their gradient is zero in exact arithmetic
-    (cos(u, u) = 1 whatever u) but +-1e-9 in float32, with a sign that depends on how the batch
-    was split; Adam normalises that into a full +-lr step, so any change of batching (more
-    ranks, or another engine) moves those weights by ~lr. That is Adam's, not the engine's.
-    """
-    root = tmp_path_factory.mktemp("ddp-data")
-    for part in ("KorNLI", "KorSTS"):
-        (root / part).mkdir()
-        for file in (small_data / part).iterdir():
-            lines = file.read_text(encoding="utf-8").splitlines(keepends=True)
-            if file.name == "sts-train.tsv":
-                lines = [l for l in lines if l.rstrip("\n").split("\t")[5] != l.rstrip("\n").split("\t")[6]][:22]
-            (root / part / file.name).write_text("".join(lines), encoding="utf-8")
+def ddp_data(distinct_sts_data, tmp_path_factory) -> Path:
+    """distinct_sts_data (no pair of identical sentences: see there) with a 21-pair STS train:
+    batches of 4 end in a 1-pair batch that one of two ranks lacks."""
+    root = tmp_path_factory.mktemp("ddp-data") / "data"
+    shutil.copytree(distinct_sts_data, root)
+    sts_train = root / "KorSTS" / "sts-train.tsv"
+    sts_train.write_text("".join(sts_train.read_text(encoding="utf-8").splitlines(keepends=True)[:22]), encoding="utf-8")
     return root
 
 
