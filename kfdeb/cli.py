@@ -29,15 +29,42 @@ def run(main: Callable[[], int | None]) -> None:
         status = main()
     except UserInputError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        status = 2
     except FloatingPointError as err:  # every rank stops at the same step with the same message
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        status = 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(status or 0)
+        status = 130
+    exit_process(status or 0)
+
+
+def exit_process(status: int) -> None:
+    """End the process with `status`; a torchrun worker ends without tearing the interpreter down.
+
+    Why: torch keeps the process group's worker threads alive after destroy_process_group (DDP
+    and the differentiable all_gather hold references to it). Such a thread drops its last
+    reference to a finished collective a moment after the collective returns; when that moment
+    falls inside the interpreter's teardown and the collective held a tensor with a Python
+    object (all_gather_object's, the loss's), the thread must take the GIL of a finalizing
+    interpreter, is made to exit, and unwinding through a C++ destructor calls std::terminate:
+    SIGABRT, "terminate called without an active exception", after a run that succeeded. Its
+    torchrun agent then reports a failure and skips the exit barrier, so the other nodes' agents
+    wait there 300 s. Seen in 3 of 50 runs of tests/test_distributed.py on 2 busy cores (the
+    core's stacks: gloo's runLoop in ~AsyncBarrierWork -> ~AsyncAllgatherWork -> decref ->
+    take_gil -> pthread_exit, the main thread in Py_FinalizeEx). Every collective has finished
+    when a worker gets here (train ends in a barrier, errors are agreed by all ranks), so the
+    process flushes its output and leaves at once, with nothing left to tear down.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -136,7 +163,9 @@ def export_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="export.py",
         description="Export a sentence encoder (encoder + mean pooling [+ normalize]) as one ONNX graph with "
-                    "inputs input_ids, attention_mask and outputs sentence_embedding, token_embeddings; "
+                    "inputs input_ids, attention_mask (and token_type_ids for models with segments) and outputs "
+                    "sentence_embedding, last_hidden_state (the names sentence-transformers' ONNX backend and "
+                    "transformers.js read); "
                     "check it against PyTorch on onnxruntime.",
     )
     parser.add_argument("ckpt", help="kfdeb output dir, Hugging Face or sentence-transformers folder")
@@ -158,7 +187,8 @@ def export_main(argv: list[str] | None = None) -> int:
     import kfdeb.onnx as kfdeb_onnx
     from kfdeb.data import BUNDLED_DATA_DIR, read_sts
     from kfdeb.evaluation import distinct_sentences
-    from kfdeb.model import load_encoder, resolve_model_dir
+    from kfdeb.model import load_encoder
+    from kfdeb.weights import resolve_model_dir
 
     if args.output is None and not Path(args.ckpt).is_dir():
         resolve_model_dir(args.ckpt)  # a missing folder or a file: its own message
@@ -184,7 +214,8 @@ def export_main(argv: list[str] | None = None) -> int:
     if not args.check:
         print("check skipped (--no-check)")
     for variant, path in result.paths.items():
-        what = f"opset {args.opset}; inputs input_ids, attention_mask; outputs sentence_embedding, token_embeddings"
+        what = (f"opset {args.opset}; inputs {', '.join(kfdeb_onnx.input_names(encoder))}; "
+                f"outputs {', '.join(kfdeb_onnx.OUTPUT_NAMES)}")
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB" + (f", {what})" if variant == "fp32" else ")"))
     print(f"wrote the tokenizer and {METADATA_FILE} beside it")
     if args.quantize or args.fp16:

@@ -44,6 +44,7 @@ class TrainConfig:
     max_seq_length: int = 256
     nli_batch_size: int = 64
     sts_batch_size: int = 8
+    batch_size: int = 0  # the reference's training_nli.py / training_sts.py flag: the one objective's batch size (0: unset)
     nli_mini_batch_size: int = 0  # > 0: GradCache, embed the NLI batch this many triplets at a time (same gradient)
     num_epochs: int = 10
     max_steps: int = 0  # > 0: stop there, and the schedule spans max_steps
@@ -62,6 +63,7 @@ class TrainConfig:
     eval_batch_size: int = 64
     metric_for_best: str = "max_spearman"
     output_dir: str = "output"
+    output_prefix: str = ""  # as the reference scripts: the run lives in output_dir/<prefix><model id, / as -> (no timestamp)
     hub_model_id: str = ""  # the name the model card's usage snippets use (default: the output folder's name)
     save_steps: int = 1000  # resumable-state interval in steps (also written at every epoch end)
     logging_steps: int = 10
@@ -77,6 +79,13 @@ class TrainConfig:
     progress: bool = True
     preset: str = ""
     config: str = ""
+
+    @property
+    def run_dir(self) -> Path:
+        """The run's folder: output_dir, or with --output_prefix the reference scripts' subfolder of it (no timestamp)."""
+        if not self.output_prefix:
+            return Path(self.output_dir)
+        return Path(self.output_dir) / (self.output_prefix + self.model_name_or_path.strip("/").replace("/", "-"))
 
     @property
     def task_list(self) -> list[str]:
@@ -130,6 +139,14 @@ _HELP = {
     "score_max": "the highest score of the --sts_*_file files: label = score / score_max, a score outside "
                  "0..score_max is an error (KorSTS files under data_dir are always 0..5)",
     "tasks": "comma-separated objectives: nli, sts or nli,sts",
+    "batch_size": "the flag of the reference's single-objective scripts (training_nli.py, training_sts.py): the "
+                  "global batch size of the one objective of --tasks (with --preset nli: --nli_batch_size; with "
+                  "--preset sts: --sts_batch_size); refused with both objectives (0: unset)",
+    "output_prefix": "as the reference training scripts: the run's folder becomes "
+                     "output_dir/<prefix><model_name_or_path with / as ->, e.g. --output_prefix kor_multi_ with the "
+                     "default model gives output/kor_multi_kakaobank-kf-deberta-base. The reference also appended a "
+                     "timestamp; kfdeb does not, so the same command line finds its own run again with --resume "
+                     "(\"\": the run's folder is output_dir itself)",
     "nli_mini_batch_size": "GradCache: embed each rank's NLI batch this many triplets at a time, for the exact "
                            "gradient of a large --nli_batch_size at the memory of a small one (0: off)",
     "nli_triplet_scope": "per_file (reference: triplets built file by file, then concatenated) or union "
@@ -247,15 +264,35 @@ def resolve(overrides: dict[str, Any]) -> TrainConfig:
     unknown = [key for key in values if key not in _FIELDS]
     if unknown:
         raise UserInputError(f"{unknown[0]}: unknown config key")
+    if values.get("batch_size"):
+        values.update(_single_objective_batch_size(values, {**file_values, **overrides}))
     config = TrainConfig(**values)
     validate(config)
     return config
+
+
+def _single_objective_batch_size(values: dict[str, Any], given: dict[str, Any]) -> dict[str, int]:
+    """--batch_size as training_nli.py / training_sts.py mean it: the batch of the one objective trained."""
+    tasks = [t.strip() for t in str(values.get("tasks", TrainConfig.tasks)).split(",") if t.strip()]
+    size = values["batch_size"]
+    if len(tasks) != 1 or tasks[0] not in TASKS:
+        raise UserInputError(f"--batch_size {size}: the batch size of a single-objective run (--preset nli or sts, "
+                             "as training_nli.py / training_sts.py); with both objectives give --nli_batch_size "
+                             "and --sts_batch_size")
+    key = f"{tasks[0]}_batch_size"
+    if key in given and given[key] != size:
+        raise UserInputError(f"--batch_size {size} and --{key} {given[key]} name the same batch; give one of them")
+    return {key: size}
 
 
 def validate(config: TrainConfig) -> None:
     tasks = config.task_list
     if not tasks or any(t not in TASKS for t in tasks) or len(set(tasks)) != len(tasks):
         raise UserInputError(f"--tasks {config.tasks!r}: expected nli, sts or nli,sts")
+    if config.batch_size < 0:
+        raise UserInputError(f"--batch_size {config.batch_size}: must be at least 1")
+    if "/" in config.output_prefix or config.output_prefix in (".", ".."):
+        raise UserInputError(f"--output_prefix {config.output_prefix!r}: a folder-name prefix, without '/'")
     for name in ("max_seq_length", "nli_batch_size", "sts_batch_size", "eval_batch_size", "num_epochs",
                  "eval_steps", "save_steps", "logging_steps", "dist_timeout"):
         if getattr(config, name) < 1:

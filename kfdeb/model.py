@@ -1,4 +1,4 @@
-"""The sentence encoder: a transformers encoder, our masked mean pooling, and the checkpoint format.
+"""The sentence encoder: a transformers encoder, our masked mean pooling, encode, and the checkpoint format.
 
 embedding(s) = mean of the encoder's last hidden states over the tokens of s (see pooling.py),
 optionally L2-normalised (models whose sentence-transformers folder ends in a Normalize module).
@@ -6,39 +6,28 @@ Text is tokenized once into id lists truncated to max_seq_length ([CLS] ... [SEP
 batches are padded to their own longest row, never to max_seq_length.
 
 DeBERTa-v2 encoders get the windowed disentangled-attention bias of deberta.py (same results,
-less work). Loads: a kfdeb checkpoint, any Hugging Face encoder folder, a sentence-transformers folder (v2
-layout, mean pooling; other poolings are refused), or a hub id.
-
-Weights are read as they are published. A folder (or hub repo) with `model.safetensors` (or its
-sharded index) is read from those; one with only `pytorch_model.bin` (or its sharded index), like
-kakaobank/kf-deberta-base, is unpickled here with `torch.load(weights_only=True)`, which admits
-tensors, containers and numbers only: a pickle that would run code is refused with a one-line
-error, never run, and transformers is handed the tensors, never the file. A hub id downloads the
-configs and tokenizer files first, then lists the repo's files and fetches only the weights it
-will read: the safetensors where the repo has both. huggingface_hub does the transfers, so
-HF_ENDPOINT, HF_HOME / HF_HUB_CACHE, tokens and HF_HUB_OFFLINE (the cache only) apply.
+less work). `load_encoder` opens a kfdeb checkpoint, any Hugging Face encoder folder, a
+sentence-transformers folder (st_folder.py) or a hub id; weights.py finds, reads and checks the
+weights.
 
 Checkpoint format (what `save` writes; `SentenceTransformer(dir)` and `AutoModel.from_pretrained(dir)`
 open it unchanged; weights are safetensors only, so loading never unpickles):
     config.json, model.safetensors, tokenizer files        the Hugging Face encoder
-    modules.json, sentence_bert_config.json,                the sentence-transformers v2 layout
+    modules.json, sentence_bert_config.json,                the sentence-transformers layout (st_folder.py)
     1_Pooling/config.json (mean tokens)
     kfdeb.json                                              our metadata: config, metrics, step
-Every file is written to a scratch folder first and renamed into place, weights before
+Every file is written to a scratch folder first and renamed into place (files.py), weights before
 kfdeb.json, so a reader (or a run killed mid-save) never sees a half-written file.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import pickle
-import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Collection, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -47,61 +36,13 @@ import torch.nn.functional as F
 from kfdeb import deberta
 from kfdeb.data import length_sorted_chunks, pad_batch
 from kfdeb.errors import UserInputError, first_line
+from kfdeb.files import json_text, publish_files, read_json
 from kfdeb.pooling import masked_mean_pool
+from kfdeb.st_folder import read_layout, write_layout
+from kfdeb.weights import load_transformer, resolve_model_dir
 
 DEFAULT_MAX_SEQ_LENGTH = 256
 KFDEB_METADATA = "kfdeb.json"
-RUN_BEST_DIR = "best"  # where a training run keeps its best model (run.py)
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-# What a hub download fetches before the weights, at any depth: configs (the encoder's, the
-# sentence-transformers modules', shard indexes) and tokenizer files (tokenizer.json, vocab.txt,
-# sentencepiece *.model). Never *.py: kfdeb does not run a repo's code.
-_HUB_CONFIG_FILES = ["*.json", "*.txt", "*.model"]
-# Weight files, in order of preference, each whole or sharded (NAME.index.json lists the shards):
-# safetensors cannot run code when read; a pickled .bin is for repos published before
-# safetensors existed, and is read with weights_only=True.
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserInputError(f"{path}: unreadable JSON ({err})") from None
-
-
-def _write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
-    """A local folder for `name_or_path`: the folder itself, or a hub id's downloaded snapshot."""
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise UserInputError(f"{path}: not a model folder (it is a file)")
-        return run_model_dir(path)
-    text = str(name_or_path)
-    if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
-        raise UserInputError(f"{path}: no such model folder")
-    try:
-        return _download_from_hub(text)
-    except UserInputError:
-        raise
-    except Exception as err:  # any hub failure (offline, unknown id, gated) is the user's to fix
-        raise UserInputError(
-            f"{text}: not a local folder, and the Hugging Face hub could not provide it ({first_line(err, 160)}); "
-            "pass a local model folder"
-        ) from None
-
-
-def run_model_dir(folder: Path) -> Path:
-    """A training run's folder stands for its best model (`best/`, see run.py); any other folder for itself."""
-    if not (folder / "config.json").exists() and not (folder / "modules.json").exists() \
-            and (folder / RUN_BEST_DIR / "config.json").exists():
-        return folder / RUN_BEST_DIR
-    return folder
-
 
 @contextlib.contextmanager
 def tf32_matmuls(device: torch.device):
@@ -120,169 +61,6 @@ def tf32_matmuls(device: torch.device):
         yield
     finally:
         torch.set_float32_matmul_precision(previous)
-
-
-def weight_files(names: Collection[str], folder: Path) -> list[str]:
-    """Which of the files `names` of an encoder folder hold its weights, as transformers would choose them.
-
-    `model.safetensors`, else its index and the shards it lists, else the same for
-    `pytorch_model.bin`; [] if none. `folder` is where the indexes are read (the local folder, or
-    the snapshot a hub repo's configs were downloaded to).
-    """
-    for single in _WEIGHT_FILES:
-        if single in names:
-            return [single]
-        index = f"{single}.index.json"
-        if index in names:
-            return [index, *_shards(folder / index, single)]
-    return []
-
-
-def _shards(index_path: Path, single: str) -> list[str]:
-    index = read_json(index_path)
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    suffix = Path(single).suffix
-    # plain file names next to the index, of the indexed kind: nothing outside the folder is read
-    if not isinstance(weight_map, dict) or not weight_map or not all(
-        isinstance(name, str) and name.endswith(suffix) and "/" not in name and "\\" not in name
-        for name in weight_map.values()
-    ):
-        raise UserInputError(f"{index_path}: expected a weight_map of parameter names to {suffix} files beside it")
-    return sorted(set(weight_map.values()))
-
-
-def _download_from_hub(repo_id: str) -> Path:
-    """The cached snapshot of hub repo `repo_id` with its configs, tokenizer files and the encoder's weights."""
-    from huggingface_hub import HfApi, snapshot_download
-
-    # Configs first: they say where the encoder lives (modules.json) and whether kfdeb can use
-    # the model at all (pooling), before hundreds of MB of weights are fetched. Offline, this
-    # serves the cache or raises.
-    folder = Path(snapshot_download(repo_id, allow_patterns=_HUB_CONFIG_FILES))
-    commit = folder.name  # snapshots/<commit>: the weights must come from the same commit
-    encoder_dir = _encoder_dir(folder)
-    try:
-        repo_files = HfApi().list_repo_files(repo_id, revision=commit)
-    except Exception as err:  # offline or unreachable: what the cache holds, if it holds weights
-        cached = weight_files(os.listdir(encoder_dir), encoder_dir)
-        if cached and all((encoder_dir / name).is_file() for name in cached):
-            return folder
-        raise UserInputError(
-            f"{repo_id}: the hub could not list the repo's files ({first_line(err, 160)}) "
-            "and no weights of it are cached"
-        ) from None
-    relative = encoder_dir.relative_to(folder).as_posix()
-    prefix = "" if relative == "." else f"{relative}/"
-    names = {f[len(prefix):] for f in repo_files if f.startswith(prefix) and "/" not in f[len(prefix):]}
-    weights = [prefix + name for name in weight_files(names, encoder_dir) if not name.endswith(".index.json")]
-    if not weights:
-        raise UserInputError(
-            f"{repo_id}: the hub repo has no model.safetensors or pytorch_model.bin{f' in {prefix}' if prefix else ''}; "
-            "kfdeb reads PyTorch weights only"
-        )
-    snapshot_download(repo_id, revision=commit, allow_patterns=weights)
-    return folder
-
-
-def _encoder_dir(folder: Path) -> Path:
-    """Where the transformers encoder of a model folder lives (a sentence-transformers module may sit in a subfolder)."""
-    if (folder / "modules.json").exists():
-        return _sentence_transformers_layout(folder)["transformer_dir"]
-    return folder
-
-
-def read_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a pickled `pytorch_model*.bin`, unpickled with `torch.load(weights_only=True)`.
-
-    weights_only admits tensors, containers and numbers only, so a pickle that would import or
-    call anything else (run code) is refused before any of it runs.
-    """
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # the weights-only unpickler met something it does not admit
-        _, _, detail = str(err).partition("WeightsUnpickler error:")
-        # torch's own advice (allowlist the global, or weights_only=False) is what must not be done here
-        reason = detail.strip().split(" Please use")[0].splitlines()[0] if detail.strip() else first_line(err)
-        raise UserInputError(
-            f"{path}: refused: not a plain state dict of tensors ({reason}); kfdeb never runs code from a pickle"
-        ) from None
-    except Exception as err:  # truncated, not a pickle, not a torch file: whatever torch.load trips on
-        raise UserInputError(f"{path}: unreadable PyTorch weights ({type(err).__name__}: {first_line(err)})") from None
-    if not isinstance(state_dict, dict) or not all(
-        isinstance(name, str) and isinstance(value, torch.Tensor) for name, value in state_dict.items()
-    ):
-        raise UserInputError(f"{path}: not a state dict (parameter names to tensors)")
-    return state_dict
-
-
-def _load_transformer(folder: Path) -> torch.nn.Module:
-    """The transformers encoder in `folder` in float32, its weights read as published (module docstring)."""
-    from transformers import MODEL_MAPPING, AutoConfig, AutoModel
-
-    weights = weight_files(os.listdir(folder), folder)
-    if not weights or weights[0].startswith("model.safetensors"):  # neither: transformers says what it looked for
-        return AutoModel.from_pretrained(str(folder), dtype=torch.float32)
-    config = AutoConfig.from_pretrained(str(folder))
-    state_dict: dict[str, torch.Tensor] = {}
-    for name in weights:
-        if not name.endswith(".index.json"):
-            state_dict.update(read_pickled_state_dict(folder / name))
-    if type(config) not in MODEL_MAPPING:
-        raise UserInputError(f"{folder / 'config.json'}: model type {config.model_type!r} has no transformers encoder class")
-    # No path: transformers gets the tensors only, so it has no file of its own to unpickle.
-    return MODEL_MAPPING[type(config)].from_pretrained(None, config=config, state_dict=state_dict, dtype=torch.float32)
-
-
-def _sentence_transformers_layout(folder: Path) -> dict[str, Any]:
-    """Where the encoder lives in a sentence-transformers folder, and its pooling settings."""
-    modules = read_json(folder / "modules.json")
-    if not isinstance(modules, list) or not modules:
-        raise UserInputError(f"{folder / 'modules.json'}: expected a non-empty list of modules")
-    layout: dict[str, Any] = {"transformer_dir": folder, "normalize": False, "pooling": None}
-    for module in modules:
-        kind = str(module.get("type", "")).rsplit(".", 1)[-1]
-        module_dir = folder / module.get("path", "")
-        if kind == "Transformer":
-            layout["transformer_dir"] = module_dir
-        elif kind == "Pooling":
-            layout["pooling"] = _pooling_mode(module_dir / "config.json")
-        elif kind == "Normalize":
-            layout["normalize"] = True
-        else:
-            raise UserInputError(
-                f"{folder / 'modules.json'}: module {module.get('type')!r} is not supported "
-                "(kfdeb models are Transformer + mean Pooling [+ Normalize])"
-            )
-    if layout["pooling"] is None:
-        raise UserInputError(f"{folder / 'modules.json'}: no Pooling module")
-    return layout
-
-
-def _pooling_mode(config_path: Path) -> str:
-    config = read_json(config_path)
-    modes = config.get("pooling_mode")
-    if modes is None:  # the v2 layout: one boolean per mode; none set means mean
-        modes = [k[len("pooling_mode_"):] for k, v in config.items() if k.startswith("pooling_mode_") and v]
-        modes = modes or ["mean_tokens"]
-    modes = [modes] if isinstance(modes, str) else list(modes)
-    if modes not in (["mean"], ["mean_tokens"]):
-        raise UserInputError(
-            f"{config_path}: pooling {'+'.join(modes)} is not supported: kfdeb models use mean pooling "
-            "(pooling_mode_mean_tokens)"
-        )
-    return "mean"
-
-
-def move_files_into(scratch: Path, folder: Path, order: Callable[[Path], Any]) -> None:
-    """Move every file under `scratch` to the same place under `folder`, each by one atomic rename.
-
-    Files go in ascending `order(relative path)`, so a reader never sees a file before those it
-    depends on; the caller writes everything into `scratch` (a folder on the same filesystem) first.
-    """
-    files = sorted((p.relative_to(scratch) for p in scratch.rglob("*") if p.is_file()), key=lambda p: (order(p), p))
-    for relative in files:
-        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(scratch / relative, folder / relative)
 
 
 ENCODE_WINDOW = 16384  # sentences tokenized and length-sorted at a time by encode
@@ -420,6 +198,7 @@ class SentenceEncoder(torch.nn.Module):
         self,
         input_ids: torch.Tensor | Sequence[torch.Tensor],
         attention_mask: torch.Tensor | Sequence[torch.Tensor],
+        token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sentence embeddings of one padded batch, or of several (lists of tensors), rows concatenated.
 
@@ -428,9 +207,11 @@ class SentenceEncoder(torch.nn.Module):
         """
         if isinstance(input_ids, (list, tuple)):
             return torch.cat([self(ids, mask) for ids, mask in zip(input_ids, attention_mask)])
-        # No token_type_ids: single sentences are all segment 0, which is what BERT-style models
-        # default to, and DeBERTa-v2 with type_vocab_size 0 ignores them anyway.
-        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # token_type_ids: None everywhere but the ONNX export (whose graph takes them where the
+        # model has segments): single sentences are all segment 0, BERT-style models' default,
+        # and DeBERTa-v2 with type_vocab_size 0 has no segment embedding at all.
+        segments = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask, **segments).last_hidden_state
         embeddings = masked_mean_pool(hidden, attention_mask)
         return F.normalize(embeddings, dim=-1) if self.normalize else embeddings
 
@@ -496,37 +277,13 @@ class SentenceEncoder(torch.nn.Module):
         try:
             self.transformer.save_pretrained(scratch, safe_serialization=True)
             self.tokenizer.save_pretrained(scratch)
-            modules = [
-                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-            ]
-            if self.normalize:
-                modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
-                (scratch / "2_Normalize").mkdir()
-            _write_json(scratch / "modules.json", modules)
-            _write_json(
-                scratch / "sentence_bert_config.json",
-                {"max_seq_length": self.max_seq_length, "do_lower_case": self.do_lower_case},
-            )
-            (scratch / "1_Pooling").mkdir()
-            _write_json(
-                scratch / "1_Pooling" / "config.json",
-                {
-                    "word_embedding_dimension": self.dimension,
-                    "pooling_mode_cls_token": False,
-                    "pooling_mode_mean_tokens": True,
-                    "pooling_mode_max_tokens": False,
-                    "pooling_mode_mean_sqrt_len_tokens": False,
-                    "pooling_mode_weightedmean_tokens": False,
-                    "pooling_mode_lasttoken": False,
-                    "include_prompt": True,
-                },
-            )
-            self.metadata = {**self.metadata, **(metadata or {})}
-            _write_json(scratch / KFDEB_METADATA, {"format": "kfdeb/1", **self.metadata})
+            write_layout(scratch, self.dimension, self.max_seq_length, self.do_lower_case, self.normalize)
+            # the metadata given, over what this model was loaded with; self.metadata stays as it was
+            (scratch / KFDEB_METADATA).write_text(json_text({"format": "kfdeb/1", **self.metadata, **(metadata or {})}),
+                                                 encoding="utf-8")
             # weights after the configs and kfdeb.json last: a reader that sees the new metadata
             # also sees the weights it describes.
-            move_files_into(scratch, path, order=lambda p: (p.name == KFDEB_METADATA, p.suffix == ".safetensors"))
+            publish_files(scratch, path, order=lambda p: (p.name == KFDEB_METADATA, p.suffix == ".safetensors"))
             if self.normalize:
                 (path / "2_Normalize").mkdir(exist_ok=True)
         finally:
@@ -543,17 +300,9 @@ def load_encoder(
     from transformers import AutoTokenizer
 
     folder = resolve_model_dir(name_or_path)
-    normalize, do_lower_case, saved_length, metadata = False, False, None, {}
-    transformer_dir = folder
-    if (folder / "modules.json").exists():
-        layout = _sentence_transformers_layout(folder)
-        transformer_dir, normalize = layout["transformer_dir"], layout["normalize"]
-    if (transformer_dir / "sentence_bert_config.json").exists():
-        st_config = read_json(transformer_dir / "sentence_bert_config.json")
-        saved_length = st_config.get("max_seq_length")
-        do_lower_case = bool(st_config.get("do_lower_case", False))
-    if (folder / KFDEB_METADATA).exists():
-        metadata = read_json(folder / KFDEB_METADATA)
+    layout = read_layout(folder)
+    transformer_dir = layout.transformer_dir
+    metadata = read_json(folder / KFDEB_METADATA) if (folder / KFDEB_METADATA).exists() else {}
     if not (transformer_dir / "config.json").exists():
         raise UserInputError(
             f"{folder}: not a model folder (no config.json); expected a kfdeb checkpoint, "
@@ -561,20 +310,21 @@ def load_encoder(
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(transformer_dir))
-        transformer = _load_transformer(transformer_dir)
     except (OSError, ValueError, KeyError) as err:
-        raise UserInputError(f"{transformer_dir}: cannot load the encoder ({first_line(err)})") from None
+        raise UserInputError(f"{transformer_dir}: cannot load the tokenizer ({first_line(err)})") from None
+    transformer = load_transformer(transformer_dir)
     if transformer.config.model_type == "deberta-v2":
         deberta.install(transformer)  # same maths, only the relative positions a batch can use
+    saved_length = layout.max_seq_length
     tokenizer_length = getattr(tokenizer, "model_max_length", None)
-    if saved_length is None and (folder / "modules.json").exists() and isinstance(tokenizer_length, int) \
+    if saved_length is None and layout.is_sentence_transformers and isinstance(tokenizer_length, int) \
             and tokenizer_length < 10**6:  # transformers' "no limit" is 1e30
         saved_length = tokenizer_length  # newer sentence-transformers save the length here, not in sentence_bert_config
     length = max_seq_length or saved_length or DEFAULT_MAX_SEQ_LENGTH
     model_limit = getattr(transformer.config, "max_position_embeddings", None)
     if getattr(transformer.config, "position_biased_input", True) and model_limit and length > model_limit:
         length = model_limit  # absolute position embeddings end there; relative attention has no limit
-    encoder = SentenceEncoder(transformer, tokenizer, int(length), normalize, do_lower_case, metadata)
+    encoder = SentenceEncoder(transformer, tokenizer, int(length), layout.normalize, layout.do_lower_case, metadata)
     if device is not None:
         encoder.to(device)
     return encoder

@@ -3,15 +3,19 @@
 The graph is `SentenceEncoder.forward` itself, traced by torch's TorchScript-based exporter
 (`torch.onnx.export(..., dynamo=False)`; the dynamo exporter needs onnxscript):
 
-    inputs   input_ids (B x L, int64), attention_mask (B x L, int64; 1 = token, 0 = padding)
-    outputs  token_embeddings   h = the encoder's last hidden states           (B x L x H, float32)
+    inputs   input_ids (B x L, int64), attention_mask (B x L, int64; 1 = token, 0 = padding),
+             token_type_ids (B x L, int64) for models with segment embeddings (type_vocab_size > 1:
+             BERT), as Hugging Face's ONNX exports take them; none for DeBERTa-v2 (type_vocab_size
+             0) or RoBERTa/XLM-R (1), whose exports take ids and mask only
+    outputs  last_hidden_state  h = the encoder's last hidden states           (B x L x H, float32)
              sentence_embedding e_b = sum_l m_bl h_bl / max(sum_l m_bl, 1e-9)  (B x H, float32),
                                 then e_b / ||e_b|| if the model ends in a Normalize module
-B and L are dynamic. There is no token_type_ids input: SentenceEncoder.forward never passes one,
-so BERT-style models use their all-zero default (segment 0, what a single sentence is) and
-DeBERTa-v2 with type_vocab_size 0 has none; a runtime that tokenizes with tokenizer.json drops
-the token_type_ids it returns. Pooling stays in one place: the exporter inlines our
-MaskedMeanPool autograd.Function into its bmm (MatMul) and division, and token_embeddings are
+B and L are dynamic. The names are the Hugging Face export conventions that the runtimes users
+serve with read: sentence-transformers' `backend="onnx"` (optimum's feature-extraction model)
+takes `last_hidden_state` and pools it itself, transformers.js too, and a runtime feeds only the
+inputs the graph declares. A single sentence is segment 0, so kfdeb feeds zeros as token_type_ids
+and PyTorch's default is the same. Pooling stays in one place: the exporter inlines our
+MaskedMeanPool autograd.Function into its bmm (MatMul) and division, and last_hidden_state is
 the same hidden states, caught on their way into the pooling by a forward hook. DeBERTa-v2's
 windowed attention bias (deberta.py) steps aside while tracing (its window would freeze to the
 example's length), so the graph holds transformers' full-table bias: the same sums, which the
@@ -43,6 +47,7 @@ one (overflow, a dropped cast: errors of order 1) still fails.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -54,7 +59,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -62,16 +67,16 @@ import torch.nn.functional as F
 
 from kfdeb.data import pad_batch
 from kfdeb.errors import UserInputError, first_line
-from kfdeb.model import (
-    SentenceEncoder, encode_in_length_order, move_files_into, read_json, sentence_transformers_options,
-)
+from kfdeb.files import publish_files, read_json
+from kfdeb.model import SentenceEncoder, encode_in_length_order, sentence_transformers_options
 
 # 14: the lowest opset whose DeBERTa-v2 graph onnxruntime accepts and that we test; 20: the
 # TorchScript exporter's highest own opset (above it torch converts with onnx's version converter).
 SUPPORTED_OPSETS = range(14, 21)
 DEFAULT_OPSET = 17
-INPUT_NAMES = ("input_ids", "attention_mask")
-OUTPUT_NAMES = ("sentence_embedding", "token_embeddings")
+INPUT_NAMES = ("input_ids", "attention_mask")  # every graph's; plus TOKEN_TYPES for models with segments
+TOKEN_TYPES = "token_type_ids"
+OUTPUT_NAMES = ("sentence_embedding", "last_hidden_state")
 VARIANTS = {"fp16", "int8"}  # written beside model.onnx as model.<variant>.onnx
 METADATA_FILE = "kfdeb_onnx.json"
 FP32_TOLERANCE = 1e-4
@@ -114,6 +119,19 @@ def check_arguments(output: str | os.PathLike, opset: int, quantize: str | None 
         raise UserInputError(f"--quantize {quantize}: only int8 is supported")
 
 
+def input_names(encoder: SentenceEncoder) -> tuple[str, ...]:
+    """The graph's inputs: ids and mask, and token_type_ids where the model has segment embeddings."""
+    return INPUT_NAMES + ((TOKEN_TYPES,) if getattr(encoder.transformer.config, "type_vocab_size", 0) > 1 else ())
+
+
+def feed(names: Sequence[str], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, np.ndarray]:
+    """onnxruntime's inputs for a padded batch: every sentence is segment 0."""
+    values = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
+    if TOKEN_TYPES in names:
+        values[TOKEN_TYPES] = np.zeros_like(values["input_ids"])
+    return values
+
+
 class _ExportGraph(torch.nn.Module):
     """SentenceEncoder.forward unchanged, also returning the token states it pooled."""
 
@@ -121,28 +139,52 @@ class _ExportGraph(torch.nn.Module):
         super().__init__()
         self.encoder = encoder
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None):
         caught: list[torch.Tensor] = []
         hook = self.encoder.transformer.register_forward_hook(lambda _m, _a, out: caught.append(out[0]))
         try:
-            sentence = self.encoder(input_ids, attention_mask)
+            sentence = self.encoder(input_ids, attention_mask, token_type_ids)
         finally:
             hook.remove()
         return sentence, caught[0]
 
 
+@contextlib.contextmanager
+def _plain_python_functions(transformer: torch.nn.Module) -> Iterator[None]:
+    """The model module's TorchScript-compiled helpers replaced by their Python originals, for tracing.
+
+    transformers 4.x compiles DeBERTa-v2's position helpers with @torch.jit.script (5.x does not);
+    traced, their `if` branches become ONNX If nodes whose subgraphs read values the exporter
+    places after them, which onnx.checker rejects ("Nodes in a graph must be topologically
+    sorted"). torch keeps each compiled function's source function (`_torchdynamo_inline`), and
+    the functions are looked up by name at call time, so swapping the module's globals suffices.
+    """
+    module = sys.modules[type(transformer).__module__]
+    compiled = {name: value for name, value in vars(module).items()
+                if isinstance(value, torch.jit.ScriptFunction) and hasattr(value, "_torchdynamo_inline")}
+    for name, value in compiled.items():
+        setattr(module, name, value._torchdynamo_inline)
+    try:
+        yield
+    finally:
+        for name, value in compiled.items():
+            setattr(module, name, value)
+
+
 def _torch_export(encoder: SentenceEncoder, path: Path, opset: int) -> None:
+    names = input_names(encoder)
     input_ids, attention_mask = pad_batch(encoder.tokenize(_EXAMPLE), encoder.pad_id)
-    dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-               "sentence_embedding": {0: "batch"}, "token_embeddings": {0: "batch", 1: "sequence"}}
+    example = tuple(torch.from_numpy(value) for value in feed(names, input_ids, attention_mask).values())
+    dynamic = {**{name: {0: "batch", 1: "sequence"} for name in names},
+               "sentence_embedding": {0: "batch"}, "last_hidden_state": {0: "batch", 1: "sequence"}}
     was_training, device = encoder.training, encoder.device
     encoder.eval().cpu()  # traced on the CPU so the graph holds no device-specific constants
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), _plain_python_functions(encoder.transformer):
             warnings.simplefilter("ignore")  # TracerWarnings about Python-side shape arithmetic, verified below
             torch.onnx.export(
-                _ExportGraph(encoder), (input_ids, attention_mask), str(path), dynamo=False,
-                opset_version=opset, input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+                _ExportGraph(encoder), example, str(path), dynamo=False,
+                opset_version=opset, input_names=list(names), output_names=list(OUTPUT_NAMES),
                 dynamic_axes=dynamic, do_constant_folding=True,
             )
     except Exception as err:  # an architecture or op the exporter cannot express
@@ -177,8 +219,7 @@ def verify(path: str | os.PathLike, encoder: SentenceEncoder, relative: bool = F
         input_ids, attention_mask = pad_batch(encoder.tokenize(sentences), encoder.pad_id)
         reference = _pytorch_outputs(encoder, input_ids, attention_mask)
         try:
-            feed = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
-            got = session.run(list(OUTPUT_NAMES), feed)
+            got = session.run(list(OUTPUT_NAMES), feed([i.name for i in session.get_inputs()], input_ids, attention_mask))
         except Exception as err:  # e.g. a shape the tracer froze to the example's
             raise UserInputError(
                 f"{Path(path).name}: onnxruntime fails on a batch of {input_ids.shape[0]} x {input_ids.shape[1]} "
@@ -186,7 +227,7 @@ def verify(path: str | os.PathLike, encoder: SentenceEncoder, relative: bool = F
             ) from None
         real = attention_mask.numpy()[..., None].astype(bool)  # padding positions hold no defined value
         for name, expected, actual in zip(OUTPUT_NAMES, reference, got):
-            if name == "token_embeddings":
+            if name == "last_hidden_state":
                 expected, actual = np.where(real, expected, 0), np.where(real, actual, 0)
             worst[name] = max(worst[name], float(np.abs(actual - expected).max()))
             scale[name] = max(scale[name], float(np.abs(expected).max()))
@@ -344,7 +385,7 @@ def _runtime_metadata(encoder: SentenceEncoder, opset: int) -> dict[str, Any]:
         "dimension": encoder.dimension,
         "model_type": getattr(config, "model_type", None),
         "opset": opset,
-        "inputs": list(INPUT_NAMES),
+        "inputs": list(input_names(encoder)),
         "outputs": list(OUTPUT_NAMES),
     }
 
@@ -385,7 +426,7 @@ def export(encoder: SentenceEncoder, output: str | os.PathLike, opset: int = DEF
             quantize_int8(staged["fp32"], staged["int8"], settings,
                           strict=settings.keep_fp32 != Int8Settings().keep_fp32)
         # tokenizer and metadata first, graphs last: whoever sees a new .onnx also sees how to feed it
-        move_files_into(scratch, output.parent, order=lambda p: p.suffix == ".onnx")
+        publish_files(scratch, output.parent, order=lambda p: p.suffix == ".onnx")
         for variant in VARIANTS.difference(staged):  # an older export's: it no longer matches model.onnx
             sibling(output, variant).unlink(missing_ok=True)
     except BaseException:
@@ -430,9 +471,10 @@ class OnnxEncoder:
         if not isinstance(meta, dict) or meta.get("format") != "kfdeb-onnx/1":
             raise UserInputError(f"{path.parent / METADATA_FILE}: not written by this kfdeb (expected format kfdeb-onnx/1)")
         session = _session(path, providers)
-        names = {i.name for i in session.get_inputs()}, {o.name for o in session.get_outputs()}
-        if names[0] != set(INPUT_NAMES) or "sentence_embedding" not in names[1]:
-            raise UserInputError(f"{path}: expected inputs {', '.join(INPUT_NAMES)} and output sentence_embedding")
+        inputs, outputs = {i.name for i in session.get_inputs()}, {o.name for o in session.get_outputs()}
+        if not set(INPUT_NAMES) <= inputs <= {*INPUT_NAMES, TOKEN_TYPES} or "sentence_embedding" not in outputs:
+            raise UserInputError(f"{path}: expected inputs {', '.join(INPUT_NAMES)} [, {TOKEN_TYPES}] "
+                                 "and output sentence_embedding")
         from transformers import AutoTokenizer
 
         try:
@@ -450,8 +492,8 @@ class OnnxEncoder:
         return f"onnxruntime {self.session.get_providers()[0]}"
 
     def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        feed = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
-        return torch.from_numpy(self.session.run(["sentence_embedding"], feed)[0])
+        names = [i.name for i in self.session.get_inputs()]
+        return torch.from_numpy(self.session.run(["sentence_embedding"], feed(names, input_ids, attention_mask))[0])
 
     def encode(
         self,

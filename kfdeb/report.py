@@ -73,7 +73,7 @@ def recipe_text(config: TrainConfig) -> str:
 
 def model_name(config: TrainConfig) -> str:
     """What the card calls the model: --hub_model_id, else the run folder's name (never a local path)."""
-    return config.hub_model_id or Path(config.output_dir).resolve().name
+    return config.hub_model_id or config.run_dir.resolve().name
 
 
 def _matryoshka_section(name: str, config: TrainConfig, summary: dict[str, Any]) -> str:
@@ -98,23 +98,39 @@ of their own. The same checkpoint, embeddings truncated to d:
 """
 
 
+def _local_name(value: str) -> str:
+    """A local path by its last component (a folder's or file's name); anything else (a hub id) as it is."""
+    return Path(value).name if value and Path(value).exists() else value
+
+
+def public_config(config: TrainConfig) -> dict[str, Any]:
+    """The run's config with every local path reduced to its folder or file name, for what gets published
+    (best/kfdeb.json, the model card); train_config.json, outside best/, keeps the full paths."""
+    settings = config.to_dict()
+    settings["model_name_or_path"] = _local_name(config.model_name_or_path)
+    settings["data_dir"] = ("bundled KorNLU files (KorSTS, XNLI dev/test)" if config.data_dir == BUNDLED
+                            else Path(config.data_dir).name)
+    for key in ("output_dir", "cache_dir", "config"):
+        settings[key] = Path(settings[key]).name if settings[key] else settings[key]
+    for key in ("nli_train_files", "sts_train_file", "sts_dev_file", "sts_test_file"):  # own files: their names
+        settings[key] = ",".join(Path(entry.strip()).name for entry in settings[key].split(",") if entry.strip())
+    return settings
+
+
 def write_model_card(model_dir: Path, config: TrainConfig, summary: dict[str, Any]) -> Path:
     """README.md in the model folder `model_dir`; its snippets load the model by `model_name(config)`."""
     name = model_name(config)
     # a local base model or data folder is named by its folder name: a public card holds no local paths
-    base = Path(config.model_name_or_path).name if Path(config.model_name_or_path).exists() else config.model_name_or_path
+    base = _local_name(config.model_name_or_path)
     base_line = f"base_model: {base}\n" if base != TINY_MODEL and not Path(config.model_name_or_path).exists() else ""
     # the hub's dataset tags only for the objectives that trained on KorNLU files
     own_training_files = {"nli": config.nli_train_files, "sts": config.sts_train_file}
     datasets = [{"nli": "kor_nli", "sts": "kor_sts"}[t] for t in config.task_list if not own_training_files[t]]
     datasets_yaml = "datasets:\n" + "".join(f"- {d}\n" for d in datasets) if datasets else ""
-    private = ("progress", "config", "resume", "overwrite_output_dir", "output_dir", "hub_model_id", "device")
-    settings = {k: v for k, v in config.to_dict().items() if k not in private}  # no local paths in a public card
-    settings["model_name_or_path"] = base
-    settings["data_dir"] = ("bundled KorNLU files (KorSTS, XNLI dev/test)" if config.data_dir == BUNDLED
-                            else Path(config.data_dir).name)
-    for key in ("nli_train_files", "sts_train_file", "sts_dev_file", "sts_test_file"):  # own files: their names
-        settings[key] = ",".join(Path(entry.strip()).name for entry in settings[key].split(",") if entry.strip())
+    # what the run computed, not how or where it ran
+    private = ("progress", "config", "resume", "overwrite_output_dir", "output_dir", "output_prefix", "hub_model_id",
+               "device", "cache_dir", "no_cache")
+    settings = {k: v for k, v in public_config(config).items() if k not in private}
     tiny_note = ("\n> This model comes from the offline smoke preset: a tiny DeBERTa-v2 with random initial "
                  "weights trained for a few hundred steps. It proves the pipeline, not quality.\n"
                  if base == TINY_MODEL else "")

@@ -48,13 +48,13 @@ from kfdeb.errors import UserInputError
 from kfdeb.losses import Objective
 from kfdeb.token_cache import Examples, TokenTable
 from kfdeb.evaluation import TABLE_HEADER, StsResult, best_score, evaluate_sts, sts_path, table_row
-from kfdeb.model import RUN_BEST_DIR, SentenceEncoder, load_encoder
+from kfdeb.model import SentenceEncoder, load_encoder
 from kfdeb.optim import build_adamw, build_scheduler, warmup_steps_for
-from kfdeb.report import plot_curves, write_model_card
+from kfdeb.report import plot_curves, public_config, write_model_card
+from kfdeb.weights import BEST_DIR
 
-BEST_DIR = RUN_BEST_DIR
 # keys that may change between a run and its --resume (how it runs, not what it computes)
-RESUMABLE_CHANGES = {"resume", "output_dir", "progress", "logging_steps", "eval_batch_size", "device",
+RESUMABLE_CHANGES = {"resume", "output_dir", "output_prefix", "batch_size", "progress", "logging_steps", "eval_batch_size", "device",
                      "dist_timeout", "config", "preset", "save_steps", "overwrite_output_dir", "hub_model_id",
                      "cache_dir", "no_cache"}
 
@@ -343,7 +343,7 @@ def build_tasks(config: TrainConfig, examples: dict[str, Examples], encoder: Sen
 
 
 def _prepare_output(config: TrainConfig, ctx: distributed.Context) -> Path:
-    output_dir = Path(config.output_dir)
+    output_dir = config.run_dir
 
     def prepare() -> None:  # rank 0: the only process that touches the output folder
         has_run = checkpoint.latest(output_dir) is not None
@@ -359,6 +359,8 @@ def _prepare_output(config: TrainConfig, ctx: distributed.Context) -> Path:
         (output_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
 
     distributed.main_only(ctx, prepare)  # a refusal stops every rank with rank 0's message
+    if config.output_prefix:  # the folder is derived: say where the run goes
+        distributed.print0(ctx, f"run folder (--output_prefix {config.output_prefix}): {output_dir}")
     return output_dir
 
 
@@ -386,7 +388,7 @@ def setup(config: TrainConfig, ctx: distributed.Context) -> Run:
     examples = task_examples(config, data_dir, ctx)
     dev_pairs, test_pairs = read_sts_split(config, data_dir, "dev"), read_sts_split(config, data_dir, "test")
     encoder = _load_start_model(config, output_dir, ctx)
-    encoder.metadata = {"base_model": config.model_name_or_path}
+    encoder.metadata = {}  # a checkpoint's own kfdeb.json describes that run, not this one (best_metadata does)
     # after the model is built (building a tiny model reseeds torch): dropout streams differ per rank
     seed_everything(config.seed + ctx.rank)
     frozen = encoder.freeze_unused_parameters()
@@ -456,6 +458,13 @@ def say(run: Run, message: str) -> None:
         tqdm.write(message)
 
 
+def best_metadata(config: TrainConfig, step: int, **figures: Any) -> dict[str, Any]:
+    """best/kfdeb.json: the whole of it, written anew at every save (never merged into an earlier one,
+    so a resumed run writes the same keys as an uninterrupted one); local paths by their names only."""
+    config_values = public_config(config)
+    return {"base_model": config_values["model_name_or_path"], "step": step, **figures, "config": config_values}
+
+
 def evaluate_and_keep_best(run: Run, progress: Progress, epoch: int) -> None:
     started = time.perf_counter()
     dims = run.objective.matryoshka_dims
@@ -466,9 +475,8 @@ def evaluate_and_keep_best(run: Run, progress: Progress, epoch: int) -> None:
     if improved:
         progress.best_score, progress.best_step = score, progress.step
         if run.ctx.is_main:  # the others go on and wait for rank 0 at their next collective
-            run.encoder.save(run.best_dir, {"base_model": run.config.model_name_or_path, "step": progress.step,
-                                            "dev": result.figures, **({"dev_by_dim": _by_dim(result)} if dims else {}),
-                                            "config": run.config.to_dict()})
+            run.encoder.save(run.best_dir, best_metadata(run.config, progress.step, dev=result.figures,
+                                                          **({"dev_by_dim": _by_dim(result)} if dims else {})))
     run.log.write(step=progress.step, epoch=epoch, split="dev", score=score, best=improved, **result.figures)
     for dim in dims:  # one row per width; the row above is the full embedding's
         run.log.write(step=progress.step, epoch=epoch, split="dev", dim=dim, **result.by_dim[dim])
@@ -595,7 +603,7 @@ def finish(run: Run, progress: Progress, train_seconds: float) -> dict[str, Any]
     if progress.best_step >= 0:
         _load_best_weights(run)
     elif ctx.is_main:  # every evaluation was NaN: keep the last weights
-        run.encoder.save(run.best_dir, {"base_model": run.config.model_name_or_path, "step": progress.step})
+        run.encoder.save(run.best_dir, best_metadata(run.config, progress.step))
     dims = run.objective.matryoshka_dims
     dev = evaluate(run.encoder, run.dev_pairs, ctx, run.config.eval_batch_size, dims)
     test = evaluate(run.encoder, run.test_pairs, ctx, run.config.eval_batch_size, dims)
@@ -607,8 +615,10 @@ def finish(run: Run, progress: Progress, train_seconds: float) -> dict[str, Any]
         run.log.write(step=progress.step, split="test", best_step=progress.best_step, **test.figures)
         for dim in dims:
             run.log.write(step=progress.step, split="test", dim=dim, best_step=progress.best_step, **test.by_dim[dim])
-        run.encoder.save(run.best_dir, {"dev": dev.figures, "test": test.figures, "best_step": progress.best_step,
-                                        **{key: summary[key] for key in ("dev_by_dim", "test_by_dim") if key in summary}})
+        best_step = progress.best_step if progress.best_step >= 0 else progress.step
+        run.encoder.save(run.best_dir, best_metadata(
+            run.config, best_step, best_step=progress.best_step, dev=dev.figures, test=test.figures,
+            **{key: summary[key] for key in ("dev_by_dim", "test_by_dim") if key in summary}))
         write_model_card(run.best_dir, run.config, summary)
         plot_curves(run.output_dir / "metrics.jsonl", run.output_dir / "curves.png")
         name = run.output_dir.resolve().name

@@ -74,10 +74,13 @@ def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         with open(path, "rb") as handle:
             stat = os.fstat(handle.fileno())
-            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+            digest = hashlib.sha256()
+            # 1 MiB at a time (hashlib.file_digest does the same, but exists from Python 3.11 only)
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
     except OSError as err:
         raise UserInputError(f"{path}: cannot open ({err.strerror})") from None
-    return {"path": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+    return {"path": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
 
 
 def tokenizer_fingerprint(tokenizer: Any, do_lower_case: bool, max_seq_length: int) -> dict[str, Any]:

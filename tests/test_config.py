@@ -83,3 +83,41 @@ def test_matryoshka_flags_as_in_jhgan00s_scripts(tmp_path):
     from_yaml = parse_args(["--config", str(tmp_path / "run.yaml")])
     assert (from_yaml.matryoshka_dim_list, from_yaml.matryoshka_weight_list) == ((768, 256), (1.0, 0.5))
     assert parse_args([]).matryoshka_dim_list == () and parse_args([]).sts_loss == "cosine"  # the reference recipe
+
+
+SEED_FLAGS = {  # every flag of the reference training scripts (upskyy/kf-deberta-multitask, jhgan00/ko-sentence-transformers)
+    "training_multi_task.py": ["--model_name_or_path", "m/x", "--max_seq_length", "256", "--nli_batch_size", "64",
+                               "--sts_batch_size", "8", "--num_epochs", "10", "--eval_steps", "1000",
+                               "--learning_rate", "2e-5", "--output_dir", "output", "--output_prefix", "kor_multi_",
+                               "--seed", "42", "--matryoshka_dims", "768,512", "--matryoshka_weights", "1,1"],
+    "training_nli.py": ["--preset", "nli", "--model_name_or_path", "m/x", "--max_seq_length", "128", "--batch_size", "32",
+                        "--num_epochs", "1", "--eval_steps", "1000", "--learning_rate", "2e-5", "--output_dir", "output",
+                        "--output_prefix", "kor_nli_", "--seed", "777", "--matryoshka_dims", "768"],
+    "training_sts.py": ["--preset", "sts", "--model_name_or_path", "m/x", "--max_seq_length", "128", "--batch_size", "16",
+                        "--num_epochs", "5", "--eval_steps", "1000", "--learning_rate", "2e-5", "--output_dir", "output",
+                        "--output_prefix", "kor_sts_", "--seed", "777"],
+}
+
+
+@pytest.mark.parametrize("script", SEED_FLAGS)
+def test_the_reference_scripts_flags_keep_their_meaning(script):
+    config = parse_args(SEED_FLAGS[script])
+    prefix = {"training_multi_task.py": "kor_multi_", "training_nli.py": "kor_nli_", "training_sts.py": "kor_sts_"}[script]
+    # the reference's output_dir/<prefix><model id, / as -> without its timestamp, so --resume finds it again
+    assert str(config.run_dir) == f"output/{prefix}m-x"
+    if script == "training_nli.py":  # --batch_size: the batch of the one objective the script trains
+        assert (config.task_list, config.nli_batch_size) == (["nli"], 32)
+    if script == "training_sts.py":
+        assert (config.task_list, config.sts_batch_size) == (["sts"], 16)
+    assert parse_args(["--output_dir", "out"]).run_dir.as_posix() == "out"  # no prefix: the folder itself
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--batch_size", "32"], "--batch_size 32: the batch size of a single-objective run"),
+    (["--preset", "nli", "--batch_size", "32", "--nli_batch_size", "16"],
+     "--batch_size 32 and --nli_batch_size 16 name the same batch; give one of them"),
+    (["--output_prefix", "a/b"], "--output_prefix 'a/b': a folder-name prefix, without '/'"),
+])
+def test_seed_flags_refuse_what_has_no_meaning(args, message):
+    with pytest.raises(UserInputError, match=message):
+        parse_args(args)

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,17 +17,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import REPO
+from launch import ENV, descendants, free_port, kill_trees, start, torchrun, wait_all
 from kfdeb import checkpoint
 from kfdeb.losses import cosine_mse_loss, in_batch_negatives_loss
-
-ENV = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _gathered_loss_worker(rank: int, world: int, port: int, inputs: dict, results: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
@@ -142,16 +133,6 @@ def train_args(model, data, out, *extra) -> list[str]:
             "--progress", "false", *extra]
 
 
-def torchrun(port: int, *args: str, nnodes: int = 1, nproc: int = 2, node_rank: int | None = None) -> list[str]:
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}",
-               "--max_restarts", "0"]
-    if node_rank is None:
-        command += ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}"]
-    else:  # README's command for nodes without a shared disk: static rendezvous, node 0 is the one with the state
-        command += [f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port}"]
-    return command + list(args)
-
-
 def losses_and_weights(out: Path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = {(r["step"], r["task"]): (r["loss"], r["grad_norm"]) for r in rows if "task" in r}
@@ -195,34 +176,23 @@ def test_two_ranks_give_the_single_process_losses_and_weights(tiny_deberta, ddp_
                                 capture_output=True, text=True, timeout=300, env=ENV)
         assert single.returncode == 0, single.stderr[-3000:]
     out = tmp_path / "ddp"
-    result = subprocess.run(torchrun(free_port(), *train_args(tiny_deberta, ddp_data, out, *extra)),
-                            capture_output=True, text=True, timeout=300, env=ENV)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es)" in result.stdout and result.stdout.count("best model (step") == 1  # rank 0 talks
+    [(status, stdout, stderr)] = wait_all([start(torchrun(*train_args(tiny_deberta, ddp_data, out, *extra)))], tmp_path)
+    assert status == 0, stderr[-3000:]
+    assert "2 process(es)" in stdout and stdout.count("best model (step") == 1  # rank 0 talks
     assert_same_training(reference, out)
 
 
-def two_nodes(port: int, outputs: list[Path], *extra: str, model, data) -> list[subprocess.Popen]:
+def two_nodes(outputs: list[Path], *extra: str, model, data, port: int | None = None) -> list[subprocess.Popen]:
     """Two torchrun agents on 127.0.0.1 (one rank each), each with its own --output_dir, as on two
     machines that share no disk: node 0's folder gets the run, node 1's is never written."""
-    return [subprocess.Popen(torchrun(port, *train_args(model, data, out, *extra), nnodes=2, nproc=1, node_rank=rank),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    port = port or free_port()
+    return [start(torchrun(*train_args(model, data, out, *extra), nproc=1, nnodes=2, node_rank=rank, port=port))
             for rank, out in enumerate(outputs)]
-
-
-def wait_all(nodes: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str, str]]:
-    """(status, stdout, stderr) of each node; all pipes drained at once (one node blocked on a full
-    pipe while the test waits for the other would stall both in their next collective)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(len(nodes)) as pool:
-        outputs = list(pool.map(lambda node: node.communicate(timeout=timeout), nodes))
-    return [(node.returncode, stdout, stderr) for node, (stdout, stderr) in zip(nodes, outputs)]
 
 
 def test_two_nodes_without_a_shared_disk_match_the_single_process(tiny_deberta, ddp_data, single_process_run, tmp_path):
     outputs = [tmp_path / "node0", tmp_path / "node1"]
-    for status, _, stderr in wait_all(two_nodes(free_port(), outputs, model=tiny_deberta, data=ddp_data)):
+    for status, _, stderr in wait_all(two_nodes(outputs, model=tiny_deberta, data=ddp_data), tmp_path):
         assert status == 0, stderr[-3000:]
     assert_same_training(single_process_run, outputs[0])
     assert (outputs[0] / "best" / "model.safetensors").exists()
@@ -232,31 +202,18 @@ def test_two_nodes_without_a_shared_disk_match_the_single_process(tiny_deberta, 
     assert not torch.equal(ranks[0], ranks[1])
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
 def test_a_killed_rank_ends_the_job_within_a_minute(tiny_deberta, ddp_data, tmp_path):
     out = tmp_path / "killed"
-    launcher = subprocess.Popen(torchrun(free_port(), *train_args(tiny_deberta, ddp_data, out, "--max_steps", "100000",
-                                                                   "--eval_steps", "100000", "--save_steps", "100000")),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    launcher = subprocess.Popen(torchrun(*train_args(tiny_deberta, ddp_data, out, "--max_steps", "100000",
+                                                      "--eval_steps", "100000", "--save_steps", "100000")),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     deadline = time.time() + 120
     while time.time() < deadline and launcher.poll() is None:  # wait until both ranks are training
         metrics = out / "metrics.jsonl"
         if metrics.exists() and metrics.read_text().count("\n") >= 4:
             break
         time.sleep(0.2)
-    workers = _children(launcher.pid)
+    workers = descendants(launcher.pid)
     assert launcher.poll() is None and len(workers) == 2
     os.kill(max(workers), signal.SIGKILL)  # one rank dies, as on an OOM kill
     killed_at = time.time()
@@ -272,18 +229,17 @@ def test_two_nodes_killed_mid_save_resume_to_the_single_process_result(tiny_debe
     """Both nodes SIGKILLed mid-run, a save left half-written, then `--resume` on both: the run ends
     where one process ends, with rank 0's disk alone holding the state."""
     outputs = [tmp_path / "node0", tmp_path / "node1"]
-    nodes = two_nodes(free_port(), outputs, model=tiny_deberta, data=ddp_data)
+    nodes = two_nodes(outputs, model=tiny_deberta, data=ddp_data)
     deadline = time.time() + 120
     while time.time() < deadline and all(node.poll() is None for node in nodes):
         state = checkpoint.latest(outputs[0])
         if state is not None and int(state.name.split("-")[1]) >= 4:
             # the ranks and their agents at once, as a lost cluster (torchrun starts each rank
             # in a session of its own, so killing the agent's process group would leave them running)
-            for pid in [worker for node in nodes for worker in _children(node.pid)] + [node.pid for node in nodes]:
-                os.kill(pid, signal.SIGKILL)
+            kill_trees(nodes)
             break
         time.sleep(0.01)
-    for status, _, _ in wait_all(nodes, timeout=60):
+    for status, _, _ in wait_all(nodes, tmp_path / "killed", timeout=60):
         assert status == -signal.SIGKILL
     saved_at = int(checkpoint.latest(outputs[0]).name.split("-")[1])
     assert saved_at < 12
@@ -293,11 +249,11 @@ def test_two_nodes_killed_mid_save_resume_to_the_single_process_result(tiny_debe
     (stray / "train.safetensors").write_bytes(b"half a file")
 
     # without --resume, rank 0's refusal reaches both nodes at once (no wait for a timeout)
-    refused = wait_all(two_nodes(free_port(), outputs, model=tiny_deberta, data=ddp_data), timeout=120)
+    refused = wait_all(two_nodes(outputs, model=tiny_deberta, data=ddp_data), tmp_path / "refused", timeout=120)
     for status, _, stderr in refused:
         assert status != 0 and "holds a previous run's state; pass --resume" in stderr
 
-    resumed = wait_all(two_nodes(free_port(), outputs, "--resume", model=tiny_deberta, data=ddp_data))
+    resumed = wait_all(two_nodes(outputs, "--resume", model=tiny_deberta, data=ddp_data), tmp_path / "resumed")
     for status, _, stderr in resumed:
         assert status == 0, stderr[-3000:]
     assert "resumed from" in resumed[0][1]
@@ -339,3 +295,17 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_message():
     assert results[0] == results[1]
     assert results[0].startswith("the sts loss is not finite at step 8; training stopped and the last good state "
                                  "(step-00000006) stays in out/state")
+
+
+def test_a_torchrun_worker_leaves_without_the_interpreter_teardown_where_gloo_aborted():
+    """cli.exit_process: under torchrun (WORLD_SIZE > 1) the process leaves with os._exit after flushing, so no
+    process-group thread can be caught releasing a collective's tensors inside the interpreter's teardown
+    (SIGABRT after a successful run; its agent then skips the exit barrier and the other node waits 300 s).
+    One process: a normal exit, teardown included."""
+    code = ("import atexit, sys; from kfdeb import cli; atexit.register(lambda: print('teardown ran'));"
+            "print('flushed', end=''); sys.stderr.write('err'); cli.exit_process(3)")
+    for world, teardown in (("2", False), ("1", True)):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                                env={**ENV, "WORLD_SIZE": world})
+        assert result.returncode == 3 and result.stdout.startswith("flushed") and result.stderr == "err"
+        assert ("teardown ran" in result.stdout) == teardown, world

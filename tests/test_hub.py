@@ -40,6 +40,7 @@ BOTH = "hub-test/safetensors-and-bin"
 SHARDED_BOTH = "hub-test/sharded-safetensors-and-bin"
 SHARDED_BIN = "hub-test/sharded-bin"
 MALICIOUS = "hub-test/malicious-pickle"
+MISSING_LAYER = "hub-test/st-missing-a-layer"
 SENTENCES = ["비행기가 이륙하고 있다.", "한 남자가 큰 플루트를 연주하고 있다.", "고양이"]
 
 
@@ -87,7 +88,8 @@ def shard(tiny_deberta: Path, folder: Path, kind: str) -> None:
 
 def kf_deberta_replica(tiny_deberta: Path, folder: Path) -> Path:
     """kf-deberta-base's file list around the tiny model: a pickled state dict and BertTokenizer files."""
-    from transformers import AutoTokenizer, BertTokenizer
+    import transformers
+    from transformers import AutoTokenizer, BertTokenizer, BertTokenizerFast
 
     folder.mkdir(parents=True)
     (folder / "config.json").write_bytes((tiny_deberta / "config.json").read_bytes())
@@ -96,8 +98,13 @@ def kf_deberta_replica(tiny_deberta: Path, folder: Path) -> Path:
     state["lm_predictions.lm_head.bias"] = torch.zeros(3)
     torch.save(state, folder / "pytorch_model.bin")
     vocab = AutoTokenizer.from_pretrained(tiny_deberta).get_vocab()
-    BertTokenizer(vocab=vocab, do_lower_case=False).save_pretrained(folder)  # tokenizer.json, tokenizer_config.json
     (folder / "vocab.txt").write_text("".join(f"{token}\n" for token in sorted(vocab, key=vocab.get)), encoding="utf-8")
+    # tokenizer.json, tokenizer_config.json (class BertTokenizer); transformers 5 builds it from a
+    # vocabulary, 4.x's fast class from vocab.txt (the slow 4.x class writes no tokenizer.json)
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        BertTokenizer(vocab=vocab, do_lower_case=False).save_pretrained(folder)
+    else:
+        BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=False).save_pretrained(folder)
     (folder / "special_tokens_map.json").write_text(json.dumps(
         {"cls_token": "[CLS]", "mask_token": "[MASK]", "pad_token": "[PAD]", "sep_token": "[SEP]", "unk_token": "[UNK]"}))
     assert sorted(p.name for p in folder.iterdir()) == KF_FILES
@@ -140,6 +147,9 @@ def sources(tmp_path_factory, tiny_deberta, marker) -> dict[str, Path]:
     (sharded_both / "model.safetensors").unlink()
     shard(tiny_deberta, sharded_both, "safetensors")
     shard(tiny_deberta, sharded_both, "bin")
+    missing = old_sentence_transformers_repo(tiny_deberta, root / "missing-layer")
+    torch.save({k: v for k, v in state.items() if not k.startswith("encoder.layer.1.")},
+               missing / "0_Transformer" / "pytorch_model.bin")
     sharded_bin = encoder_copy(tiny_deberta, root / "sharded-bin", weights="bin")
     (sharded_bin / "pytorch_model.bin").unlink()
     shard(tiny_deberta, sharded_bin, "bin")
@@ -151,6 +161,7 @@ def sources(tmp_path_factory, tiny_deberta, marker) -> dict[str, Path]:
         SHARDED_BOTH: sharded_both,
         SHARDED_BIN: sharded_bin,
         MALICIOUS: malicious,
+        MISSING_LAYER: missing,
     }
 
 
@@ -247,6 +258,16 @@ def test_a_pickle_that_runs_code_is_refused_and_never_run(hub, hub_env, sources,
     torch.load(sources[MALICIOUS] / "pytorch_model.bin", weights_only=False)
     assert marker.read_text() == "the pickle ran"
     marker.unlink()
+
+
+def test_a_repo_missing_a_layer_is_refused_before_evaluation(hub, hub_env, small_data):
+    """weights.py's check on the hub path: the reported case (a sentence-transformers repo whose weights lack a
+    layer) stops with one line and exit 2 instead of figures computed with a random layer."""
+    result = run(hub_env, REPO / "evaluate.py", MISSING_LAYER, "--data_dir", small_data, "--split", "dev")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+    assert "0_Transformer: the weights lack " in result.stderr and "DebertaV2Model's" in result.stderr
+    assert "| Model |" not in result.stdout
 
 
 def test_local_bin_only_folder_loads_the_exact_weights(tiny_deberta, tmp_path):

@@ -176,9 +176,14 @@ def test_short_run_writes_every_output(tiny_deberta, small_data, tmp_path):
     assert card.startswith("---\nlanguage:\n- ko\n") and f"{summary['test']['cosine_spearman']:.2f}" in card
     # publishable: the snippets name the model by its folder name, and no local path is in the card
     assert 'SentenceTransformer("run")' in card and str(tmp_path) not in card
-    assert sorted(p.name for p in (out / "best").iterdir()) == sorted(
+    # and none in kfdeb.json either: local folders by their names (train_config.json, outside best/, has the paths)
+    assert str(tmp_path) not in (out / "best" / "kfdeb.json").read_text()
+    assert metadata["config"]["output_dir"] == "run" and metadata["base_model"] == Path(str(tiny_deberta)).name
+    assert json.loads((out / "train_config.json").read_text())["output_dir"] == str(out)
+    # no training state: push best/ as it is (transformers 4.x also writes special_tokens_map.json)
+    assert sorted(p.name for p in (out / "best").iterdir() if p.name != "special_tokens_map.json") == sorted(
         ["README.md", "config.json", "model.safetensors", "modules.json", "sentence_bert_config.json", "1_Pooling",
-         "kfdeb.json", "tokenizer.json", "tokenizer_config.json"])  # no training state: push best/ as it is
+         "kfdeb.json", "tokenizer.json", "tokenizer_config.json"])
     assert checkpoint.latest(out).name == "step-00000012"
     import sentence_transformers as st
     reloaded = st.SentenceTransformer(str(out / "best"), device="cpu").encode(["문장 하나"])
@@ -428,3 +433,21 @@ def test_matryoshka_run_reports_every_width_and_selects_at_the_first(tiny_debert
     np.testing.assert_allclose(unit, full[:, :8] / np.linalg.norm(full[:, :8], axis=1, keepdims=True), atol=1e-6)
     np.testing.assert_allclose(reference.encode(sentences), full[:, :8], atol=1e-5)
     assert encoder.encode(sentences[0], truncate_dim=16).shape == (16,)
+
+
+def test_a_reference_command_line_runs_and_resumes_in_its_prefixed_folder(tiny_deberta, small_data, tmp_path, capsys):
+    """training_nli.py's flags (--batch_size, --output_prefix) as the reference scripts take them: the run goes to
+    output_dir/kor_nli_<model id>, and the same command with --resume finds it again (no timestamp)."""
+    from kfdeb.config import parse_args
+
+    args = ["--preset", "nli", "--model_name_or_path", str(tiny_deberta), "--data_dir", str(small_data),
+            "--nli_train_glob", "KorNLI/*.train.ko.tsv", "--batch_size", "16", "--max_seq_length", "64",
+            "--output_dir", str(tmp_path), "--output_prefix", "kor_nli_", "--max_steps", "4", "--eval_steps", "2",
+            "--save_steps", "2", "--learning_rate", "1e-4", "--progress", "false"]
+    train(parse_args(args))
+    folder = tmp_path / ("kor_nli_" + str(tiny_deberta).strip("/").replace("/", "-"))
+    assert f"run folder (--output_prefix kor_nli_): {folder}" in capsys.readouterr().out
+    assert (folder / "best" / "model.safetensors").is_file() and checkpoint.latest(folder).name == "step-00000004"
+    assert json.loads((folder / "train_config.json").read_text())["nli_batch_size"] == 16
+    train(parse_args(args + ["--resume"]))
+    assert f"resumed from {folder / 'state' / 'step-00000004'} at step 4" in capsys.readouterr().out

@@ -52,8 +52,8 @@ def test_fp32_graph_equals_pytorch_on_new_shapes_with_padding(exported, name):
     # token states too, straight from the session, on one padded batch
     input_ids, attention_mask = pad_batch(encoder.tokenize(SENTENCES), encoder.pad_id)
     assert input_ids.shape[1] == 64 and attention_mask.sum(1).min() < 64  # rows of padding
-    feed = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
-    sentence, tokens = onnx_encoder.session.run(list(OUTPUT_NAMES), feed)
+    names = [i.name for i in onnx_encoder.session.get_inputs()]
+    sentence, tokens = onnx_encoder.session.run(list(OUTPUT_NAMES), kfdeb_onnx.feed(names, input_ids, attention_mask))
     with torch.inference_mode():
         hidden = encoder.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         np.testing.assert_allclose(sentence, encoder(input_ids, attention_mask).numpy(), rtol=0, atol=1e-4)
@@ -67,13 +67,16 @@ def test_graph_passes_the_checker_with_the_documented_interface(exported, name):
     for path in exported[name][2].paths.values():
         onnx.checker.check_model(str(path))
     graph = onnx.load(str(exported[name][2].paths["fp32"])).graph
-    assert tuple(i.name for i in graph.input) == INPUT_NAMES  # no token_type_ids, even for BERT
-    assert tuple(o.name for o in graph.output) == OUTPUT_NAMES
+    # Hugging Face's export conventions: BERT (segment embeddings) takes token_type_ids, DeBERTa-v2 (none) does not
+    expected_inputs = INPUT_NAMES + (("token_type_ids",) if name == "bert" else ())
+    assert tuple(i.name for i in graph.input) == expected_inputs
+    assert tuple(o.name for o in graph.output) == OUTPUT_NAMES == ("sentence_embedding", "last_hidden_state")
     dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
             for v in [*graph.input, *graph.output]}
-    assert dims["input_ids"] == ["batch", "sequence"] and dims["sentence_embedding"][0] == "batch"
-    assert dims["token_embeddings"][:2] == ["batch", "sequence"]
+    assert all(dims[i] == ["batch", "sequence"] for i in expected_inputs) and dims["sentence_embedding"][0] == "batch"
+    assert dims["last_hidden_state"][:2] == ["batch", "sequence"]
     meta = json.loads((folder / kfdeb_onnx.METADATA_FILE).read_text())
+    assert meta["inputs"] == list(expected_inputs) and meta["outputs"] == list(OUTPUT_NAMES)
     assert meta["max_seq_length"] == 64 and meta["do_lower_case"] is False and meta["normalize"] is False
     assert (folder / "tokenizer.json").is_file()
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no scratch left

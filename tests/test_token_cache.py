@@ -22,7 +22,7 @@ from kfdeb.data import BUNDLED_DATA_DIR, NoDuplicatesBatches, ShuffledBatches
 from kfdeb.loop import train
 from kfdeb.model import SentenceEncoder, load_encoder
 from kfdeb.run import build_tasks, examples_in_memory, examples_key, read_task_data, task_examples
-from test_distributed import ENV, free_port, torchrun
+from launch import ENV, start, torchrun, wait_all
 
 CPU = distributed.Context(0, 0, 1, torch.device("cpu"))
 
@@ -271,9 +271,9 @@ def test_two_ranks_share_one_build(eval_files, tmp_path):
             "--max_seq_length", "64", "--max_steps", "2", "--device", "cpu", "--output_dir", str(tmp_path / "out"),
             "--progress", "false", "--cache_dir", str(cache), "--sts_dev_file", eval_files["sts_dev_file"],
             "--sts_test_file", eval_files["sts_test_file"]]
-    result = subprocess.run(torchrun(free_port(), *args), capture_output=True, text=True, timeout=300, env=ENV)
-    assert result.returncode == 0, result.stderr[-3000:]
-    building = [line for line in result.stdout.splitlines() if line.startswith("building the token cache")]
+    [(status, stdout, stderr)] = wait_all([start(torchrun(*args))], tmp_path)
+    assert status == 0, stderr[-3000:]
+    building = [line for line in stdout.splitlines() if line.startswith("building the token cache")]
     assert len(building) == 4 and all(line.endswith("(rank 0)") for line in building)  # 2 objectives x 2 levels
-    assert "2 process(es)" in result.stdout
+    assert "2 process(es)" in stdout
     assert sorted(p.name.split("-")[2] for p in cache.iterdir()) == ["nli", "sts"]  # nothing else, no scratch left
