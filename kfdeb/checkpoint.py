@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from kfdeb.files import publish_folder, write_text
+
 STATE_DIR = "state"
 LATEST = "LATEST"
 
@@ -111,10 +113,8 @@ def commit(scratch: Path, step: int) -> Path:
     final = root / f"step-{step:08d}"
     if final.exists():  # a resumed run repeating a step it had already saved
         shutil.rmtree(final)
-    os.replace(scratch, final)
-    pointer = root / f"{LATEST}.tmp-{os.getpid()}"
-    pointer.write_text(final.name + "\n", encoding="utf-8")
-    os.replace(pointer, root / LATEST)
+    publish_folder(scratch, final)  # its files synced to disk before the rename (files.py)
+    write_text(root / LATEST, final.name + "\n")
     for entry in root.iterdir():
         if entry.name not in (final.name, LATEST):
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)

@@ -1,7 +1,8 @@
 """What the top-level scripts share: quiet third-party logs, one-line errors, exit statuses.
 
 exit 0: done; 1: training stopped on a non-finite loss; 2: a user mistake (bad file, flag,
-model folder), reported as `error: <file:line: field: problem>` without a traceback.
+model folder), reported as `error: <file:line: field: problem>` without a traceback; 143: training
+stopped by SIGTERM after saving its state (the line says how to continue with --resume).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 import warnings
 from typing import Callable
 
-from kfdeb.errors import UserInputError
+from kfdeb.errors import TrainingStopped, UserInputError
 
 
 def quiet_third_party() -> None:
@@ -30,6 +31,10 @@ def run(main: Callable[[], int | None]) -> None:
     except UserInputError as err:
         print(f"error: {err}", file=sys.stderr)
         status = 2
+    except TrainingStopped as err:  # SIGTERM: every rank stopped at the same step, rank 0 saved the state
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {err}", file=sys.stderr)
+        status = 143  # 128 + SIGTERM, what a process ended by SIGTERM reports
     except FloatingPointError as err:  # every rank stops at the same step with the same message
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {err}", file=sys.stderr)

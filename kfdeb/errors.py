@@ -15,3 +15,7 @@ def first_line(err: BaseException, limit: int = 200) -> str:
     """The first line of a library's exception message (or its type name), for a one-line error."""
     text = str(err).strip()
     return (text.splitlines()[0] if text else type(err).__name__)[:limit]
+
+
+class TrainingStopped(Exception):
+    """Training stopped on request (SIGTERM) after saving its state: a complete one-line message, exit status 143."""

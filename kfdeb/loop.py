@@ -12,11 +12,22 @@ test at the end. Setting the run up and everything it reads or writes on disk: r
 Host syncs: none inside a step (fp16's GradScaler aside, as in the reference). Losses, gradient
 norms and the non-finite watch stay on the device (StepMeter) until a logging, evaluation or
 saving step reads them, all ranks at once.
+
+SIGTERM (a scheduler's notice, forwarded to every worker by torchrun's agent): while the loop runs
+it only sets a flag; the next flush (a logging, evaluation or saving step: at most --logging_steps
+steps away) carries it in the all-reduce the flush already does, so every rank learns at the same
+step, finishes that step's evaluation if one is due, saves the state of that step (rank 0 writes
+it) and stops with exit status 143. Stopping at a flush, where the logged window closes anyway,
+is what lets `--resume` reproduce the uninterrupted run's metrics.jsonl row for row.
 """
 
 from __future__ import annotations
 
 import contextlib
+import shlex
+import signal
+import sys
+import threading
 import time
 from typing import Any
 
@@ -24,6 +35,7 @@ import numpy as np
 import torch
 
 from kfdeb import distributed
+from kfdeb.errors import TrainingStopped
 from kfdeb.config import TrainConfig
 from kfdeb.data import length_sorted_chunks, shard
 from kfdeb.gradcache import cached_backward
@@ -141,13 +153,17 @@ class StepMeter:
         else:
             self.norm_sums[task_index] += norm
 
-    def flush(self, step: int, bar: Any) -> None:
+    def flush(self, step: int, bar: Any, stop_requested: bool = False) -> bool:
+        """Log the window's means; return whether any rank was asked to stop (SIGTERM), agreed by all."""
         run = self.run
         # the non-finite check agreed by all ranks (a NaN may show on one rank's shard only), so
-        # all stop at the same step with the same message; rank 0 prints it (cli.py)
+        # all stop at the same step with the same message; rank 0 prints it (cli.py). A stop
+        # request rides in the same all-reduce: no extra collective, every rank stops here.
         never = torch.iinfo(torch.long).max
         first_bad = torch.where(self.first_bad_step >= 0, self.first_bad_step, never)
-        first_bad = distributed.all_reduce_min(run.ctx, first_bad).tolist()  # host sync
+        stop = torch.tensor([step if stop_requested else never], device=first_bad.device)
+        agreed = distributed.all_reduce_min(run.ctx, torch.cat([first_bad, stop])).tolist()  # host sync
+        first_bad, stop_now = agreed[:-1], agreed[-1] != never
         at = min(first_bad)
         if at != never:
             name = run.tasks[first_bad.index(at)].name
@@ -173,6 +189,7 @@ class StepMeter:
         self.loss_sums.zero_()
         self.norm_sums.zero_()
         self.steps = 0
+        return stop_now
 
     def restart_clock(self) -> None:
         """Examples/s counts training only: evaluation and saving happen off the clock."""
@@ -200,36 +217,73 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
         bar = tqdm(total=run.total_steps, initial=progress.step, desc="train", unit="step", mininterval=1.0)
     run.model.train()
     started = time.perf_counter()
-    while progress.step < run.total_steps:
-        step = progress.step + 1  # 1-based: the step being taken
-        for t, task in enumerate(run.tasks):  # NLI, then STS
-            batch = task.sampler.next_batch()  # the global batch; task_loss takes this rank's slice
-            if task.name == "nli" and config.nli_mini_batch_size:  # GradCache: same gradient, less memory
-                loss = cached_nli_backward(run, task, batch, config.nli_mini_batch_size)
-            else:
-                with run.autocast():
-                    loss = task_loss(run.model, task, batch, ctx, run.encoder.pad_id, run.pad_multiple, run.objective)
-                run.backward(loss)
-            meter.add_loss(t, loss, step)
-            if config.optimizer == "per_task":  # the reference: each objective updates right after its backward
-                meter.add_norm(t, update(run.parameters, run.optimizers[t], run.schedulers[t], run.scaler, config.max_grad_norm))
-        if config.optimizer == "joint":  # the gradients of both objectives have added up
-            meter.add_norm(None, update(run.parameters, run.optimizers[0], run.schedulers[0], run.scaler, config.max_grad_norm))
-        progress.step = step
-        meter.steps += 1
-        if bar is not None:
-            bar.update(1)
+    with StopRequest() as sigterm:
+        while progress.step < run.total_steps:
+            step = progress.step + 1  # 1-based: the step being taken
+            for t, task in enumerate(run.tasks):  # NLI, then STS
+                batch = task.sampler.next_batch()  # the global batch; task_loss takes this rank's slice
+                if task.name == "nli" and config.nli_mini_batch_size:  # GradCache: same gradient, less memory
+                    loss = cached_nli_backward(run, task, batch, config.nli_mini_batch_size)
+                else:
+                    with run.autocast():
+                        loss = task_loss(run.model, task, batch, ctx, run.encoder.pad_id, run.pad_multiple, run.objective)
+                    run.backward(loss)
+                meter.add_loss(t, loss, step)
+                if config.optimizer == "per_task":  # the reference: each objective updates right after its backward
+                    meter.add_norm(t, update(run.parameters, run.optimizers[t], run.schedulers[t], run.scaler,
+                                             config.max_grad_norm))
+            if config.optimizer == "joint":  # the gradients of both objectives have added up
+                meter.add_norm(None, update(run.parameters, run.optimizers[0], run.schedulers[0], run.scaler,
+                                            config.max_grad_norm))
+            progress.step = step
+            meter.steps += 1
+            if bar is not None:
+                bar.update(1)
 
-        epoch_end = step % run.steps_per_epoch == 0 or step == run.total_steps
-        evaluate_now = step % config.eval_steps == 0 or epoch_end
-        save_now = step % config.save_steps == 0 or epoch_end
-        if step % config.logging_steps == 0 or evaluate_now or save_now:
-            meter.flush(step, bar)  # host sync: loss values, and the non-finite check
-        if evaluate_now:
-            evaluate_and_keep_best(run, progress, epoch=(step - 1) // run.steps_per_epoch)
-        if save_now:
-            save_state(run, progress)
-        meter.restart_clock()
+            epoch_end = step % run.steps_per_epoch == 0 or step == run.total_steps
+            evaluate_now = step % config.eval_steps == 0 or epoch_end
+            save_now = step % config.save_steps == 0 or epoch_end
+            stop = False
+            if step % config.logging_steps == 0 or evaluate_now or save_now:
+                # host sync: loss values, the non-finite check, and a SIGTERM received by any rank
+                stop = meter.flush(step, bar, stop_requested=sigterm.received)
+            if evaluate_now:
+                evaluate_and_keep_best(run, progress, epoch=(step - 1) // run.steps_per_epoch)
+            if save_now or (stop and run.last_saved_step != step):
+                save_state(run, progress)
+            if stop:  # every rank stops here, the state of this step saved: --resume goes on exactly
+                raise TrainingStopped(stopped_message(run, step))
+            meter.restart_clock()
     if bar is not None:
         bar.close()
     return finish(run, progress, train_seconds=time.perf_counter() - started)  # steps, evaluations and saves
+
+
+class StopRequest:
+    """SIGTERM, as schedulers send it before they kill (SLURM, Kubernetes, preemptible instances), and
+    as torchrun's agent forwards it to every worker: while the loop runs, it only sets `received`;
+    the loop stops at its next flush, where the ranks agree (module docstring)."""
+
+    def __init__(self):
+        self.received = False
+        self.previous: Any = None
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:  # outside the loop (setup, the final evaluation) SIGTERM ends the process
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def stopped_message(run: Run, step: int) -> str:
+    command = " ".join(shlex.quote(arg) for arg in ["python", *sys.argv]) if sys.argv and sys.argv[0] else "train.py"
+    resume = "" if "--resume" in sys.argv else " --resume"
+    launcher = " (under torchrun: the same torchrun command)" if run.ctx.distributed else ""
+    return (f"stopped by SIGTERM at step {step} of {run.total_steps}: the training state is saved in "
+            f"{run.output_dir / 'state' / f'step-{step:08d}'}; continue with{launcher}: {command}{resume}")

@@ -279,7 +279,8 @@ def _cache_note(ctx: distributed.Context, what: str, folder: Path, key: dict[str
         print(f"building the token cache ({what}) in {folder} on {socket.gethostname()} (rank {ctx.rank})", flush=True)
 
 
-def task_examples(config: TrainConfig, data_dir: Path, ctx: distributed.Context) -> dict[str, Examples]:
+def task_examples(config: TrainConfig, data_dir: Path, ctx: distributed.Context,
+                  keys: dict[str, dict[str, Any]] | None = None) -> dict[str, Examples]:
     """Each objective's examples: from the token cache (built on a miss by each node's local rank 0,
     which reads the files as `read_task_texts` does), or with --no_cache read in memory by every rank.
 
@@ -290,7 +291,7 @@ def task_examples(config: TrainConfig, data_dir: Path, ctx: distributed.Context)
     examples = {}
     for name in config.task_list:
         _check_batch_size(config, name, ctx)
-        key = examples_key(config, data_dir, name)
+        key = keys[name] if keys else examples_key(config, data_dir, name)  # setup passes the keys it computed
         folder = token_cache.examples_folder(cache_dir(config), name, key)
 
         def build() -> Examples:  # on a cache miss only
@@ -305,6 +306,54 @@ def task_examples(config: TrainConfig, data_dir: Path, ctx: distributed.Context)
         examples[name] = token_cache.open_examples(folder)
         distributed.print0(ctx, f"{name.upper()}: examples {'built' if built else 'from the token cache (hit)'}: {folder}")
     return examples
+
+
+def _file_digests(fingerprints: list[dict[str, Any]]) -> list[tuple[str, int, str]]:
+    """Files as the nodes compare them: by name, size and content (paths and times differ between machines)."""
+    return [(Path(f["path"]).name, f["size"], f["sha256"]) for f in fingerprints]
+
+
+def data_fingerprint(config: TrainConfig, data_dir: Path, keys: dict[str, dict[str, Any]], tasks: list,
+                     encoder: SentenceEncoder) -> dict[str, Any]:
+    """What every rank must have built alike: each objective's input files, settings and row count, the
+    dev and test files, and the tokenizer."""
+    found: dict[str, Any] = {}
+    for task in tasks:
+        key = keys[task.name]
+        found[f"{task.name} training files"] = _file_digests(key["files"])
+        found[f"{task.name} settings"] = {k: v for k, v in key.items() if k != "files"}
+        found[f"{task.name} examples"] = len(task.rows)
+    for split in ("dev", "test"):
+        own = getattr(config, f"sts_{split}_file")
+        path = own or sts_path(data_dir, split, instead=f"--sts_{split}_file")
+        found[f"{split} file"] = _file_digests([token_cache.file_fingerprint(path)])
+    found["tokenizer"] = token_cache.tokenizer_fingerprint(encoder.tokenizer, encoder.do_lower_case,
+                                                          encoder.max_seq_length)["sha256"]
+    return found
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, list) and value and isinstance(value[0], tuple):
+        return ", ".join(f"{name} ({size} bytes, sha256 {digest[:12]})" for name, size, digest in value)
+    return json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
+
+
+def check_nodes_agree(ctx: distributed.Context, mine: dict[str, Any]) -> None:
+    """Every rank's data fingerprint equals rank 0's, or every rank stops now with one line naming the
+    first difference: nodes without a shared disk read their own copies, and copies that differ would
+    give them other batch counts and schedules, and collectives that stop matching (a hang until
+    --dist_timeout) instead of an error."""
+    if not ctx.distributed:
+        return
+    everyone = distributed.gather_objects(ctx, (socket.gethostname(), mine))  # one collective, before the first step
+    host0, reference = everyone[0]
+    for rank, (host, theirs) in enumerate(everyone[1:], start=1):
+        for what, expected in reference.items():
+            if theirs.get(what) != expected:
+                raise UserInputError(
+                    f"the nodes' data differ: rank {rank} on {host} has {what} {_describe(theirs.get(what))}, but rank 0 "
+                    f"on {host0} has {_describe(expected)}; give every node the same files (and tokenizer)"
+                )
 
 
 def task_tokens(name: str, examples: Examples, encoder: SentenceEncoder, ctx: distributed.Context) -> TokenTable:
@@ -385,7 +434,8 @@ def setup(config: TrainConfig, ctx: distributed.Context) -> Run:
     """Read and tokenize the data, load the encoder, build optimizers and schedules."""
     output_dir = _prepare_output(config, ctx)
     data_dir = BUNDLED_DATA_DIR if config.data_dir == BUNDLED else Path(config.data_dir)
-    examples = task_examples(config, data_dir, ctx)
+    keys = {name: examples_key(config, data_dir, name) for name in config.task_list}
+    examples = task_examples(config, data_dir, ctx, keys)
     dev_pairs, test_pairs = read_sts_split(config, data_dir, "dev"), read_sts_split(config, data_dir, "test")
     encoder = _load_start_model(config, output_dir, ctx)
     encoder.metadata = {}  # a checkpoint's own kfdeb.json describes that run, not this one (best_metadata does)
@@ -395,6 +445,7 @@ def setup(config: TrainConfig, ctx: distributed.Context) -> Run:
     if frozen:
         distributed.print0(ctx, f"not trained (the sentence embedding does not use them): {', '.join(frozen)}")
     tasks = build_tasks(config, examples, encoder, ctx)
+    check_nodes_agree(ctx, data_fingerprint(config, data_dir, keys, tasks, encoder))
     objective = Objective(config.sts_loss, config.matryoshka_dim_list, config.matryoshka_weight_list)
     check_matryoshka_dims(objective.matryoshka_dims, encoder.dimension, ctx)
     steps_per_epoch = min(len(task.sampler) for task in tasks)

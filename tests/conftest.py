@@ -14,6 +14,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# one thread per process: the suite runs in pytest-xdist workers, one per core, and every run a test
+# compares with another runs with the same thread count (set before torch is first imported)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # the token cache's default home (and every other XDG cache) in a folder of this session, set at
 # import so that the environments tests copy for their subprocesses have it too: no test writes
 # into the real ~/.cache
@@ -59,6 +62,29 @@ def bundled_dir() -> Path:
     from kfdeb.data import BUNDLED_DATA_DIR
 
     return BUNDLED_DATA_DIR
+
+
+SCRIPT_MAINS = {"train.py": "train_main", "evaluate.py": "evaluate_main", "export.py": "export_main"}
+
+
+def run_main(script: str, *args: str) -> subprocess.CompletedProcess:
+    """What `python SCRIPT ARGS` does, in this process: the script's main under cli.run (one-line errors,
+    exit statuses), its stdout and stderr captured. For checks of messages and statuses, where a new
+    interpreter would only add a second of imports; run_script runs the real process."""
+    import contextlib
+    import io
+
+    from kfdeb import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    main = getattr(cli, SCRIPT_MAINS[script])
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli.run(lambda: main([str(arg) for arg in args]))
+            status = 0
+        except SystemExit as exit_:
+            status = exit_.code if isinstance(exit_.code, int) else 1
+    return subprocess.CompletedProcess([script, *map(str, args)], status, out.getvalue(), err.getvalue())
 
 
 def run_script(script: str, *args: str, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -174,3 +200,26 @@ class RecordOps:
     def floating_dtypes(self) -> set:
         """The floating-point dtypes any op read or wrote."""
         return {d for _, inputs, outputs in self.calls for d in inputs + outputs if d.is_floating_point}
+
+
+@pytest.fixture(scope="session")
+def ddp_data(distinct_sts_data, tmp_path_factory) -> Path:
+    """distinct_sts_data (no pair of identical sentences: see there) with a 21-pair STS train:
+    batches of 4 end in a 1-pair batch that one of two ranks lacks."""
+    root = tmp_path_factory.mktemp("ddp-data") / "data"
+    shutil.copytree(distinct_sts_data, root)
+    sts_train = root / "KorSTS" / "sts-train.tsv"
+    sts_train.write_text("".join(sts_train.read_text(encoding="utf-8").splitlines(keepends=True)[:22]), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def single_process_run(tiny_deberta, ddp_data, tmp_path_factory) -> Path:
+    """train_args' run in one process: what every data-parallel run of it must end as."""
+    from launch import ENV, train_args
+
+    out = tmp_path_factory.mktemp("single") / "out"
+    result = subprocess.run([sys.executable, *train_args(tiny_deberta, ddp_data, out)], capture_output=True,
+                            text=True, timeout=300, env=ENV)
+    assert result.returncode == 0, result.stderr
+    return out

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -26,6 +27,13 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import pytest
+import torch
+
+from kfdeb import checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
 
 ENV = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
        "PYTHONFAULTHANDLER": "1"}  # a worker that dies of a signal leaves its Python stacks in its stderr
@@ -126,3 +134,31 @@ def wait_all(nodes: list[subprocess.Popen], log_dir: Path, timeout: float = WAIT
         tails = "\n".join(f"{log}:\n{log.read_text()[-2500:]}" for log in logs)
         raise AssertionError(f"timed out after {timeout:.0f} s; every process killed; outputs:\n{tails}")
     return results
+
+
+# the runs the data-parallel tests compare ------------------------------------------------------------
+
+def train_args(model, data, out, *extra) -> list[str]:
+    return [str(REPO / "train.py"), "--model_name_or_path", str(model), "--data_dir", str(data),
+            "--nli_train_glob", "KorNLI/*.train.ko.tsv", "--nli_batch_size", "16", "--sts_batch_size", "4",
+            "--max_seq_length", "64", "--max_steps", "12", "--eval_steps", "4", "--save_steps", "4",
+            "--logging_steps", "1", "--learning_rate", "1e-4", "--device", "cpu", "--output_dir", str(out),
+            "--progress", "false", *extra]
+
+
+def losses_and_weights(out: Path):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = {(r["step"], r["task"]): (r["loss"], r["grad_norm"]) for r in rows if "task" in r}
+    return losses, checkpoint.read_part(checkpoint.latest(out), "train")["model"]
+
+
+def assert_same_training(reference: Path, other: Path) -> None:
+    expected_losses, expected_weights = losses_and_weights(reference)
+    losses, weights = losses_and_weights(other)
+    assert sorted(losses) == sorted(expected_losses) and len(losses) == 24  # 12 steps x (NLI, STS)
+    for key, (loss, grad_norm) in expected_losses.items():
+        assert losses[key][0] == pytest.approx(loss, abs=1e-5), key
+        # Adam's step does not see a gradient's scale; the clipped norm does: a mis-scaled DDP loss shows here
+        assert losses[key][1] == pytest.approx(grad_norm, rel=1e-4), key
+    for name, tensor in expected_weights.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=0, atol=1e-5, msg=name)

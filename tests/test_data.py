@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import run_main
 from kfdeb import distributed
 from kfdeb.config import resolve
 from kfdeb.data import (
@@ -110,7 +110,7 @@ def test_evaluate_cli_rejects_bad_korsts_with_one_line(tmp_path, tiny_deberta, c
     row, message = CLI_CASES[case]
     body = STS_HEADER.encode() + b"\n" + (row if isinstance(row, bytes) else row.encode()) + b"\n"
     path = write(tmp_path / "KorSTS" / "sts-test.tsv", body)
-    result = run_script("evaluate.py", tiny_deberta, "--data_dir", tmp_path)
+    result = run_main("evaluate.py", tiny_deberta, "--data_dir", tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line, no traceback
     assert result.stderr.startswith(f"error: {path}:2: ") and message in result.stderr
@@ -122,12 +122,12 @@ def test_train_cli_rejects_bad_nli_and_missing_header(tmp_path, tiny_deberta, bu
     (data / "KorSTS").mkdir()
     for split in ("train", "dev", "test"):
         (data / "KorSTS" / f"sts-{split}.tsv").write_bytes((bundled_dir / "KorSTS" / f"sts-{split}.tsv").read_bytes())
-    result = run_script("train.py", "--model_name_or_path", tiny_deberta, "--data_dir", data,
+    result = run_main("train.py", "--model_name_or_path", tiny_deberta, "--data_dir", data,
                         "--output_dir", tmp_path / "out", "--progress", "false")
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == f"error: {data / 'KorNLI' / 'x.train.ko.tsv'}:3: gold_label: unknown label 'maybe' (expected one of entailment, neutral, contradiction)"
     write(data / "KorNLI" / "x.train.ko.tsv", "premise\thypothesis\tgold_label\n가\t나\tentailment\n")
-    result = run_script("train.py", "--model_name_or_path", tiny_deberta, "--data_dir", data,
+    result = run_main("train.py", "--model_name_or_path", tiny_deberta, "--data_dir", data,
                         "--output_dir", tmp_path / "out", "--progress", "false")
     assert result.returncode == 2
     assert result.stderr.strip().endswith("x.train.ko.tsv:1: header: missing column 'sentence1' (header has premise, hypothesis, gold_label)")

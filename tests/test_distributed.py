@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,10 +14,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import REPO
-from launch import ENV, descendants, free_port, kill_trees, start, torchrun, wait_all
+from launch import ENV, assert_same_training, free_port, losses_and_weights, start, torchrun, train_args, wait_all
 from kfdeb import checkpoint
 from kfdeb.losses import cosine_mse_loss, in_batch_negatives_loss
+
 
 def _gathered_loss_worker(rank: int, world: int, port: int, inputs: dict, results: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
@@ -114,152 +112,74 @@ def test_sts_objectives_over_two_ranks_equal_the_single_process():
                 assert not result["grad"].any(), key
 
 
-@pytest.fixture(scope="module")
-def ddp_data(distinct_sts_data, tmp_path_factory) -> Path:
-    """distinct_sts_data (no pair of identical sentences: see there) with a 21-pair STS train:
-    batches of 4 end in a 1-pair batch that one of two ranks lacks."""
-    root = tmp_path_factory.mktemp("ddp-data") / "data"
-    shutil.copytree(distinct_sts_data, root)
-    sts_train = root / "KorSTS" / "sts-train.tsv"
-    sts_train.write_text("".join(sts_train.read_text(encoding="utf-8").splitlines(keepends=True)[:22]), encoding="utf-8")
-    return root
-
-
-def train_args(model, data, out, *extra) -> list[str]:
-    return [str(REPO / "train.py"), "--model_name_or_path", str(model), "--data_dir", str(data),
-            "--nli_train_glob", "KorNLI/*.train.ko.tsv", "--nli_batch_size", "16", "--sts_batch_size", "4",
-            "--max_seq_length", "64", "--max_steps", "12", "--eval_steps", "4", "--save_steps", "4",
-            "--logging_steps", "1", "--learning_rate", "1e-4", "--device", "cpu", "--output_dir", str(out),
-            "--progress", "false", *extra]
-
-
-def losses_and_weights(out: Path):
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    losses = {(r["step"], r["task"]): (r["loss"], r["grad_norm"]) for r in rows if "task" in r}
-    return losses, checkpoint.read_part(checkpoint.latest(out), "train")["model"]
-
-
-def assert_same_training(reference: Path, other: Path) -> None:
-    expected_losses, expected_weights = losses_and_weights(reference)
-    losses, weights = losses_and_weights(other)
-    assert sorted(losses) == sorted(expected_losses) and len(losses) == 24  # 12 steps x (NLI, STS)
-    for key, (loss, grad_norm) in expected_losses.items():
-        assert losses[key][0] == pytest.approx(loss, abs=1e-5), key
-        # Adam's step does not see a gradient's scale; the clipped norm does: a mis-scaled DDP loss shows here
-        assert losses[key][1] == pytest.approx(grad_norm, rel=1e-4), key
-    for name, tensor in expected_weights.items():
-        torch.testing.assert_close(weights[name], tensor, rtol=0, atol=1e-5, msg=name)
-
-
-@pytest.fixture(scope="module")
-def single_process_run(tiny_deberta, ddp_data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("single") / "out"
-    result = subprocess.run([sys.executable, *train_args(tiny_deberta, ddp_data, out)], capture_output=True,
-                            text=True, timeout=300, env=ENV)
-    assert result.returncode == 0, result.stderr
-    return out
-
-
 MATRYOSHKA_COSENT = ["--matryoshka_dims", "64,16", "--matryoshka_weights", "1,0.5", "--sts_loss", "cosent"]
+
+
+def two_ranks(model, data, out: Path, log_dir: Path, *extra: str) -> str:
+    """train_args' run on one torchrun agent with two ranks; its stdout."""
+    [(status, stdout, stderr)] = wait_all([start(torchrun(*train_args(model, data, out, *extra)))], log_dir)
+    assert status == 0, stderr[-3000:]
+    return stdout
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tiny_deberta, ddp_data, tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("two-ranks") / "out"
+    return out, two_ranks(tiny_deberta, ddp_data, out, out.parent)
 
 
 @pytest.mark.parametrize("extra", [[], ["--nli_mini_batch_size", "3"], MATRYOSHKA_COSENT],
                          ids=["plain", "gradcache", "matryoshka-cosent"])
-def test_two_ranks_give_the_single_process_losses_and_weights(tiny_deberta, ddp_data, single_process_run, tmp_path,
-                                                              extra):
+def test_two_ranks_give_the_single_process_losses_and_weights(tiny_deberta, ddp_data, single_process_run, two_rank_run,
+                                                              tmp_path, extra):
     """With GradCache each rank embeds its 8 triplets 3, 3, 2 at a time; with Matryoshka + CoSENT both
     objectives gather across ranks at every width: still the single process's run."""
     reference = single_process_run
+    if not extra:
+        out, stdout = two_rank_run
+        assert "2 process(es)" in stdout and stdout.count("best model (step") == 1  # rank 0 talks
+        assert_same_training(reference, out)
+        return
     if extra == MATRYOSHKA_COSENT:
         reference = tmp_path / "single"
         single = subprocess.run([sys.executable, *train_args(tiny_deberta, ddp_data, reference, *extra)],
                                 capture_output=True, text=True, timeout=300, env=ENV)
         assert single.returncode == 0, single.stderr[-3000:]
     out = tmp_path / "ddp"
-    [(status, stdout, stderr)] = wait_all([start(torchrun(*train_args(tiny_deberta, ddp_data, out, *extra)))], tmp_path)
-    assert status == 0, stderr[-3000:]
+    stdout = two_ranks(tiny_deberta, ddp_data, out, tmp_path, *extra)
     assert "2 process(es)" in stdout and stdout.count("best model (step") == 1  # rank 0 talks
     assert_same_training(reference, out)
 
 
-def two_nodes(outputs: list[Path], *extra: str, model, data, port: int | None = None) -> list[subprocess.Popen]:
-    """Two torchrun agents on 127.0.0.1 (one rank each), each with its own --output_dir, as on two
-    machines that share no disk: node 0's folder gets the run, node 1's is never written."""
-    port = port or free_port()
-    return [start(torchrun(*train_args(model, data, out, *extra), nproc=1, nnodes=2, node_rank=rank, port=port))
-            for rank, out in enumerate(outputs)]
-
-
-def test_two_nodes_without_a_shared_disk_match_the_single_process(tiny_deberta, ddp_data, single_process_run, tmp_path):
-    outputs = [tmp_path / "node0", tmp_path / "node1"]
-    for status, _, stderr in wait_all(two_nodes(outputs, model=tiny_deberta, data=ddp_data), tmp_path):
-        assert status == 0, stderr[-3000:]
-    assert_same_training(single_process_run, outputs[0])
-    assert (outputs[0] / "best" / "model.safetensors").exists()
-    assert not outputs[1].exists()  # rank 0 alone writes; the final evaluation read nothing on node 1
-    # each rank its own dropout stream (seed + rank), both saved; the data order is global
-    ranks = [checkpoint.read_part(checkpoint.latest(outputs[0]), f"rank-{r}")["torch"] for r in (0, 1)]
-    assert not torch.equal(ranks[0], ranks[1])
-
-
-def test_a_killed_rank_ends_the_job_within_a_minute(tiny_deberta, ddp_data, tmp_path):
-    out = tmp_path / "killed"
-    launcher = subprocess.Popen(torchrun(*train_args(tiny_deberta, ddp_data, out, "--max_steps", "100000",
-                                                      "--eval_steps", "100000", "--save_steps", "100000")),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    deadline = time.time() + 120
-    while time.time() < deadline and launcher.poll() is None:  # wait until both ranks are training
-        metrics = out / "metrics.jsonl"
+def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_and_resume_gives_the_uninterrupted_run(
+        tiny_deberta, ddp_data, two_rank_run, tmp_path):
+    """SIGTERM to the torchrun agent, which forwards it to both workers: they agree on the stopping step at
+    their next flush, rank 0 saves, the job exits non-zero; the same command with --resume ends as the
+    uninterrupted two-rank run, bit for bit."""
+    out = tmp_path / "terminated"
+    agent = start(torchrun(*train_args(tiny_deberta, ddp_data, out)))
+    deadline, metrics = time.time() + 120, out / "metrics.jsonl"
+    while time.time() < deadline and agent.poll() is None:
         if metrics.exists() and metrics.read_text().count("\n") >= 4:
             break
-        time.sleep(0.2)
-    workers = descendants(launcher.pid)
-    assert launcher.poll() is None and len(workers) == 2
-    os.kill(max(workers), signal.SIGKILL)  # one rank dies, as on an OOM kill
-    killed_at = time.time()
-    launcher.wait(timeout=90)
-    assert launcher.returncode != 0
-    assert time.time() - killed_at < 60
-    for pid in workers:  # no orphan left behind
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]
-
-
-def test_two_nodes_killed_mid_save_resume_to_the_single_process_result(tiny_deberta, ddp_data, single_process_run,
-                                                                       tmp_path):
-    """Both nodes SIGKILLed mid-run, a save left half-written, then `--resume` on both: the run ends
-    where one process ends, with rank 0's disk alone holding the state."""
-    outputs = [tmp_path / "node0", tmp_path / "node1"]
-    nodes = two_nodes(outputs, model=tiny_deberta, data=ddp_data)
-    deadline = time.time() + 120
-    while time.time() < deadline and all(node.poll() is None for node in nodes):
-        state = checkpoint.latest(outputs[0])
-        if state is not None and int(state.name.split("-")[1]) >= 4:
-            # the ranks and their agents at once, as a lost cluster (torchrun starts each rank
-            # in a session of its own, so killing the agent's process group would leave them running)
-            kill_trees(nodes)
-            break
-        time.sleep(0.01)
-    for status, _, _ in wait_all(nodes, tmp_path / "killed", timeout=60):
-        assert status == -signal.SIGKILL
-    saved_at = int(checkpoint.latest(outputs[0]).name.split("-")[1])
-    assert saved_at < 12
-    # what a kill during the next save leaves: a scratch folder of the step the resumed run saves again
-    stray = outputs[0] / "state" / f"step-{saved_at + 4:08d}.tmp-killed"
-    stray.mkdir()
-    (stray / "train.safetensors").write_bytes(b"half a file")
-
-    # without --resume, rank 0's refusal reaches both nodes at once (no wait for a timeout)
-    refused = wait_all(two_nodes(outputs, model=tiny_deberta, data=ddp_data), tmp_path / "refused", timeout=120)
-    for status, _, stderr in refused:
-        assert status != 0 and "holds a previous run's state; pass --resume" in stderr
-
-    resumed = wait_all(two_nodes(outputs, "--resume", model=tiny_deberta, data=ddp_data), tmp_path / "resumed")
-    for status, _, stderr in resumed:
-        assert status == 0, stderr[-3000:]
-    assert "resumed from" in resumed[0][1]
-    assert not stray.exists()
-    assert_same_training(single_process_run, outputs[0])
-    assert not outputs[1].exists()
+        time.sleep(0.002)
+    agent.send_signal(signal.SIGTERM)
+    signalled = time.time()
+    [(status, _, stderr)] = wait_all([agent], tmp_path / "terminated-logs")
+    print(f"SIGTERM to exit (two ranks): {time.time() - signalled:.2f} s")
+    assert status != 0
+    step = int(checkpoint.latest(out).name.split("-")[1])
+    assert 0 < step < 12
+    assert stderr.count("error: stopped by SIGTERM") == 1  # rank 0 says it, once
+    assert f"error: stopped by SIGTERM at step {step} of 12: the training state is saved in {out}/state/" \
+           f"step-{step:08d}; continue with (under torchrun: the same torchrun command): python " in stderr
+    stdout = two_ranks(tiny_deberta, ddp_data, out, tmp_path / "resumed-logs", "--resume")
+    assert f"resumed from {out}/state/step-{step:08d} at step {step}" in stdout
+    expected_losses, expected_weights = losses_and_weights(two_rank_run[0])
+    losses, weights = losses_and_weights(out)
+    assert losses == expected_losses
+    for name, tensor in expected_weights.items():
+        assert torch.equal(weights[name], tensor), name
 
 
 def _nan_agreement_worker(rank: int, world: int, port: int, results: dict) -> None:
@@ -295,17 +215,3 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_message():
     assert results[0] == results[1]
     assert results[0].startswith("the sts loss is not finite at step 8; training stopped and the last good state "
                                  "(step-00000006) stays in out/state")
-
-
-def test_a_torchrun_worker_leaves_without_the_interpreter_teardown_where_gloo_aborted():
-    """cli.exit_process: under torchrun (WORLD_SIZE > 1) the process leaves with os._exit after flushing, so no
-    process-group thread can be caught releasing a collective's tensors inside the interpreter's teardown
-    (SIGABRT after a successful run; its agent then skips the exit barrier and the other node waits 300 s).
-    One process: a normal exit, teardown included."""
-    code = ("import atexit, sys; from kfdeb import cli; atexit.register(lambda: print('teardown ran'));"
-            "print('flushed', end=''); sys.stderr.write('err'); cli.exit_process(3)")
-    for world, teardown in (("2", False), ("1", True)):
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                                env={**ENV, "WORLD_SIZE": world})
-        assert result.returncode == 3 and result.stdout.startswith("flushed") and result.stderr == "err"
-        assert ("teardown ran" in result.stdout) == teardown, world

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import run_script
+from conftest import run_main, run_script
 from kfdeb.evaluation import TABLE_HEADER, best_score, evaluate_split
 from kfdeb.metrics import FIGURE_KEYS
 from kfdeb.model import load_encoder
@@ -31,7 +31,7 @@ def test_evaluate_prints_the_table_row_and_writes_json(tiny_deberta, tmp_path, s
 @pytest.mark.parametrize("ckpt,message", [("no/such/folder", "no such model folder"),
                                           ("tests", "not a model folder (no config.json)")])
 def test_evaluate_rejects_missing_or_non_model_folders(ckpt, message):
-    result = run_script("evaluate.py", ckpt)
+    result = run_main("evaluate.py", ckpt)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -54,7 +54,7 @@ def test_evaluate_data_file_scores_own_pairs(tiny_deberta, tmp_path):
     from conftest import REPO
 
     data_file = REPO / "examples" / "data" / "sts_test.csv"
-    result = run_script("evaluate.py", tiny_deberta, "--data_file", data_file, "--json", tmp_path / "figures.json",
+    result = run_main("evaluate.py", tiny_deberta, "--data_file", data_file, "--json", tmp_path / "figures.json",
                         "--name", "tiny")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[2].startswith("| tiny (sts_test.csv) | ")
@@ -76,6 +76,6 @@ def test_evaluate_data_file_rejects_a_bad_line_with_one_line(tiny_deberta, tmp_p
     path = tmp_path / "mine.jsonl"
     path.write_text('{"sentence1": "가", "sentence2": "나", "score": 4}\n{"sentence1": "다", "sentence2": "라" "score": 1}\n',
                     encoding="utf-8")
-    result = run_script("evaluate.py", tiny_deberta, "--data_file", path)
+    result = run_main("evaluate.py", tiny_deberta, "--data_file", path)
     assert result.returncode == 2
     assert result.stderr == f"error: {path}:2: json: not valid JSON (Expecting ',' delimiter, column 37)\n"

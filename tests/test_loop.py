@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_script
+from conftest import REPO, run_main, run_script
 from kfdeb import checkpoint, distributed
 from kfdeb.config import resolve
 from kfdeb.data import nli_triplets, read_nli, read_sts
@@ -224,11 +225,18 @@ def final_state(out: Path):
     return saved, rows
 
 
-def test_sigkill_and_resume_give_the_uninterrupted_result(tiny_deberta_dropout, small_data, tmp_path):
-    """Killed by SIGKILL at whatever instant (possibly mid-save) and resumed: same weights and metrics."""
-    reference = subprocess.run(train_command(tiny_deberta_dropout, small_data, tmp_path / "straight"),
-                               capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def straight_run(tiny_deberta_dropout, small_data, tmp_path_factory) -> Path:
+    """train_command's run, uninterrupted: what every interrupted and resumed run must end as."""
+    out = tmp_path_factory.mktemp("straight") / "out"
+    reference = subprocess.run(train_command(tiny_deberta_dropout, small_data, out), capture_output=True, text=True,
+                               timeout=300)
     assert reference.returncode == 0, reference.stderr
+    return out
+
+
+def test_sigkill_and_resume_give_the_uninterrupted_result(tiny_deberta_dropout, small_data, straight_run, tmp_path):
+    """Killed by SIGKILL at whatever instant (possibly mid-save) and resumed: same weights and metrics."""
     out = tmp_path / "killed"
     process = subprocess.Popen(train_command(tiny_deberta_dropout, small_data, out), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -247,18 +255,60 @@ def test_sigkill_and_resume_give_the_uninterrupted_result(tiny_deberta_dropout, 
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout
-    expected, expected_rows = final_state(tmp_path / "straight")
+    expected, expected_rows = final_state(straight_run)
     got, got_rows = final_state(out)
     assert got["progress"]["step"] == expected["progress"]["step"] == 24
     for name, tensor in expected["model"].items():
         torch.testing.assert_close(got["model"][name], tensor, rtol=0, atol=1e-6, msg=name)
     assert got_rows == expected_rows
-    assert (out / "best" / "model.safetensors").read_bytes() == (tmp_path / "straight" / "best" / "model.safetensors").read_bytes()
+    assert (out / "best" / "model.safetensors").read_bytes() == (straight_run / "best" / "model.safetensors").read_bytes()
+
+
+def test_sigterm_saves_and_stops_and_resume_gives_the_uninterrupted_run_bit_for_bit(tiny_deberta_dropout, small_data,
+                                                                                    straight_run, tmp_path):
+    """SIGTERM mid-run: the run saves the state of its next flush (a logging step), exits 143 naming the state and
+    the --resume command; resumed, it ends with the uninterrupted run's weights, metrics and best/kfdeb.json keys."""
+    out = tmp_path / "terminated"
+    process = subprocess.Popen(train_command(tiny_deberta_dropout, small_data, out), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline, metrics = time.time() + 120, out / "metrics.jsonl"
+    while time.time() < deadline and process.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 4:  # training, a few log rows written
+            break
+        time.sleep(0.002)
+    process.send_signal(signal.SIGTERM)
+    signalled = time.time()
+    _, stderr = process.communicate(timeout=60)
+    stop_seconds = time.time() - signalled
+    assert process.returncode == 143, stderr
+    step = int(checkpoint.latest(out).name.split("-")[1])
+    assert 0 < step < 24 and step % 2 == 0  # a logging step (--logging_steps 2): where the ranks agree
+    assert stderr.strip().splitlines()[-1] == (
+        f"error: stopped by SIGTERM at step {step} of 24: the training state is saved in {out}/state/"
+        f"step-{step:08d}; continue with: python {shlex.join(train_command(tiny_deberta_dropout, small_data, out)[1:])}"
+        " --resume")
+    print(f"SIGTERM to exit: {stop_seconds:.2f} s (stopped at step {step})")
+    resumed = subprocess.run(train_command(tiny_deberta_dropout, small_data, out, "--resume"),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {out}/state/step-{step:08d} at step {step}" in resumed.stdout
+    expected, expected_rows = final_state(straight_run)
+    got, got_rows = final_state(out)
+    assert got["progress"]["step"] == 24
+    for name, tensor in expected["model"].items():
+        assert torch.equal(got["model"][name], tensor), name
+    assert got_rows == expected_rows
+    assert (out / "best" / "model.safetensors").read_bytes() == (straight_run / "best" / "model.safetensors").read_bytes()
+    metadata = [json.loads((folder / "best" / "kfdeb.json").read_text()) for folder in (straight_run, out)]
+    assert sorted(metadata[1]) == sorted(metadata[0]) and metadata[1]["step"] == metadata[0]["step"]
+    how = ("output_dir", "resume")  # where and how it ran, not what it computed
+    assert {k: v for k, v in metadata[1]["config"].items() if k not in how} == \
+        {k: v for k, v in metadata[0]["config"].items() if k not in how}
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_state(tiny_deberta, small_data, tmp_path):
     out = tmp_path / "nan"
-    result = run_script("train.py", "--model_name_or_path", tiny_deberta, "--data_dir", small_data,
+    result = run_main("train.py", "--model_name_or_path", tiny_deberta, "--data_dir", small_data,
                         "--nli_train_glob", "KorNLI/*.train.ko.tsv", "--nli_batch_size", "16", "--max_steps", "40",
                         "--save_steps", "1", "--eval_steps", "100", "--learning_rate", "1e4", "--warmup_ratio", "0.5",
                         "--max_grad_norm", "1e30", "--output_dir", out, "--progress", "false")
@@ -275,11 +325,11 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_state(tiny_
 def test_output_dir_with_a_previous_run_needs_resume_or_overwrite(tiny_deberta, small_data, tmp_path):
     out = tmp_path / "twice"
     train(small_config(tiny_deberta, small_data, out, max_steps=2, eval_steps=2, save_steps=2))
-    result = run_script("train.py", "--model_name_or_path", tiny_deberta, "--data_dir", small_data,
+    result = run_main("train.py", "--model_name_or_path", tiny_deberta, "--data_dir", small_data,
                         "--nli_train_glob", "KorNLI/*.train.ko.tsv", "--output_dir", out, "--progress", "false")
     assert result.returncode == 2
     assert "holds a previous run's state; pass --resume to continue it, --overwrite_output_dir" in result.stderr
-    missing = run_script("train.py", "--model_name_or_path", tiny_deberta, "--data_dir", tmp_path / "nowhere",
+    missing = run_main("train.py", "--model_name_or_path", tiny_deberta, "--data_dir", tmp_path / "nowhere",
                          "--output_dir", tmp_path / "x", "--progress", "false")
     assert missing.returncode == 2 and "git clone https://github.com/kakaobrain/kor-nlu-datasets" in missing.stderr
 
@@ -449,5 +499,9 @@ def test_a_reference_command_line_runs_and_resumes_in_its_prefixed_folder(tiny_d
     assert f"run folder (--output_prefix kor_nli_): {folder}" in capsys.readouterr().out
     assert (folder / "best" / "model.safetensors").is_file() and checkpoint.latest(folder).name == "step-00000004"
     assert json.loads((folder / "train_config.json").read_text())["nli_batch_size"] == 16
+    first = json.loads((folder / "best" / "kfdeb.json").read_text())
     train(parse_args(args + ["--resume"]))
     assert f"resumed from {folder / 'state' / 'step-00000004'} at step 4" in capsys.readouterr().out
+    # resumed with nothing left to train, the final kfdeb.json still says which step and config it is
+    again = json.loads((folder / "best" / "kfdeb.json").read_text())
+    assert sorted(again) == sorted(first) and again["step"] == first["step"] and again["config"]["nli_batch_size"] == 16

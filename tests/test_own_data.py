@@ -14,7 +14,7 @@ import pytest
 import torch
 from scipy import stats
 
-from conftest import REPO, run_script
+from conftest import REPO, run_main
 from kfdeb import distributed
 from kfdeb.config import resolve
 from kfdeb.errors import UserInputError
@@ -141,7 +141,7 @@ def test_end_to_end_own_pairs_and_scored_pairs_evaluated_on_an_own_test_file(tin
 def test_train_cli_stops_on_a_bad_own_file_with_one_line(tiny_deberta, tmp_path):
     bad = tmp_path / "faq.csv"
     bad.write_text('anchor,positive\n"환불 문의,환불은 어떻게 하나요?\n', encoding="utf-8")
-    result = run_script("train.py", "--model_name_or_path", tiny_deberta, "--nli_train_files", f"{tmp_path}/*.csv",
+    result = run_main("train.py", "--model_name_or_path", tiny_deberta, "--nli_train_files", f"{tmp_path}/*.csv",
                         "--sts_train_file", EXAMPLES / "sts_train.tsv", "--output_dir", tmp_path / "out",
                         "--progress", "false")
     assert result.returncode == 2

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import run_script, write_sentence_transformers_layout
+from conftest import run_main, write_sentence_transformers_layout
 from kfdeb.errors import UserInputError
 from kfdeb.model import load_encoder
 
@@ -54,7 +54,7 @@ def test_the_scripts_stop_on_it_with_one_line_and_exit_2(tiny_bert, small_data, 
     args = ([folder, "--data_dir", small_data, "--split", "dev"] if script == "evaluate.py" else
             ["--model_name_or_path", folder, "--data_dir", small_data, "--nli_train_glob", "KorNLI/*.train.ko.tsv",
              "--max_steps", "2", "--output_dir", tmp_path / "out", "--progress", "false"])
-    result = run_script(script, *args)
+    result = run_main(script, *args)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert "0_Transformer: the weights lack 16 of BertModel's" in result.stderr
