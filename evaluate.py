@@ -3,4 +3,4 @@
 from kfdeb import cli
 
 if __name__ == "__main__":
-    cli.run(cli.evaluate_main)
+    cli.execute(cli.evaluate_main)

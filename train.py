@@ -3,4 +3,4 @@
 from kfdeb import cli
 
 if __name__ == "__main__":
-    cli.run(cli.train_main)
+    cli.execute(cli.train_main)

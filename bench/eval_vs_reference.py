@@ -27,7 +27,7 @@ def child(args) -> dict:
     import torch
 
     from kfdeb.cli import quiet_third_party
-    from kfdeb.data import read_sts
+    from kfdeb.readers import read_sts
 
     quiet_third_party()
     pairs = read_sts(Path(args.data_dir) / "KorSTS" / "sts-test.tsv")

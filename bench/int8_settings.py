@@ -35,7 +35,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from harness import Recorder, sts_rounds  # noqa: E402
 from kfdeb.cli import quiet_third_party  # noqa: E402
-from kfdeb.data import BUNDLED_DATA_DIR, read_sts  # noqa: E402
+from kfdeb.readers import BUNDLED_DATA_DIR, read_sts  # noqa: E402
 from kfdeb.evaluation import distinct_sentences, evaluate_sts, sts_path  # noqa: E402
 from kfdeb.model import load_encoder  # noqa: E402
 from kfdeb.onnx import Int8Settings, OnnxEncoder, export, quantize_int8, quantizable_matmuls  # noqa: E402

@@ -69,7 +69,7 @@ def data_digest(data_dir: str, nli_train_glob: str) -> str:
 def child(args) -> None:
     import torch
 
-    from kfdeb import checkpoint
+    from kfdeb import train_state
     from kfdeb.cli import quiet_third_party
     from kfdeb.config import resolve
     from kfdeb.evaluation import evaluate_split
@@ -98,7 +98,7 @@ def child(args) -> None:
         started = time.perf_counter()
         summary = train(config)
         seconds = time.perf_counter() - started
-        shutil.rmtree(out / checkpoint.STATE_DIR)
+        shutil.rmtree(out / train_state.STATE_DIR)
         assert summary["best_step"] == summary["total_steps"], summary  # one dev evaluation: the final weights
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = {task: [r["loss"] for r in rows if r.get("task") == task] for task in ("nli", "sts")}

@@ -26,8 +26,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from harness import sts_rounds  # noqa: E402
 from kfdeb.cli import quiet_third_party  # noqa: E402
-from kfdeb.data import BUNDLED_DATA_DIR, read_sts  # noqa: E402
-from kfdeb.evaluation import sts_path, table_row  # noqa: E402
+from kfdeb.readers import BUNDLED_DATA_DIR, read_sts  # noqa: E402
+from kfdeb.evaluation import table_row  # noqa: E402
+from kfdeb.readers import sts_path  # noqa: E402
 from kfdeb.metrics import FIGURE_KEYS  # noqa: E402
 from kfdeb.model import load_encoder  # noqa: E402
 from kfdeb.onnx import OnnxEncoder, export  # noqa: E402

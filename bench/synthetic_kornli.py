@@ -28,7 +28,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from kfdeb.data import BUNDLED_DATA_DIR, NLI_LABELS, read_nli  # noqa: E402
+from kfdeb.readers import BUNDLED_DATA_DIR, NLI_LABELS, read_nli  # noqa: E402
 
 FILES = {"multinli.train.ko.tsv": 392_702, "snli_1.0_train.ko.tsv": 550_152}  # pairs, as in kor-nlu-datasets
 PREMISE_WORDS, HYPOTHESIS_WORDS = (8, 22), (4, 12)  # inclusive ranges

@@ -110,8 +110,9 @@ def gap_over_update(start: dict, left: dict, right: dict) -> float:
 
 def korsts_test_cosines(folder: Path, data_dir: str, device: str) -> np.ndarray:
     """The model's cosine similarity of each KorSTS test pair, in float64."""
-    from kfdeb.data import read_sts
-    from kfdeb.evaluation import pair_embeddings, sts_path
+    from kfdeb.readers import read_sts
+    from kfdeb.evaluation import pair_embeddings
+    from kfdeb.readers import sts_path
     from kfdeb.model import load_encoder
 
     first, second, _ = pair_embeddings(load_encoder(folder, device=device), read_sts(sts_path(data_dir, "test")))
@@ -124,8 +125,8 @@ def compare_final_models(workdir: Path, data_dir: str, device: str) -> None:
     starting weights in no-dropout/): how far apart the two final models' weights and outputs are."""
     from safetensors.torch import load_file
 
-    from kfdeb.data import read_sts
-    from kfdeb.evaluation import sts_path
+    from kfdeb.readers import read_sts
+    from kfdeb.readers import sts_path
     from kfdeb.metrics import spearman
 
     kfdeb_dir, reference_dir, start = workdir / "kfdeb" / "best", workdir / "reference", workdir / "no-dropout"
@@ -169,7 +170,8 @@ def run_reference(args, out: Path) -> dict:
     from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
     from sentence_transformers.sentence_transformer.losses import CosineSimilarityLoss, MultipleNegativesRankingLoss
 
-    from kfdeb.data import NoDuplicatesBatches, ShuffledBatches, find_nli_files, nli_triplets_of_files, read_nli, read_sts
+    from kfdeb.batching import NoDuplicatesBatches, ShuffledBatches, nli_triplets_of_files
+    from kfdeb.readers import find_nli_files, read_nli, read_sts
     from kfdeb.evaluation import evaluate_split
     from kfdeb.model import load_encoder
 

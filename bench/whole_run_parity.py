@@ -73,7 +73,7 @@ def kfdeb_recipe(args, out: Path) -> dict:
 
 
 def run_kfdeb(args) -> dict:
-    from kfdeb import checkpoint
+    from kfdeb import train_state
     from kfdeb.config import resolve
     from kfdeb.loop import train
 
@@ -82,7 +82,7 @@ def run_kfdeb(args) -> dict:
     started = time.perf_counter()
     summary = train(config)
     seconds = time.perf_counter() - started
-    shutil.rmtree(out / checkpoint.STATE_DIR)  # resumable state (weights + 2 AdamW states): not needed here
+    shutil.rmtree(out / train_state.STATE_DIR)  # resumable state (weights + 2 AdamW states): not needed here
     # one epoch has one dev evaluation, at its last step: the kept model is the final weights
     assert summary["best_step"] == summary["total_steps"], summary
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -25,7 +25,7 @@ def load(path: str | os.PathLike, device: str | None = None, max_seq_length: int
     next to it). device: default cuda when available, else cpu (ONNX: onnxruntime's CPU provider).
     """
     if str(path).endswith(".onnx"):
-        from kfdeb.onnx import OnnxEncoder
+        from kfdeb.onnx_runtime import OnnxEncoder
 
         return OnnxEncoder.load(path, max_seq_length=max_seq_length)
     import torch

@@ -24,7 +24,7 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def run(main: Callable[[], int | None]) -> None:
+def execute(main: Callable[[], int | None]) -> None:
     """Call `main`, turning user mistakes into one line on stderr and exit status 2."""
     try:
         status = main()
@@ -89,8 +89,10 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     import kfdeb
-    from kfdeb.data import BUNDLED_DATA_DIR, read_scored_file, read_sts
-    from kfdeb.evaluation import TABLE_HEADER, evaluate_sts, sts_path, table_row
+    from kfdeb.config import positive_numbers
+    from kfdeb.readers import BUNDLED_DATA_DIR, read_scored_file, read_sts
+    from kfdeb.evaluation import TABLE_HEADER, evaluate_sts, table_row
+    from kfdeb.readers import sts_path
 
     parser = argparse.ArgumentParser(
         prog="evaluate.py",
@@ -115,14 +117,9 @@ def evaluate_main(argv: list[str] | None = None) -> int:
                         help="Matryoshka: one row per width, the embeddings truncated to their first D coordinates "
                              "(as sentence-transformers' truncate_dim), e.g. 768,256,64")
     args = parser.parse_args(argv)
-    dims: list[int] = []
-    if args.dims is not None:
-        try:
-            dims = [int(d) for d in args.dims.split(",") if d.strip()]
-        except ValueError:
-            parser.error(f"--dims {args.dims!r}: expected comma-separated integers")
-        if not dims or any(d < 1 for d in dims):
-            parser.error(f"--dims {args.dims!r}: expected positive widths")
+    dims: list[int] = positive_numbers("dims", args.dims or "")
+    if args.dims is not None and not dims:
+        parser.error(f"--dims {args.dims!r}: expected positive widths")
     if args.batch_size < 1:
         parser.error("--batch_size must be at least 1")
     if args.data_file is None and args.score_max is not None:
@@ -190,7 +187,7 @@ def export_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet_third_party()
     import kfdeb.onnx as kfdeb_onnx
-    from kfdeb.data import BUNDLED_DATA_DIR, read_sts
+    from kfdeb.readers import BUNDLED_DATA_DIR, read_sts
     from kfdeb.evaluation import distinct_sentences
     from kfdeb.model import load_encoder
     from kfdeb.weights import resolve_model_dir
@@ -238,14 +235,14 @@ def export_main(argv: list[str] | None = None) -> int:
 
 def train_entry() -> None:
     """`kfdeb-train`: the console script installed with the package."""
-    run(train_main)
+    execute(train_main)
 
 
 def evaluate_entry() -> None:
     """`kfdeb-evaluate`."""
-    run(evaluate_main)
+    execute(evaluate_main)
 
 
 def export_entry() -> None:
     """`kfdeb-export`."""
-    run(export_main)
+    execute(export_main)

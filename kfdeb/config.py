@@ -10,16 +10,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from kfdeb.batching import NLI_TRIPLET_SCOPES
 from kfdeb.errors import UserInputError, first_line
+from kfdeb.losses import STS_LOSSES
 
 TINY_MODEL = "kfdeb:tiny-deberta"  # build a random tiny DeBERTa-v2 offline (kfdeb/tiny.py)
 BUNDLED = "kfdeb:bundled"  # the KorNLU files shipped inside the package (kfdeb/bundled/kor-nlu)
 TASKS = ("nli", "sts")
-NLI_TRIPLET_SCOPES = ("per_file", "union")  # data.nli_triplets_of_files
 METRICS_FOR_BEST = (
     "max_spearman",
     "cosine_spearman", "cosine_pearson", "euclidean_spearman", "euclidean_pearson",
@@ -27,58 +28,103 @@ METRICS_FOR_BEST = (
 )
 
 
+def knob(default: Any, help: str, resumable: bool = False, choices: Sequence[str] = ()) -> Any:
+    """A TrainConfig field with everything about it in one place: its default, its --help text, whether
+    it may change between a run and its --resume (how a run goes, not what it computes), its choices."""
+    return field(default=default, metadata={"help": help, "resumable": resumable, "choices": tuple(choices)})
+
+
 @dataclass
 class TrainConfig:
     # what to train (flag names as in the reference training scripts)
-    model_name_or_path: str = "kakaobank/kf-deberta-base"
-    data_dir: str = "kor-nlu-datasets"
-    nli_train_glob: str = "KorNLI/*train.ko.tsv"
-    # your own files (.tsv, .csv, .jsonl; data.py): each one given replaces what data_dir would give
-    nli_train_files: str = ""  # comma-separated paths or globs: NLI pairs, triplets or anchor-positive pairs
-    sts_train_file: str = ""  # scored pairs (sentence1, sentence2, score)
-    sts_dev_file: str = ""
-    sts_test_file: str = ""
-    score_max: float = 5.0  # labels of the scored-pair files above = score / score_max
-    tasks: str = "nli,sts"
-    nli_triplet_scope: str = "per_file"  # per_file: triplets file by file, concatenated (the reference); union: over all files
-    max_seq_length: int = 256
-    nli_batch_size: int = 64
-    sts_batch_size: int = 8
-    batch_size: int = 0  # the reference's training_nli.py / training_sts.py flag: the one objective's batch size (0: unset)
-    nli_mini_batch_size: int = 0  # > 0: GradCache, embed the NLI batch this many triplets at a time (same gradient)
-    num_epochs: int = 10
-    max_steps: int = 0  # > 0: stop there, and the schedule spans max_steps
-    learning_rate: float = 2e-5
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    optimizer: str = "per_task"  # per_task: one AdamW per objective (the reference); joint: one over the summed losses
-    seed: int = 42
+    model_name_or_path: str = knob(
+        "kakaobank/kf-deberta-base", f"encoder to fine-tune: local folder or hub id ({TINY_MODEL}: tiny random DeBERTa-v2)")
+    data_dir: str = knob("kor-nlu-datasets", f"kor-nlu-datasets clone ({BUNDLED}: the files shipped with kfdeb)")
+    nli_train_glob: str = knob("KorNLI/*train.ko.tsv", "KorNLI training files, relative to data_dir")
+    # your own files (.tsv, .csv, .jsonl; readers.py): each one given replaces what data_dir would give
+    nli_train_files: str = knob(
+        "", "your own training files for the in-batch negatives (nli) objective instead of data_dir/nli_train_glob: "
+            "comma-separated paths or globs, .tsv/.csv/.jsonl, each of NLI pairs (sentence1, sentence2, gold_label), "
+            "triplets (anchor, positive, negative) or pairs (anchor, positive); pairs cannot be mixed with the others")
+    sts_train_file: str = knob("", "your own scored pairs (sentence1, sentence2, score; .tsv/.csv/.jsonl) for the sts "
+                                   "objective instead of data_dir's KorSTS train")
+    sts_dev_file: str = knob("", "your own scored pairs for dev evaluation (best checkpoint) instead of KorSTS dev")
+    sts_test_file: str = knob("", "your own scored pairs for the final test evaluation instead of KorSTS test")
+    score_max: float = knob(5.0, "the highest score of the --sts_*_file files: label = score / score_max, a score "
+                                 "outside 0..score_max is an error (KorSTS files under data_dir are always 0..5)")
+    tasks: str = knob("nli,sts", "comma-separated objectives: nli, sts or nli,sts")
+    nli_triplet_scope: str = knob(
+        "per_file", "per_file (reference: triplets built file by file, then concatenated) or union (one partner "
+                    "table over all files: a sentence in several files is an anchor once)", choices=NLI_TRIPLET_SCOPES)
+    max_seq_length: int = knob(256, "tokens per sentence, [CLS]/[SEP] included")
+    nli_batch_size: int = knob(64, "global batch of the in-batch negatives (nli) objective, whatever the number of GPUs")
+    sts_batch_size: int = knob(8, "global batch of the sts objective, whatever the number of GPUs")
+    batch_size: int = knob(
+        0, "the flag of the reference's single-objective scripts (training_nli.py, training_sts.py): the global batch "
+           "size of the one objective of --tasks (with --preset nli: --nli_batch_size; with --preset sts: "
+           "--sts_batch_size); refused with both objectives (0: unset)", resumable=True)
+    nli_mini_batch_size: int = knob(
+        0, "GradCache: embed each rank's NLI batch this many triplets at a time, for the exact gradient of a large "
+           "--nli_batch_size at the memory of a small one (0: off)")
+    num_epochs: int = knob(10, "epochs; an epoch is the shorter objective's batch count")
+    max_steps: int = knob(0, "stop after this many steps (0: num_epochs); the schedule spans them")
+    learning_rate: float = knob(2e-5, "AdamW's learning rate, after linear warmup, then linear decay to 0")
+    warmup_ratio: float = knob(0.1, "warmup over ceil(ratio x steps) steps")
+    weight_decay: float = knob(0.01, "AdamW weight decay, except bias and LayerNorm parameters")
+    max_grad_norm: float = knob(1.0, "gradient-norm clipping")
+    optimizer: str = knob("per_task", "per_task (reference: one AdamW + schedule per objective, 2 updates a step) "
+                                      "or joint (one AdamW over the summed losses)", choices=("per_task", "joint"))
+    seed: int = knob(42, "seeds the triplets, every sampler pass and dropout (each rank: seed + rank)")
     # what the objectives optimise beyond the reference recipe (losses.py)
-    sts_loss: str = "cosine"  # cosine: MSE of the cosine (the reference); cosent or angle: ranking losses
-    matryoshka_dims: str = ""  # comma-separated widths, largest first: the loss summed over these prefixes (MRL)
-    matryoshka_weights: str = ""  # comma-separated, one per width (default: 1 each)
+    sts_loss: str = knob(
+        "cosine", "loss of the sts objective: cosine (MSE between cosine and score / 5, the reference), cosent "
+                  "(CoSENT ranking loss, scale 20) or angle (AnglE: the same ranking loss on the angle similarity)",
+        choices=STS_LOSSES)
+    matryoshka_dims: str = knob(
+        "", "Matryoshka (MRL): comma-separated embedding widths, largest first, e.g. 768,512,256,128,64,32; both "
+            "objectives sum their loss over these prefixes of the embedding (one forward); dev evaluation reports "
+            "every width and selects the best checkpoint at the first")
+    matryoshka_weights: str = knob("", "comma-separated weight of each --matryoshka_dims width (default: 1 each)")
     # evaluation and outputs
-    eval_steps: int = 1000
-    eval_batch_size: int = 64
-    metric_for_best: str = "max_spearman"
-    output_dir: str = "output"
-    output_prefix: str = ""  # as the reference scripts: the run lives in output_dir/<prefix><model id, / as -> (no timestamp)
-    hub_model_id: str = ""  # the name the model card's usage snippets use (default: the output folder's name)
-    save_steps: int = 1000  # resumable-state interval in steps (also written at every epoch end)
-    logging_steps: int = 10
-    resume: bool = False
-    overwrite_output_dir: bool = False
+    eval_steps: int = knob(1000, "dev evaluation every N steps (and at each epoch end)")
+    eval_batch_size: int = knob(64, "sentences per batch when evaluating", resumable=True)
+    metric_for_best: str = knob("max_spearman", "dev figure that selects the best checkpoint (with --matryoshka_dims: "
+                                                "at the first width)", choices=METRICS_FOR_BEST)
+    output_dir: str = knob("output", "where the run's folder is (best/, state/, metrics.jsonl, curves.png)",
+                           resumable=True)
+    output_prefix: str = knob(
+        "", "as the reference training scripts: the run's folder becomes output_dir/<prefix><model_name_or_path "
+            "with / as ->, e.g. --output_prefix kor_multi_ with the default model gives "
+            "output/kor_multi_kakaobank-kf-deberta-base. The reference also appended a timestamp; kfdeb does not, "
+            "so the same command line finds its own run again with --resume (\"\": the run's folder is output_dir "
+            "itself)", resumable=True)
+    hub_model_id: str = knob("", "name of the model in its model card's usage snippets, e.g. "
+                                 "user/kf-deberta-multitask (default: the output folder's name)", resumable=True)
+    save_steps: int = knob(1000, "write resumable state every N steps (and at each epoch end)", resumable=True)
+    logging_steps: int = knob(10, "log losses every N steps; also the most steps a SIGTERM waits before the run "
+                                  "saves and stops", resumable=True)
+    resume: bool = knob(False, "continue from the run folder's state/ (starts at step 0 when there is none)",
+                        resumable=True)
+    overwrite_output_dir: bool = knob(False, "start over in an output_dir that holds a previous run", resumable=True)
     # how it runs (not part of the maths)
-    device: str = "auto"  # auto: cuda:<local rank> when available, else cpu
-    amp: str = "auto"  # auto: bf16 on GPUs with native bf16, fp16 + GradScaler on older ones, none on CPU
-    pad_to_multiple_of: int = 0  # 0: 8 on GPU (tensor-core tiles), 1 on CPU
-    dist_timeout: int = 1800  # seconds a rank waits in a collective (e.g. for rank 0's checkpoint save) before the job fails
-    cache_dir: str = ""  # the token cache (token_cache.py); "": $XDG_CACHE_HOME/kfdeb, else ~/.cache/kfdeb
-    no_cache: bool = False  # read and tokenize the training files in memory, every run (no token cache)
-    progress: bool = True
-    preset: str = ""
-    config: str = ""
+    device: str = knob("auto", "auto (cuda:LOCAL_RANK if CUDA is available, else cpu), cpu, cuda (this rank's GPU), "
+                               "cuda:N (one process)", resumable=True)
+    amp: str = knob("auto", "autocast dtype: auto (bf16 on GPUs with native bf16, fp16 + GradScaler on older GPUs, "
+                            "none on CPU), none, bf16, fp16 (GradScaler)", choices=("auto", "none", "bf16", "fp16"))
+    pad_to_multiple_of: int = knob(0, "pad batches to a multiple of N tokens (0: 8 on GPU, 1 on CPU)")
+    dist_timeout: int = knob(
+        1800, "seconds a rank waits in a collective (e.g. while rank 0 saves a checkpoint) before the job fails; a "
+              "rank that dies ends the job within seconds whatever this is", resumable=True)
+    cache_dir: str = knob(
+        "", "token cache folder: each objective's examples and token ids, built by the first run (one process per "
+            "node) and memory-mapped by later runs and every rank; delete it to clear it (\"\": "
+            "$XDG_CACHE_HOME/kfdeb, else ~/.cache/kfdeb)", resumable=True)
+    no_cache: bool = knob(False, "no token cache: read and tokenize the training files in memory, in every run and rank",
+                          resumable=True)
+    progress: bool = knob(True, "show a progress bar", resumable=True)
+    preset: str = knob("", "named defaults: multitask, nli, sts, smoke", resumable=True,
+                       choices=("multitask", "nli", "sts", "smoke"))
+    config: str = knob("", "JSON or YAML file of the same keys (command-line flags win)", resumable=True)
 
     @property
     def run_dir(self) -> Path:
@@ -124,68 +170,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_HELP = {
-    "model_name_or_path": f"encoder to fine-tune: local folder or hub id ({TINY_MODEL}: tiny random DeBERTa-v2)",
-    "data_dir": f"kor-nlu-datasets clone ({BUNDLED}: the files shipped with kfdeb)",
-    "nli_train_glob": "KorNLI training files, relative to data_dir",
-    "nli_train_files": "your own training files for the in-batch negatives (nli) objective instead of "
-                       "data_dir/nli_train_glob: comma-separated paths or globs, .tsv/.csv/.jsonl, each of NLI pairs "
-                       "(sentence1, sentence2, gold_label), triplets (anchor, positive, negative) or pairs "
-                       "(anchor, positive); pairs cannot be mixed with the others",
-    "sts_train_file": "your own scored pairs (sentence1, sentence2, score; .tsv/.csv/.jsonl) for the sts objective "
-                      "instead of data_dir's KorSTS train",
-    "sts_dev_file": "your own scored pairs for dev evaluation (best checkpoint) instead of KorSTS dev",
-    "sts_test_file": "your own scored pairs for the final test evaluation instead of KorSTS test",
-    "score_max": "the highest score of the --sts_*_file files: label = score / score_max, a score outside "
-                 "0..score_max is an error (KorSTS files under data_dir are always 0..5)",
-    "tasks": "comma-separated objectives: nli, sts or nli,sts",
-    "batch_size": "the flag of the reference's single-objective scripts (training_nli.py, training_sts.py): the "
-                  "global batch size of the one objective of --tasks (with --preset nli: --nli_batch_size; with "
-                  "--preset sts: --sts_batch_size); refused with both objectives (0: unset)",
-    "output_prefix": "as the reference training scripts: the run's folder becomes "
-                     "output_dir/<prefix><model_name_or_path with / as ->, e.g. --output_prefix kor_multi_ with the "
-                     "default model gives output/kor_multi_kakaobank-kf-deberta-base. The reference also appended a "
-                     "timestamp; kfdeb does not, so the same command line finds its own run again with --resume "
-                     "(\"\": the run's folder is output_dir itself)",
-    "nli_mini_batch_size": "GradCache: embed each rank's NLI batch this many triplets at a time, for the exact "
-                           "gradient of a large --nli_batch_size at the memory of a small one (0: off)",
-    "nli_triplet_scope": "per_file (reference: triplets built file by file, then concatenated) or union "
-                         "(one partner table over all files: a sentence in several files is an anchor once)",
-    "max_steps": "stop after this many steps (0: num_epochs); the schedule spans them",
-    "optimizer": "per_task (reference: one AdamW + schedule per objective, 2 updates a step) or joint",
-    "metric_for_best": "dev figure that selects the best checkpoint (with --matryoshka_dims: at the first width)",
-    "sts_loss": "loss of the sts objective: cosine (MSE between cosine and score / 5, the reference), cosent "
-                "(CoSENT ranking loss, scale 20) or angle (AnglE: the same ranking loss on the angle similarity)",
-    "matryoshka_dims": "Matryoshka (MRL): comma-separated embedding widths, largest first, e.g. 768,512,256,128,64,32; "
-                       "both objectives sum their loss over these prefixes of the embedding (one forward); dev "
-                       "evaluation reports every width and selects the best checkpoint at the first",
-    "matryoshka_weights": "comma-separated weight of each --matryoshka_dims width (default: 1 each)",
-    "save_steps": "write resumable state every N steps",
-    "resume": "continue from output_dir/state (starts at step 0 when there is none)",
-    "overwrite_output_dir": "start over in an output_dir that holds a previous run",
-    "amp": "autocast dtype: auto (bf16 on GPUs with native bf16, fp16 + GradScaler on older GPUs, none on CPU), "
-           "none, bf16, fp16 (GradScaler)",
-    "pad_to_multiple_of": "pad batches to a multiple of N tokens (0: 8 on GPU, 1 on CPU)",
-    "dist_timeout": "seconds a rank waits in a collective (e.g. while rank 0 saves a checkpoint) before the job "
-                    "fails; a rank that dies ends the job within seconds whatever this is",
-    "hub_model_id": "name of the model in its model card's usage snippets, e.g. user/kf-deberta-multitask "
-                    "(default: the output folder's name)",
-    "cache_dir": "token cache folder: each objective's examples and token ids, built by the first run (one "
-                 "process per node) and memory-mapped by later runs and every rank; delete it to clear it "
-                 "(\"\": $XDG_CACHE_HOME/kfdeb, else ~/.cache/kfdeb)",
-    "no_cache": "no token cache: read and tokenize the training files in memory, in every run and rank",
-    "device": "auto (cuda:LOCAL_RANK if CUDA is available, else cpu), cpu, cuda (this rank's GPU), cuda:N (one process)",
-    "preset": f"named defaults: {', '.join(PRESETS)}",
-    "config": "JSON or YAML file of the same keys (command-line flags win)",
-}
-_CHOICES = {
-    "nli_triplet_scope": NLI_TRIPLET_SCOPES,
-    "optimizer": ("per_task", "joint"),
-    "sts_loss": ("cosine", "cosent", "angle"),
-    "amp": ("auto", "none", "bf16", "fp16"),
-    "metric_for_best": METRICS_FOR_BEST,
-    "preset": ("",) + tuple(PRESETS),  # "": no preset
-}
+# what may change between a run and its --resume: how it goes, not what it computes (train_state.py checks)
+RESUMABLE = frozenset(name for name, spec in _FIELDS.items() if spec.metadata["resumable"])
+assert set(_FIELDS["preset"].metadata["choices"]) == set(PRESETS), "--preset's choices are the presets"
 
 
 def _parse_bool(text: str) -> bool:
@@ -203,16 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Multitask fine-tuning of a sentence encoder on KorNLI + KorSTS (kfdeb).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    defaults = TrainConfig()
     for name, spec in _FIELDS.items():
-        default = getattr(defaults, name)
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": _HELP.get(name, " ") + f" (default: {default!r})"}
-        if isinstance(default, bool):
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{spec.metadata['help']} (default: {spec.default!r})"}
+        if isinstance(spec.default, bool):
             kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
         else:
-            kwargs["type"] = type(default)
-        if name in _CHOICES:
-            kwargs["choices"] = [choice for choice in _CHOICES[name] if choice]
+            kwargs["type"] = type(spec.default)
+        if spec.metadata["choices"]:
+            kwargs["choices"] = list(spec.metadata["choices"])
         parser.add_argument(f"--{name}", **kwargs)
     return parser
 
@@ -306,23 +291,28 @@ def validate(config: TrainConfig) -> None:
     if config.learning_rate <= 0 or config.weight_decay < 0 or config.max_grad_norm <= 0:
         raise UserInputError("--learning_rate and --max_grad_norm must be > 0, --weight_decay >= 0")
     _validate_matryoshka(config)
-    for name, choices in _CHOICES.items():
-        if getattr(config, name) not in choices:
-            raise UserInputError(f"--{name} {getattr(config, name)!r}: expected one of {', '.join(c for c in choices if c)}")
+    for name, spec in _FIELDS.items():
+        choices = spec.metadata["choices"]
+        allowed = choices + (("",) if name == "preset" else ())  # "": no preset
+        if choices and getattr(config, name) not in allowed:
+            raise UserInputError(f"--{name} {getattr(config, name)!r}: expected one of {', '.join(choices)}")
+
+
+def positive_numbers(flag: str, text: str, kind: type = int) -> list:
+    """A comma-separated list of positive numbers (--matryoshka_dims, evaluate.py --dims); "" is []."""
+    try:
+        values = [kind(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise UserInputError(f"--{flag} {text!r}: expected comma-separated {kind.__name__}s") from None
+    if text.strip() and not values or any(not v > 0 for v in values):
+        raise UserInputError(f"--{flag} {text!r}: every value must be > 0")
+    return values
 
 
 def _validate_matryoshka(config: TrainConfig) -> None:
     """Widths: positive integers, largest first, no repeats; weights: one positive number per width.
     Whether the largest is the model's own width is checked once the model is loaded (run.setup)."""
-    def numbers(flag: str, text: str, kind: type) -> list:
-        try:
-            values = [kind(item) for item in text.split(",") if item.strip()]
-        except ValueError:
-            raise UserInputError(f"--{flag} {text!r}: expected comma-separated {kind.__name__}s") from None
-        if text.strip() and not values or any(not v > 0 for v in values):
-            raise UserInputError(f"--{flag} {text!r}: every value must be > 0")
-        return values
-
+    numbers = positive_numbers
     dims = numbers("matryoshka_dims", config.matryoshka_dims, int)
     weights = numbers("matryoshka_weights", config.matryoshka_weights, float)
     if any(later >= earlier for earlier, later in zip(dims, dims[1:])):

@@ -1,9 +1,10 @@
-"""The one exception type for mistakes in what the user gave us.
+"""The exceptions the scripts turn into one line and an exit status: mistakes in what the user gave us, and stops.
 
 A `UserInputError` carries a complete one-line message (file, line, field, what to do).
-The command-line scripts print it as `error: <message>` and exit with status 2; anything
-else that escapes is a bug in kfdeb and keeps its traceback. This module is the only
-thing the leaf modules share (with `first_line`, which keeps a library's message to one line).
+The command-line scripts print it as `error: <message>` and exit with status 2 (cli.execute);
+anything else that escapes is a bug in kfdeb and keeps its traceback. `first_line` keeps a
+library's message to one line. `TrainingStopped` is training's orderly stop on SIGTERM (exit 143).
+Every module may import this one; it imports nothing of kfdeb.
 """
 
 

@@ -10,16 +10,14 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
 
-from kfdeb.data import StsPair, read_sts
+from kfdeb.readers import StsPair, read_sts, sts_path
 from kfdeb.errors import UserInputError
 from kfdeb.metrics import FIGURE_KEYS, SIMILARITIES, sts_figures
 
-STS_SPLITS = {"train": "sts-train.tsv", "dev": "sts-dev.tsv", "test": "sts-test.tsv"}
 TABLE_HEADER = (
     "| Model | Cosine Pearson | Cosine Spearman | Euclidean Pearson | Euclidean Spearman "
     "| Manhattan Pearson | Manhattan Spearman | Dot Pearson | Dot Spearman |\n"
@@ -45,20 +43,6 @@ class StsResult:
     @property
     def sentences_per_second(self) -> float:
         return self.sentences / self.seconds if self.seconds > 0 else float("inf")
-
-
-def sts_path(data_dir: str | os.PathLike, split: str, instead: str = "") -> Path:
-    """data_dir's KorSTS file of `split`; `instead` names the flag that could give another file."""
-    if split not in STS_SPLITS:
-        raise UserInputError(f"--split {split!r}: expected one of {', '.join(STS_SPLITS)}")
-    path = Path(data_dir) / "KorSTS" / STS_SPLITS[split]
-    if not path.is_file():
-        raise UserInputError(
-            f"{path}: KorSTS {split} file not found (expected <data_dir>/KorSTS/{STS_SPLITS[split]}; "
-            "get it with `git clone https://github.com/kakaobrain/kor-nlu-datasets`"
-            + (f", or pass {instead} with a file of scored pairs: sentence1, sentence2, score)" if instead else ")")
-        )
-    return path
 
 
 def distinct_sentences(pairs: Sequence[StsPair]) -> list[str]:

@@ -7,7 +7,7 @@ With --optimizer joint the gradients of both losses add up and one update follow
 steps per epoch = the shortest objective's batches; the samplers keep their position across
 epochs. Dev evaluation every eval_steps and at each epoch end keeps the best model; resumable
 state is written every save_steps and at each epoch end; the best model is evaluated on KorSTS
-test at the end. Setting the run up and everything it reads or writes on disk: run.py.
+test at the end. Setting the run up: run.py (its data: tasks.py); the resumable state: train_state.py.
 
 Host syncs: none inside a step (fp16's GradScaler aside, as in the reference). Losses, gradient
 norms and the non-finite watch stay on the device (StepMeter) until a logging, evaluation or
@@ -34,13 +34,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from kfdeb import distributed
-from kfdeb.errors import TrainingStopped
+from kfdeb import distributed, train_state
+from kfdeb.batching import length_sorted_chunks, shard
 from kfdeb.config import TrainConfig
-from kfdeb.data import length_sorted_chunks, shard
+from kfdeb.errors import TrainingStopped
 from kfdeb.gradcache import cached_backward
-from kfdeb.losses import Objective, cosine_mse_loss, in_batch_negatives_loss, matryoshka, ranking_loss
-from kfdeb.run import Run, Task, evaluate_and_keep_best, finish, save_state, setup, start_or_resume
+from kfdeb.losses import Objective, nli_loss, sts_loss
+from kfdeb.run import Run, evaluate_and_keep_best, finish, setup
+from kfdeb.tasks import Task
 
 
 def embed_columns(model: torch.nn.Module, task: Task, rows: np.ndarray, ctx: distributed.Context,
@@ -54,26 +55,6 @@ def embed_columns(model: torch.nn.Module, task: Task, rows: np.ndarray, ctx: dis
     embeddings = model([ids.to(ctx.device, non_blocking=True) for ids in chunk_ids],
                        [mask.to(ctx.device, non_blocking=True) for mask in chunk_masks])
     return embeddings[restore.to(ctx.device, non_blocking=True)].view(rows.shape[1], len(rows), -1)
-
-
-def nli_loss(columns: torch.Tensor, objective: Objective = Objective()) -> torch.Tensor:
-    """In-batch negatives on triplets, or on anchor-positive pairs: then the positives alone are the candidates."""
-    def loss_of(c: torch.Tensor) -> torch.Tensor:
-        return in_batch_negatives_loss(c[0], c[1], c[2] if len(c) == 3 else None)
-
-    return matryoshka(loss_of, columns, objective.matryoshka_dims, objective.matryoshka_weights)
-
-
-def sts_loss(columns: torch.Tensor, labels: torch.Tensor, global_batch_size: int, objective: Objective = Objective(),
-             placeholder: bool = False) -> torch.Tensor:
-    """Cosine MSE (the reference), CoSENT or AnglE on this rank's pairs of a global batch of `global_batch_size`."""
-    def loss_of(c: torch.Tensor) -> torch.Tensor:
-        if objective.sts_loss == "cosine":  # a mean of per-pair terms: a placeholder pair weighs 0
-            weight = 0.0 if placeholder else 1.0
-            return weight * cosine_mse_loss(c[0], c[1], labels, global_batch_size=global_batch_size)
-        return ranking_loss(c[0], c[1], labels, objective.sts_loss, global_batch_size, valid=not placeholder)
-
-    return matryoshka(loss_of, columns, objective.matryoshka_dims, objective.matryoshka_weights)
 
 
 def task_loss(model: torch.nn.Module, task: Task, batch: list[int], ctx: distributed.Context,
@@ -167,7 +148,7 @@ class StepMeter:
         at = min(first_bad)
         if at != never:
             name = run.tasks[first_bad.index(at)].name
-            kept = (f"the last good state (step-{run.last_saved_step:08d}) stays in {run.output_dir / 'state'}"
+            kept = (f"the last good state (step-{run.last_saved_step:08d}) stays in {run.output_dir / train_state.STATE_DIR}"
                     if run.last_saved_step >= 0 else "no state had been saved yet")
             raise FloatingPointError(
                 f"the {name} loss is not finite at step {at}; training stopped and {kept} "
@@ -208,18 +189,18 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
 def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
     run = setup(config, ctx)
-    progress = start_or_resume(run)
+    position = train_state.resume(run)
     meter = StepMeter(run)
     bar = None
     if config.progress and ctx.is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=run.total_steps, initial=progress.step, desc="train", unit="step", mininterval=1.0)
+        bar = tqdm(total=run.total_steps, initial=position.step, desc="train", unit="step", mininterval=1.0)
     run.model.train()
     started = time.perf_counter()
     with StopRequest() as sigterm:
-        while progress.step < run.total_steps:
-            step = progress.step + 1  # 1-based: the step being taken
+        while position.step < run.total_steps:
+            step = position.step + 1  # 1-based: the step being taken
             for t, task in enumerate(run.tasks):  # NLI, then STS
                 batch = task.sampler.next_batch()  # the global batch; task_loss takes this rank's slice
                 if task.name == "nli" and config.nli_mini_batch_size:  # GradCache: same gradient, less memory
@@ -235,7 +216,7 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
             if config.optimizer == "joint":  # the gradients of both objectives have added up
                 meter.add_norm(None, update(run.parameters, run.optimizers[0], run.schedulers[0], run.scaler,
                                             config.max_grad_norm))
-            progress.step = step
+            position.step = step
             meter.steps += 1
             if bar is not None:
                 bar.update(1)
@@ -248,15 +229,15 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
                 # host sync: loss values, the non-finite check, and a SIGTERM received by any rank
                 stop = meter.flush(step, bar, stop_requested=sigterm.received)
             if evaluate_now:
-                evaluate_and_keep_best(run, progress, epoch=(step - 1) // run.steps_per_epoch)
+                evaluate_and_keep_best(run, position, epoch=(step - 1) // run.steps_per_epoch)
             if save_now or (stop and run.last_saved_step != step):
-                save_state(run, progress)
+                train_state.save(run, position)
             if stop:  # every rank stops here, the state of this step saved: --resume goes on exactly
                 raise TrainingStopped(stopped_message(run, step))
             meter.restart_clock()
     if bar is not None:
         bar.close()
-    return finish(run, progress, train_seconds=time.perf_counter() - started)  # steps, evaluations and saves
+    return finish(run, position, train_seconds=time.perf_counter() - started)  # steps, evaluations and saves
 
 
 class StopRequest:
@@ -286,4 +267,4 @@ def stopped_message(run: Run, step: int) -> str:
     resume = "" if "--resume" in sys.argv else " --resume"
     launcher = " (under torchrun: the same torchrun command)" if run.ctx.distributed else ""
     return (f"stopped by SIGTERM at step {step} of {run.total_steps}: the training state is saved in "
-            f"{run.output_dir / 'state' / f'step-{step:08d}'}; continue with{launcher}: {command}{resume}")
+            f"{run.output_dir / train_state.STATE_DIR / f'step-{step:08d}'}; continue with{launcher}: {command}{resume}")

@@ -11,7 +11,10 @@ Cosine regression (CosineSimilarityLoss) for B pairs (u_i, v_i) with labels y_i 
 
     L_sts = (1/B) sum_i (cos(u_i, v_i) - y_i)^2
 
-cos(x, y) = x.y / max(|x| |y|, 1e-8) (torch.cosine_similarity's guard). Both losses are computed
+Guards against zero vectors: the pairwise cosine is x.y / max(|x| |y|, 1e-8); the NLI loss's cosine
+matrix normalises each row as x / max(|x|, 1e-12) (F.normalize's guard). torch.cosine_similarity,
+which the reference's CosineSimilarityLoss calls, clamps each norm instead: x.y / (max(|x|, 1e-8)
+max(|y|, 1e-8)). The three agree unless a norm is below ~1e-4, which no real embedding is. Both losses are computed
 in at least float32 whatever the autocast dtype: autocast is switched off inside them (it would run
 the logits' matrix product in bf16/fp16) and their inputs are widened to float32. The softmax over
 2B logits scaled by 20 is where low precision hurts: a bf16 cosine carries ~3 significant digits.
@@ -32,6 +35,9 @@ either objective, from one forward: only the loss repeats per width. Every simil
 is invariant to the scale of each vector, so normalize(e[:, :d]) and e[:, :d] give the same loss
 and `matryoshka` does not compute the normalisation: with the single full width and weight 1,
 L_mrl is the plain loss bit for bit.
+
+`nli_loss` and `sts_loss` apply these to a task's columns of embeddings (columns x batch x H: anchor,
+positive[, negative]; or the two sides of the scored pairs), with Matryoshka on top.
 
 Data parallelism (W ranks, rank r holding b_r of the B examples, sum_r b_r = B): see
 `_rank_share` for how each rank's loss is scaled so that DDP's gradient average reproduces the
@@ -205,3 +211,23 @@ def matryoshka(loss_of: Callable[[torch.Tensor], torch.Tensor], embeddings: torc
         term = weight * loss_of(embeddings[..., :dim])  # x 1.0 is exact: one full width is the plain loss
         total = term if total is None else total + term
     return total
+
+
+def nli_loss(columns: torch.Tensor, objective: Objective = Objective()) -> torch.Tensor:
+    """In-batch negatives on triplets, or on anchor-positive pairs: then the positives alone are the candidates."""
+    def loss_of(c: torch.Tensor) -> torch.Tensor:
+        return in_batch_negatives_loss(c[0], c[1], c[2] if len(c) == 3 else None)
+
+    return matryoshka(loss_of, columns, objective.matryoshka_dims, objective.matryoshka_weights)
+
+
+def sts_loss(columns: torch.Tensor, labels: torch.Tensor, global_batch_size: int, objective: Objective = Objective(),
+             placeholder: bool = False) -> torch.Tensor:
+    """Cosine MSE (the reference), CoSENT or AnglE on this rank's pairs of a global batch of `global_batch_size`."""
+    def loss_of(c: torch.Tensor) -> torch.Tensor:
+        if objective.sts_loss == "cosine":  # a mean of per-pair terms: a placeholder pair weighs 0
+            weight = 0.0 if placeholder else 1.0
+            return weight * cosine_mse_loss(c[0], c[1], labels, global_batch_size=global_batch_size)
+        return ranking_loss(c[0], c[1], labels, objective.sts_loss, global_batch_size, valid=not placeholder)
+
+    return matryoshka(loss_of, columns, objective.matryoshka_dims, objective.matryoshka_weights)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from kfdeb import deberta
-from kfdeb.data import length_sorted_chunks, pad_batch
+from kfdeb.batching import length_sorted_chunks, pad_batch
 from kfdeb.errors import UserInputError, first_line
 from kfdeb.files import json_text, publish_files, read_json
 from kfdeb.pooling import masked_mean_pool

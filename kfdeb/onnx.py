@@ -50,7 +50,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -58,30 +57,32 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kfdeb.data import pad_batch
+from kfdeb.batching import pad_batch
 from kfdeb.errors import UserInputError, first_line
 from kfdeb.files import publish_files, read_json
-from kfdeb.model import SentenceEncoder, encode_in_length_order, sentence_transformers_options
+# the int8/fp16 variants (onnx_quantize.py), also reached through this module (export.py, tests, bench)
+from kfdeb.onnx_quantize import (  # noqa: F401
+    ConstMatMul, Int8Settings, convert_fp16, cpu_has_vnni, quantizable_matmuls, quantize_int8, require,
+)
+from kfdeb.model import SentenceEncoder
+# the graph's interface and its runner (onnx_runtime.py), also reached through this module
+from kfdeb.onnx_runtime import (  # noqa: F401
+    INPUT_NAMES, METADATA_FILE, OUTPUT_NAMES, TOKEN_TYPES, OnnxEncoder, feed, open_session,
+)
 
 # 14: the lowest opset whose DeBERTa-v2 graph onnxruntime accepts and that we test; 20: the
 # TorchScript exporter's highest own opset (above it torch converts with onnx's version converter).
 SUPPORTED_OPSETS = range(14, 21)
 DEFAULT_OPSET = 17
-INPUT_NAMES = ("input_ids", "attention_mask")  # every graph's; plus TOKEN_TYPES for models with segments
-TOKEN_TYPES = "token_type_ids"
-OUTPUT_NAMES = ("sentence_embedding", "last_hidden_state")
 VARIANTS = {"fp16", "int8"}  # written beside model.onnx as model.<variant>.onnx
-METADATA_FILE = "kfdeb_onnx.json"
 FP32_TOLERANCE = 1e-4
 FP16_RELATIVE_TOLERANCE = 1e-2
-INSTALL_HINT = 'pip install ".[onnx]" (onnx and onnxruntime)'
 
 _EXAMPLE = ["한국어 문장 인코더를 하나의 그래프로 내보낸다.", "예시 문장"]
 _CHECK_BATCHES = [
@@ -90,14 +91,6 @@ _CHECK_BATCHES = [
     ["남자가 피자에 치즈를 뿌리고 있다. " * 200,  # truncated to max_seq_length
      "A man is playing a flute.", "세 명의 아이들이 공원에서 축구를 하고 있다.", "!", "오늘 날씨가 맑다"],
 ]
-
-
-def require(name: str) -> ModuleType:
-    """onnx / onnxruntime, imported only when used: they are the optional [onnx] extra."""
-    try:
-        return __import__(name)
-    except ImportError:
-        raise UserInputError(f"{name} is not installed; ONNX export and .onnx models need {INSTALL_HINT}") from None
 
 
 def sibling(path: str | os.PathLike, variant: str) -> Path:
@@ -122,14 +115,6 @@ def check_arguments(output: str | os.PathLike, opset: int, quantize: str | None 
 def input_names(encoder: SentenceEncoder) -> tuple[str, ...]:
     """The graph's inputs: ids and mask, and token_type_ids where the model has segment embeddings."""
     return INPUT_NAMES + ((TOKEN_TYPES,) if getattr(encoder.transformer.config, "type_vocab_size", 0) > 1 else ())
-
-
-def feed(names: Sequence[str], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, np.ndarray]:
-    """onnxruntime's inputs for a padded batch: every sentence is segment 0."""
-    values = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
-    if TOKEN_TYPES in names:
-        values[TOKEN_TYPES] = np.zeros_like(values["input_ids"])
-    return values
 
 
 class _ExportGraph(torch.nn.Module):
@@ -212,7 +197,7 @@ def verify(path: str | os.PathLike, encoder: SentenceEncoder, relative: bool = F
 
     relative: the tolerance is a fraction of the output's largest |value| (used for fp16).
     """
-    session = _session(path)
+    session = open_session(path)
     worst = {name: 0.0 for name in OUTPUT_NAMES}
     scale = {name: 0.0 for name in OUTPUT_NAMES}
     for sentences in _CHECK_BATCHES:
@@ -250,125 +235,6 @@ def _pytorch_outputs(encoder: SentenceEncoder, input_ids: torch.Tensor, attentio
     finally:
         encoder.train(was_training)
     return [t.float().cpu().numpy() for t in outputs]
-
-
-@dataclass(frozen=True)
-class Int8Settings:
-    """How `--quantize int8` quantises the fp32 graph (onnxruntime quantize_dynamic).
-
-    per_channel   one weight scale per output column of each MatMul (else one per tensor)
-    reduce_range  7-bit weights (s8 only: x86 CPUs without VNNI multiply u8 x s8 with VPMADDUBSW,
-                  whose int16 sums of two products saturate; 7-bit weights cannot reach that point)
-    weight_type   "U8" or "S8" weights; activations are always u8, quantised per batch at run time
-    embeddings    quantise the embedding-table Gathers too (else they stay fp32)
-    keep_fp32     MatMuls left in fp32: a role in every layer ("output/dense": each FFN output
-                  projection), a role in one layer ("layer.0/output/dense") or a node's full name
-
-    The defaults were chosen on KorSTS *dev* sentences with bench/int8_settings.py (all-MiniLM-L6-v2
-    on an AVX2 CPU without VNNI; every figure is in bench/ONNX_RESULTS.md), mean / min cosine to fp32:
-    - per-channel: one scale per tensor gives 0.88 / 0.75;
-    - u8 weights: onnxruntime's u8 x u8 kernels do not saturate on any x86 CPU (its quantisation
-      guide); u8 x s8 does without VNNI. With the tables in fp32: s8 0.978 / 0.937, 7-bit s8
-      0.983 / 0.959, u8 0.988 / 0.944; with layer 0's FFN output in fp32 too, on KorSTS test, u8
-      0.9905 / 0.9732 and 7-bit s8 0.9888 / 0.9588. The price is speed: u8 ran at 1.30x fp32 there,
-      7-bit s8 at 1.53x;
-    - s8 on a VNNI CPU: there u8 x s8 sums are exact int32 (VPDPBUSD), and s8 weights with the
-      same exclusions gave 0.9907 / 0.9733 on KorSTS test, computed exactly on the AVX2 CPU by
-      rewriting the s8 weights as u8 + 128 (bench/int8_settings.py, stage exact);
-    - embeddings fp32: a quantised table's error enters every layer;
-    - layer 0's FFN output projection fp32: it reads the first layer's post-GELU activations, whose
-      outliers one u8 scale per batch cannot cover. Of the 36 MatMuls it is, alone, the one that
-      lifts the min cosine most (0.944 -> 0.976); no other one lifts it by more than 0.021.
-    """
-
-    per_channel: bool = True
-    reduce_range: bool = False
-    weight_type: str = "U8"
-    embeddings: bool = False
-    keep_fp32: tuple[str, ...] = ("layer.0/output/dense",)
-
-    def __post_init__(self):
-        if self.weight_type not in ("U8", "S8"):
-            raise ValueError(f"weight_type {self.weight_type!r}: expected 'U8' or 'S8'")
-
-
-def cpu_has_vnni(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool | None:
-    """Whether this CPU multiplies u8 x s8 into int32 in one instruction (AVX512-VNNI or AVX-VNNI), read
-    from /proc/cpuinfo's flags; None where that file or an x86 flags line is missing (not Linux x86)."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return None
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
-    return None if flags is None else bool({"avx512_vnni", "avx_vnni"} & set(flags))
-
-
-@dataclass(frozen=True)
-class ConstMatMul:
-    name: str  # the graph node, e.g. /encoder/transformer/encoder/layer.0/output/dense/MatMul
-    layer: int | None  # transformer layer index, None outside the layers
-    role: str  # the module path inside its layer, e.g. output/dense; the full name outside the layers
-
-    def named_by(self, entry: str) -> bool:
-        """`entry` is this node's full name, its role (in every layer) or layer.N/role (in layer N only)."""
-        return entry in (self.name, self.role) or (self.layer is not None and entry == f"layer.{self.layer}/{self.role}")
-
-
-_LAYER_ROLE = re.compile(r"layer\.(\d+)/(.+)/MatMul(_\d+)?$")
-
-
-def quantizable_matmuls(path: str | os.PathLike) -> list[ConstMatMul]:
-    """The MatMuls with a constant weight (the ones dynamic quantisation rewrites), in graph order."""
-    onnx = require("onnx")
-    graph = onnx.load(str(path), load_external_data=False).graph
-    constants = {t.name for t in graph.initializer}
-    found = []
-    for node in graph.node:
-        if node.op_type == "MatMul" and node.input[1] in constants:
-            match = _LAYER_ROLE.search(node.name)
-            found.append(ConstMatMul(node.name, int(match.group(1)), match.group(2)) if match
-                         else ConstMatMul(node.name, None, node.name))
-    return found
-
-
-def quantize_int8(source: str | os.PathLike, target: str | os.PathLike, settings: Int8Settings = Int8Settings(),
-                  strict: bool = True) -> None:
-    """Write the int8 graph of `source`. A keep_fp32 entry that names no MatMul is an error, or with
-    strict=False (the defaults, on a model whose layers are named otherwise) a printed warning."""
-    import logging
-
-    require("onnx")
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    matmuls = quantizable_matmuls(source)
-    for entry in settings.keep_fp32:
-        if not any(m.named_by(entry) for m in matmuls):
-            message = f"keep_fp32 {entry!r}: no MatMul of {Path(source).name} has that role or name"
-            if strict:
-                raise UserInputError(message)
-            print(f"warning: {message}; every MatMul is quantised", file=sys.stderr)
-    excluded = [m.name for m in matmuls if any(m.named_by(entry) for entry in settings.keep_fp32)]
-    disabled = logging.root.manager.disable
-    logging.disable(logging.WARNING)  # it logs advice on pre-processing (which fails on these graphs) to root
-    try:
-        quantize_dynamic(str(source), str(target), per_channel=settings.per_channel,
-                         reduce_range=settings.reduce_range,
-                         weight_type=QuantType.QInt8 if settings.weight_type == "S8" else QuantType.QUInt8,
-                         op_types_to_quantize=["MatMul", "Gather"] if settings.embeddings else ["MatMul"],
-                         nodes_to_exclude=excluded)
-    finally:
-        logging.disable(disabled)
-
-
-def _convert_fp16(source: Path, target: Path) -> None:
-    onnx = require("onnx")
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # it warns about constants clamped into the fp16 range
-        model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
-    onnx.save(model, str(target))
-    onnx.checker.check_model(str(target))
 
 
 def _runtime_metadata(encoder: SentenceEncoder, opset: int) -> dict[str, Any]:
@@ -416,7 +282,7 @@ def export(encoder: SentenceEncoder, output: str | os.PathLike, opset: int = DEF
             diffs["fp32"] = verify(staged["fp32"], encoder)
         if fp16:
             staged["fp16"] = scratch / sibling(output, "fp16").name
-            _convert_fp16(staged["fp32"], staged["fp16"])
+            convert_fp16(staged["fp32"], staged["fp16"])
             if check:
                 diffs["fp16"] = verify(staged["fp16"], encoder, relative=True, tolerance=FP16_RELATIVE_TOLERANCE)
         if quantize:
@@ -436,84 +302,6 @@ def export(encoder: SentenceEncoder, output: str | os.PathLike, opset: int = DEF
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return ExportResult({k: output.parent / v.name for k, v in staged.items()}, diffs)
-
-
-class OnnxEncoder:
-    """Runs an exported graph with onnxruntime: `encode` behaves like SentenceEncoder.encode."""
-
-    # the very same truncation, special tokens and lowercasing as the PyTorch encoder
-    tokenize = SentenceEncoder.tokenize
-
-    def __init__(self, session: Any, tokenizer: Any, max_seq_length: int, do_lower_case: bool, pad_id: int,
-                 dimension: int, path: Path, normalize: bool = False):
-        self.session = session
-        self.tokenizer = tokenizer
-        self.max_seq_length = max_seq_length
-        self.do_lower_case = do_lower_case
-        self.pad_id = pad_id
-        self.dimension = dimension
-        self.path = path
-        self.normalize = normalize  # the graph ends in a Normalize: a truncated embedding is re-normalised
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, max_seq_length: int | None = None,
-             providers: Sequence[str] | None = None) -> "OnnxEncoder":
-        """Open a graph written by export.py; its tokenizer and kfdeb_onnx.json lie beside it."""
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise UserInputError(f"{path}: no such ONNX file")
-        if not (path.parent / METADATA_FILE).is_file():
-            raise UserInputError(
-                f"{path}: no {METADATA_FILE} beside it; kfdeb reads graphs written by export.py "
-                "(it stores the tokenizer and its settings next to the .onnx)"
-            )
-        meta = read_json(path.parent / METADATA_FILE)
-        if not isinstance(meta, dict) or meta.get("format") != "kfdeb-onnx/1":
-            raise UserInputError(f"{path.parent / METADATA_FILE}: not written by this kfdeb (expected format kfdeb-onnx/1)")
-        session = _session(path, providers)
-        inputs, outputs = {i.name for i in session.get_inputs()}, {o.name for o in session.get_outputs()}
-        if not set(INPUT_NAMES) <= inputs <= {*INPUT_NAMES, TOKEN_TYPES} or "sentence_embedding" not in outputs:
-            raise UserInputError(f"{path}: expected inputs {', '.join(INPUT_NAMES)} [, {TOKEN_TYPES}] "
-                                 "and output sentence_embedding")
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path.parent))
-        except (OSError, ValueError, KeyError) as err:
-            raise UserInputError(f"{path.parent}: cannot load the tokenizer ({first_line(err)})") from None
-        length = max_seq_length or meta["max_seq_length"]
-        if meta.get("length_limit"):
-            length = min(length, meta["length_limit"])
-        return cls(session, tokenizer, int(length), bool(meta["do_lower_case"]), int(meta["pad_token_id"]),
-                   int(meta["dimension"]), path, bool(meta.get("normalize", False)))
-
-    @property
-    def device_name(self) -> str:
-        return f"onnxruntime {self.session.get_providers()[0]}"
-
-    def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        names = [i.name for i in self.session.get_inputs()]
-        return torch.from_numpy(self.session.run(["sentence_embedding"], feed(names, input_ids, attention_mask))[0])
-
-    def encode(
-        self,
-        sentences: str | Sequence[str],
-        batch_size: int = 32,
-        normalize: bool = False,
-        device: str | None = None,
-        convert_to_numpy: bool = False,
-        show_progress: bool = False,
-        dim: int | None = None,
-        **sentence_transformers_names: Any,
-    ) -> torch.Tensor | np.ndarray:
-        """float32 embeddings (N x H, or N x dim) in input order, batched and streamed as SentenceEncoder.encode.
-
-        device is accepted for the same signature; the session's providers decide where it runs.
-        """
-        normalize, convert_to_numpy, show_progress, dim = sentence_transformers_options(
-            normalize, convert_to_numpy, show_progress, dim, **sentence_transformers_names)
-        return encode_in_length_order(self, self._embed, sentences, batch_size, normalize, convert_to_numpy,
-                                      show_progress, dim=dim)
 
 
 @dataclass

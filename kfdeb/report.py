@@ -8,12 +8,12 @@ from kfdeb, sentence-transformers and plain transformers, and the data licence.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from kfdeb.config import BUNDLED, TINY_MODEL, TrainConfig
 from kfdeb.evaluation import TABLE_HEADER, table_row
+from kfdeb.files import write_file, write_text
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -48,10 +48,8 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
         if axis.lines:
             axis.legend()
     figure.tight_layout()
-    scratch = png_path.with_name(f".{png_path.name}.tmp-{os.getpid()}.png")
-    figure.savefig(scratch, dpi=100)
+    write_file(png_path, lambda handle: figure.savefig(handle, format="png", dpi=100))
     plt.close(figure)
-    os.replace(scratch, png_path)
 
 
 _NLI_TEXT = "KorNLI triplets with in-batch negatives (MultipleNegativesRankingLoss)"
@@ -214,7 +212,5 @@ Korean Natural Language Understanding", github.com/kakaobrain/kor-nlu-datasets),
 CC BY-SA 4.0. Check the base model's licence before publishing.
 """
     path = model_dir / "README.md"
-    scratch = path.with_name(f".README.md.tmp-{os.getpid()}")
-    scratch.write_text(card, encoding="utf-8")
-    os.replace(scratch, path)
+    write_text(path, card)
     return path

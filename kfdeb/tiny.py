@@ -23,7 +23,7 @@ from typing import Iterable
 
 import torch
 
-from kfdeb.data import BUNDLED_DATA_DIR, read_nli, read_sts
+from kfdeb.readers import BUNDLED_DATA_DIR, read_nli, read_sts
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 

@@ -30,7 +30,7 @@ A folder's name is a digest of its key (FORMAT_VERSION included): a changed inpu
 setting is another folder, and an old one stays until deleted (delete CACHE_DIR to clear it all).
 A folder is used only when COMPLETE exists and key.json equals the key. It is written in a scratch
 folder `.scratch@HOST@PID@NAME` beside it, COMPLETE last, files fsynced, then renamed into place
-(atomic): a build killed at any instant leaves a scratch folder, never a half-written cache, and
+(atomic: files.publish_folder): a build killed at any instant leaves a scratch folder, never a half-written cache, and
 the next build on that host removes scratch folders whose process is gone. Two processes that
 build the same folder at once (two jobs, or nodes sharing one cache dir) both finish; the first
 rename wins and the other's scratch is dropped.
@@ -51,7 +51,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from kfdeb.batching import normalised_keys, number_texts
 from kfdeb.errors import UserInputError
+from kfdeb.files import publish_folder
 
 FORMAT_VERSION = 1
 COMPLETE = "COMPLETE"
@@ -184,29 +186,13 @@ class Examples:
 
     @classmethod
     def from_texts(cls, examples: Sequence[Sequence[str]], labels: np.ndarray | None, with_keys: bool) -> "Examples":
-        """Number the distinct texts in order of first appearance; with_keys: the normalised texts too."""
-        columns = len(examples[0]) if len(examples) else 0
-        index: dict[str, int] = {}
-        rows = np.fromiter((index.setdefault(text, len(index)) for example in examples for text in example),
-                           dtype=np.int32, count=len(examples) * columns).reshape(len(examples), columns)
-        keys = None
-        if with_keys:
-            normalised: dict[str, int] = {}
-            key_of_text = np.fromiter((normalised.setdefault(text.strip().lower(), len(normalised)) for text in index),
-                                      dtype=np.int32, count=len(index))
-            keys = key_of_text[rows]
-        return cls(rows, keys, labels, list(index))
-
-
-def _fsynced_write(path: Path, write: Callable[[Any], None]) -> None:
-    with open(path, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
+        """The examples as text ids (batching.number_texts); with_keys: the normalised texts' ids too."""
+        rows, texts = number_texts(examples)
+        return cls(rows, normalised_keys(rows, texts) if with_keys else None, labels, texts)
 
 
 def _save(folder: Path, name: str, array: np.ndarray) -> None:
-    _fsynced_write(folder / f"{name}.npy", lambda handle: np.save(handle, array))
+    np.save(folder / f"{name}.npy", array)  # synced with the rest of the folder before its rename (files.py)
 
 
 def _load(folder: Path, name: str) -> np.ndarray | None:
@@ -272,17 +258,15 @@ def ensure(folder: Path, key: dict[str, Any], write: Callable[[Path], dict[str, 
                              "with a writable folder, or --no_cache") from None
     try:
         summary = write(scratch)
-        _fsynced_write(scratch / "key.json", lambda handle: handle.write(json.dumps(key, indent=1).encode("utf-8")))
-        _fsynced_write(scratch / COMPLETE, lambda handle: handle.write(json.dumps(summary).encode("utf-8")))
-        _fsync_dir(scratch)
+        (scratch / "key.json").write_text(json.dumps(key, indent=1), encoding="utf-8")
+        (scratch / COMPLETE).write_text(json.dumps(summary), encoding="utf-8")
         try:
-            os.rename(scratch, folder)
+            publish_folder(scratch, folder)  # every file synced, then one rename (files.py)
         except OSError:
             if not is_complete(folder, key):  # no other process got there first: a real failure
                 raise
             shutil.rmtree(scratch, ignore_errors=True)
             return False
-        _fsync_dir(parent)
     except OSError as err:
         shutil.rmtree(scratch, ignore_errors=True)
         raise UserInputError(f"{scratch}: cannot write the token cache ({err.strerror}); pass --cache_dir "
@@ -291,14 +275,6 @@ def ensure(folder: Path, key: dict[str, Any], write: Callable[[Path], dict[str, 
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     return True
-
-
-def _fsync_dir(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def ensure_examples(folder: Path, key: dict[str, Any], build: Callable[[], Examples]) -> bool:

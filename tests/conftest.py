@@ -59,7 +59,7 @@ def tiny_bert(tmp_path_factory, tiny_deberta) -> Path:
 
 @pytest.fixture(scope="session")
 def bundled_dir() -> Path:
-    from kfdeb.data import BUNDLED_DATA_DIR
+    from kfdeb.readers import BUNDLED_DATA_DIR
 
     return BUNDLED_DATA_DIR
 
@@ -68,7 +68,7 @@ SCRIPT_MAINS = {"train.py": "train_main", "evaluate.py": "evaluate_main", "expor
 
 
 def run_main(script: str, *args: str) -> subprocess.CompletedProcess:
-    """What `python SCRIPT ARGS` does, in this process: the script's main under cli.run (one-line errors,
+    """What `python SCRIPT ARGS` does, in this process: the script's main under cli.execute (one-line errors,
     exit statuses), its stdout and stderr captured. For checks of messages and statuses, where a new
     interpreter would only add a second of imports; run_script runs the real process."""
     import contextlib
@@ -80,7 +80,7 @@ def run_main(script: str, *args: str) -> subprocess.CompletedProcess:
     main = getattr(cli, SCRIPT_MAINS[script])
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            cli.run(lambda: main([str(arg) for arg in args]))
+            cli.execute(lambda: main([str(arg) for arg in args]))
             status = 0
         except SystemExit as exit_:
             status = exit_.code if isinstance(exit_.code, int) else 1

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kfdeb import checkpoint
+from kfdeb import train_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,7 +149,7 @@ def train_args(model, data, out, *extra) -> list[str]:
 def losses_and_weights(out: Path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = {(r["step"], r["task"]): (r["loss"], r["grad_norm"]) for r in rows if "task" in r}
-    return losses, checkpoint.read_part(checkpoint.latest(out), "train")["model"]
+    return losses, train_state.read_part(train_state.latest(out), "train")["model"]
 
 
 def assert_same_training(reference: Path, other: Path) -> None:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from launch import ENV, assert_same_training, free_port, losses_and_weights, start, torchrun, train_args, wait_all
-from kfdeb import checkpoint
+from kfdeb import train_state
 from kfdeb.losses import cosine_mse_loss, in_batch_negatives_loss
 
 
@@ -58,8 +58,8 @@ def test_gathered_losses_equal_the_single_process_loss_and_gradients():
 
 
 def _sts_objectives_worker(rank: int, world: int, port: int, inputs: dict, results: dict) -> None:
-    from kfdeb.data import shard
-    from kfdeb.loop import sts_loss
+    from kfdeb.batching import shard
+    from kfdeb.losses import sts_loss
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -82,7 +82,7 @@ def test_sts_objectives_over_two_ranks_equal_the_single_process():
     3 + 2 pairs and with a rank whose shard is empty (a placeholder pair that counts for nothing);
     Matryoshka on top. The logged loss (mean over ranks) and the input gradients (x W, then DDP's
     average) are the single process's."""
-    from kfdeb.loop import sts_loss
+    from kfdeb.losses import sts_loss
     from kfdeb.losses import Objective
 
     generator = torch.Generator().manual_seed(1)
@@ -168,7 +168,7 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_and_resume_gives_the_u
     [(status, _, stderr)] = wait_all([agent], tmp_path / "terminated-logs")
     print(f"SIGTERM to exit (two ranks): {time.time() - signalled:.2f} s")
     assert status != 0
-    step = int(checkpoint.latest(out).name.split("-")[1])
+    step = int(train_state.latest(out).name.split("-")[1])
     assert 0 < step < 12
     assert stderr.count("error: stopped by SIGTERM") == 1  # rank 0 says it, once
     assert f"error: stopped by SIGTERM at step {step} of 12: the training state is saved in {out}/state/" \

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from kfdeb import checkpoint, distributed
+from kfdeb import distributed, train_state
 from kfdeb.config import resolve
 from kfdeb.loop import cached_nli_backward, embed_columns, train
 from kfdeb.losses import in_batch_negatives_loss
@@ -79,7 +79,7 @@ def test_a_short_run_with_gradcache_ends_with_the_same_losses_and_weights(tiny_d
         summary = train(resolve(values))
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         results.append(({(r["step"], r["task"]): (r["loss"], r["grad_norm"]) for r in rows if "task" in r},
-                        checkpoint.read_part(checkpoint.latest(out), "train")["model"], summary))
+                        train_state.read_part(train_state.latest(out), "train")["model"], summary))
     (plain_log, plain_weights, plain), (cached_log, cached_weights, cached) = results
     assert plain_log.keys() == cached_log.keys() and len(plain_log) == 12
     for key, (loss, grad_norm) in plain_log.items():

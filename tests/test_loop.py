@@ -17,11 +17,12 @@ import pytest
 import torch
 
 from conftest import REPO, run_main, run_script
-from kfdeb import checkpoint, distributed
+from kfdeb import distributed, train_state
 from kfdeb.config import resolve
-from kfdeb.data import nli_triplets, read_nli, read_sts
+from kfdeb.batching import nli_triplets
+from kfdeb.readers import read_nli, read_sts
 from kfdeb.loop import task_loss, train, update
-from kfdeb.run import build_tasks, examples_in_memory
+from kfdeb.tasks import build_tasks, examples_in_memory
 from kfdeb.model import load_encoder
 from kfdeb.optim import build_adamw, build_scheduler, warmup_linear
 
@@ -97,7 +98,7 @@ def test_a_whole_run_equals_old_fit_fed_the_same_batches(tiny_deberta, distinct_
     from sentence_transformers import InputExample
     from sentence_transformers.sentence_transformer.losses import CosineSimilarityLoss, MultipleNegativesRankingLoss
 
-    from kfdeb.data import NoDuplicatesBatches, ShuffledBatches, nli_triplets_of_files
+    from kfdeb.batching import NoDuplicatesBatches, ShuffledBatches, nli_triplets_of_files
 
     out = tmp_path / "kfdeb"
     config = small_config(tiny_deberta, distinct_sts_data, out, max_steps=0, num_epochs=2, eval_steps=10**6,
@@ -145,7 +146,7 @@ def test_a_whole_run_equals_old_fit_fed_the_same_batches(tiny_deberta, distinct_
                       optimizer_params={"lr": 1e-4}, show_progress_bar=False)
     for task in ours:
         np.testing.assert_allclose(ours[task], [v.item() for v in theirs[task]], rtol=0, atol=1e-5, err_msg=task)
-    final = checkpoint.read_part(checkpoint.latest(out), "train")["model"]
+    final = train_state.read_part(train_state.latest(out), "train")["model"]
     for name, value in reference[0].auto_model.state_dict().items():
         # rows of rare tokens: a tiny, noisy gradient seen a few times, normalised by Adam (measured 2.7e-6,
         # lr 1e-4); every other weight agrees within 1.2e-7
@@ -185,7 +186,7 @@ def test_short_run_writes_every_output(tiny_deberta, small_data, tmp_path):
     assert sorted(p.name for p in (out / "best").iterdir() if p.name != "special_tokens_map.json") == sorted(
         ["README.md", "config.json", "model.safetensors", "modules.json", "sentence_bert_config.json", "1_Pooling",
          "kfdeb.json", "tokenizer.json", "tokenizer_config.json"])
-    assert checkpoint.latest(out).name == "step-00000012"
+    assert train_state.latest(out).name == "step-00000012"
     import sentence_transformers as st
     reloaded = st.SentenceTransformer(str(out / "best"), device="cpu").encode(["문장 하나"])
     np.testing.assert_allclose(reloaded, load_encoder(out).encode(["문장 하나"], convert_to_numpy=True), atol=1e-5)
@@ -198,7 +199,7 @@ def test_joint_optimizer_and_bf16_autocast_run(tiny_deberta, small_data, tmp_pat
                               eval_steps=4, save_steps=4, logging_steps=2))
     for summary in (joint, bf16):
         assert np.isfinite(summary["test"]["cosine_spearman"])
-    saved = checkpoint.read_part(checkpoint.latest(tmp_path / "joint"), "train")
+    saved = train_state.read_part(train_state.latest(tmp_path / "joint"), "train")
     assert len(saved["optimizers"]) == 1 and len(saved["schedulers"]) == 1
 
 
@@ -206,7 +207,7 @@ def test_fp16_uses_a_grad_scaler(tiny_deberta, small_data, tmp_path):
     # fp16 autocast on a CPU without fp16 units is slow: two small steps are enough to go through the scaler
     train(small_config(tiny_deberta, small_data, tmp_path / "fp16", amp="fp16", max_steps=2, eval_steps=2,
                        save_steps=2, logging_steps=2, nli_batch_size=8))
-    saved = checkpoint.read_part(checkpoint.latest(tmp_path / "fp16"), "train")
+    saved = train_state.read_part(train_state.latest(tmp_path / "fp16"), "train")
     assert saved["scaler"] is not None and saved["scaler"]["scale"] > 0
 
 
@@ -218,7 +219,7 @@ def train_command(model, data, out, *extra):
 
 
 def final_state(out: Path):
-    saved = checkpoint.read_part(checkpoint.latest(out), "train")
+    saved = train_state.read_part(train_state.latest(out), "train")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for row in rows:
         row.pop("examples_per_s", None)  # a timing, not a result
@@ -242,15 +243,15 @@ def test_sigkill_and_resume_give_the_uninterrupted_result(tiny_deberta_dropout, 
                                stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
-        state = checkpoint.latest(out)
+        state = train_state.latest(out)
         if state is not None and int(state.name.split("-")[1]) >= 8:  # past an evaluation and a few saves
             process.send_signal(signal.SIGKILL)
             break
         time.sleep(0.005)
     assert process.wait(timeout=60) == -signal.SIGKILL, process.stderr.read().decode()
-    killed_at = int(checkpoint.latest(out).name.split("-")[1])
+    killed_at = int(train_state.latest(out).name.split("-")[1])
     assert killed_at < 24
-    checkpoint.read_part(checkpoint.latest(out), "train")  # whatever instant it died, the latest state loads
+    train_state.read_part(train_state.latest(out), "train")  # whatever instant it died, the latest state loads
     resumed = subprocess.run(train_command(tiny_deberta_dropout, small_data, out, "--resume"),
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
@@ -281,7 +282,7 @@ def test_sigterm_saves_and_stops_and_resume_gives_the_uninterrupted_run_bit_for_
     _, stderr = process.communicate(timeout=60)
     stop_seconds = time.time() - signalled
     assert process.returncode == 143, stderr
-    step = int(checkpoint.latest(out).name.split("-")[1])
+    step = int(train_state.latest(out).name.split("-")[1])
     assert 0 < step < 24 and step % 2 == 0  # a logging step (--logging_steps 2): where the ranks agree
     assert stderr.strip().splitlines()[-1] == (
         f"error: stopped by SIGTERM at step {step} of 24: the training state is saved in {out}/state/"
@@ -316,9 +317,9 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_state(tiny_
     message = result.stderr.strip()
     assert message.startswith("error: the ") and " loss is not finite at step " in message and len(message.splitlines()) == 1
     bad_step = int(message.split(" loss is not finite at step ")[1].split(";")[0])
-    last = checkpoint.latest(out)
+    last = train_state.latest(out)
     assert last.name == f"step-{bad_step - 1:08d}" and last.name in message
-    saved = checkpoint.read_part(last, "train")
+    saved = train_state.read_part(last, "train")
     assert all(torch.isfinite(t).all() for t in saved["model"].values())
 
 
@@ -356,7 +357,7 @@ def test_a_bf16_step_feeds_the_losses_float32(tiny_deberta, small_data, monkeypa
     """Under bf16 autocast the encoder runs in bf16, but pooling hands the losses float32 and they stay in it."""
     from conftest import RecordOps
 
-    import kfdeb.loop
+    import kfdeb.losses
 
     config = small_config(tiny_deberta, small_data, "unused")
     ctx = distributed.Context(0, 0, 1, torch.device("cpu"))
@@ -375,8 +376,8 @@ def test_a_bf16_step_feeds_the_losses_float32(tiny_deberta, small_data, monkeypa
             return loss
         return wrapped
 
-    monkeypatch.setattr(kfdeb.loop, "in_batch_negatives_loss", spy("nli", kfdeb.loop.in_batch_negatives_loss))
-    monkeypatch.setattr(kfdeb.loop, "cosine_mse_loss", spy("sts", kfdeb.loop.cosine_mse_loss))
+    monkeypatch.setattr(kfdeb.losses, "in_batch_negatives_loss", spy("nli", kfdeb.losses.in_batch_negatives_loss))
+    monkeypatch.setattr(kfdeb.losses, "cosine_mse_loss", spy("sts", kfdeb.losses.cosine_mse_loss))
     with RecordOps() as step:
         for task in tasks:
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -469,7 +470,7 @@ def test_matryoshka_run_reports_every_width_and_selects_at_the_first(tiny_debert
             assert by_dim[dim][key] == pytest.approx(value, abs=1e-4), (dim, key)
 
     import sentence_transformers as st
-    from kfdeb.data import read_sts
+    from kfdeb.readers import read_sts
     reference = st.SentenceTransformer(str(out / "best"), device="cpu", truncate_dim=8)
     pairs = read_sts(small_data / "KorSTS" / "sts-test.tsv")
     for key, value in evaluate_sts(reference, pairs).figures.items():
@@ -497,7 +498,7 @@ def test_a_reference_command_line_runs_and_resumes_in_its_prefixed_folder(tiny_d
     train(parse_args(args))
     folder = tmp_path / ("kor_nli_" + str(tiny_deberta).strip("/").replace("/", "-"))
     assert f"run folder (--output_prefix kor_nli_): {folder}" in capsys.readouterr().out
-    assert (folder / "best" / "model.safetensors").is_file() and checkpoint.latest(folder).name == "step-00000004"
+    assert (folder / "best" / "model.safetensors").is_file() and train_state.latest(folder).name == "step-00000004"
     assert json.loads((folder / "train_config.json").read_text())["nli_batch_size"] == 16
     first = json.loads((folder / "best" / "kfdeb.json").read_text())
     train(parse_args(args + ["--resume"]))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import write_sentence_transformers_layout
-from kfdeb.data import read_sts
+from kfdeb.readers import read_sts
 from kfdeb.errors import UserInputError
 from kfdeb.evaluation import evaluate_sts
 from kfdeb.metrics import sts_figures

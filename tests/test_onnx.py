@@ -12,7 +12,8 @@ import torch
 import kfdeb
 import kfdeb.onnx as kfdeb_onnx
 from conftest import run_script
-from kfdeb.data import pad_batch, read_sts
+from kfdeb.batching import pad_batch
+from kfdeb.readers import read_sts
 from kfdeb.errors import UserInputError
 from kfdeb.evaluation import evaluate_split
 from kfdeb.metrics import FIGURE_KEYS
@@ -236,8 +237,8 @@ def test_export_bad_input_is_one_line_and_writes_nothing(tiny_deberta, tmp_path,
                           (["--quantize", "int4"], "--quantize int4: only int8"),
                           (["--int8_weights", "s8"], "--int8_weights s8: only with --quantize int8"),
                           (["--output", tmp_path / "out" / "model.bin"], "must end in .onnx")]:
-        with pytest.raises(SystemExit) as exit_status:  # cli.run: the same path as export.py, in-process
-            cli.run(lambda: cli.export_main([str(tiny_deberta), "--output", str(tmp_path / "out" / "model.onnx"),
+        with pytest.raises(SystemExit) as exit_status:  # cli.execute: the same path as export.py, in-process
+            cli.execute(lambda: cli.export_main([str(tiny_deberta), "--output", str(tmp_path / "out" / "model.onnx"),
                                              *map(str, args)]))
         err = capsys.readouterr().err
         assert exit_status.value.code == 2 and err.startswith("error: ") and message in err, err

@@ -1,4 +1,4 @@
-"""Your own data through a run (kfdeb/run.py, loop.py, train.py): own files instead of or beside KorNLU.
+"""Your own data through a run (kfdeb/tasks.py, loop.py, train.py): own files instead of or beside KorNLU.
 
 The example files under examples/data/ are the inputs, so they are proven to work as documented.
 """
@@ -20,7 +20,7 @@ from kfdeb.config import resolve
 from kfdeb.errors import UserInputError
 from kfdeb.loop import task_loss, train
 from kfdeb.model import load_encoder
-from kfdeb.run import build_tasks, examples_in_memory, read_sts_split, read_task_data
+from kfdeb.tasks import build_tasks, examples_in_memory, read_sts_split, read_task_data
 
 EXAMPLES = REPO / "examples" / "data"
 CPU = distributed.Context(0, 0, 1, torch.device("cpu"))

@@ -1,4 +1,4 @@
-"""The token cache (kfdeb/token_cache.py, its use in kfdeb/run.py): same run as without it, keyed, never half-used."""
+"""The token cache (kfdeb/token_cache.py, its use in kfdeb/tasks.py): same run as without it, keyed, never half-used."""
 
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ import pytest
 import torch
 
 from conftest import REPO
-from kfdeb import checkpoint, distributed, token_cache
+from kfdeb import distributed, token_cache, train_state
 from kfdeb.config import BUNDLED, TINY_MODEL, resolve
-from kfdeb.data import BUNDLED_DATA_DIR, NoDuplicatesBatches, ShuffledBatches
+from kfdeb.batching import NoDuplicatesBatches, ShuffledBatches
+from kfdeb.readers import BUNDLED_DATA_DIR
 from kfdeb.loop import train
 from kfdeb.model import SentenceEncoder, load_encoder
-from kfdeb.run import build_tasks, examples_in_memory, examples_key, read_task_data, task_examples
+from kfdeb.tasks import build_tasks, examples_in_memory, examples_key, read_task_data, task_examples
 from launch import ENV, start, torchrun, wait_all
 
 CPU = distributed.Context(0, 0, 1, torch.device("cpu"))
@@ -63,7 +64,7 @@ def recorded_run(config, monkeypatch):
     out = Path(config.output_dir)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [(r["step"], r["task"], r["loss"], r["grad_norm"]) for r in rows if "task" in r]
-    return batches, losses, checkpoint.read_part(checkpoint.latest(out), "train")["model"]
+    return batches, losses, train_state.read_part(train_state.latest(out), "train")["model"]
 
 
 def test_cached_runs_equal_the_uncached_run_and_the_second_is_a_hit(tiny_deberta, eval_files, tmp_path, monkeypatch,
@@ -79,7 +80,7 @@ def test_cached_runs_equal_the_uncached_run_and_the_second_is_a_hit(tiny_deberta
         raise AssertionError("a cache hit read a training file or tokenized")
 
     # a hit parses no training file and tokenizes nothing (dev/test files are read as always)
-    monkeypatch.setattr("kfdeb.run.read_task_texts", never)
+    monkeypatch.setattr("kfdeb.tasks.read_task_texts", never)
     monkeypatch.setattr(token_cache.TokenTable, "from_tokenizer", never)
     monkeypatch.setattr(SentenceEncoder, "bulk_tokenizer", never)
     hit = recorded_run(bundled_config(tiny_deberta, tmp_path / "hit", cache, **eval_files), monkeypatch)

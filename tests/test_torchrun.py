@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from kfdeb import checkpoint
+from kfdeb import train_state
 from launch import ENV, assert_same_training, descendants, free_port, kill_trees, start, torchrun, train_args, wait_all
 
 
@@ -56,7 +56,7 @@ def test_two_nodes_without_a_shared_disk_match_the_single_process(tiny_deberta, 
     assert (outputs[0] / "best" / "model.safetensors").exists()
     assert not outputs[1].exists()  # rank 0 alone writes; the final evaluation read nothing on node 1
     # each rank its own dropout stream (seed + rank), both saved; the data order is global
-    ranks = [checkpoint.read_part(checkpoint.latest(outputs[0]), f"rank-{r}")["torch"] for r in (0, 1)]
+    ranks = [train_state.read_part(train_state.latest(outputs[0]), f"rank-{r}")["torch"] for r in (0, 1)]
     assert not torch.equal(ranks[0], ranks[1])
 
 
@@ -90,7 +90,7 @@ def test_two_nodes_killed_mid_save_resume_to_the_single_process_result(tiny_debe
     nodes = two_nodes(outputs, model=tiny_deberta, data=ddp_data)
     deadline = time.time() + 120
     while time.time() < deadline and all(node.poll() is None for node in nodes):
-        state = checkpoint.latest(outputs[0])
+        state = train_state.latest(outputs[0])
         if state is not None and int(state.name.split("-")[1]) >= 4:
             # the ranks and their agents at once, as a lost cluster (torchrun starts each rank
             # in a session of its own, so killing the agent's process group would leave them running)
@@ -99,7 +99,7 @@ def test_two_nodes_killed_mid_save_resume_to_the_single_process_result(tiny_debe
         time.sleep(0.01)
     for status, _, _ in wait_all(nodes, tmp_path / "killed", timeout=60):
         assert status == -signal.SIGKILL
-    saved_at = int(checkpoint.latest(outputs[0]).name.split("-")[1])
+    saved_at = int(train_state.latest(outputs[0]).name.split("-")[1])
     assert saved_at < 12
     # what a kill during the next save leaves: a scratch folder of the step the resumed run saves again
     stray = outputs[0] / "state" / f"step-{saved_at + 4:08d}.tmp-killed"

@@ -1,0 +1,250 @@
+"""Each objective's data for a run: its examples read (or taken from the token cache), token ids, sampler.
+
+- Reading (`read_task_texts`): NLI triplets of the recipe from KorNLI files or own files, or own
+  anchor-positive pairs; STS scored pairs; each batch size checked against the world size (batch
+  sizes are global).
+- The token cache (token_cache.py): `examples_key` says what an objective's examples depend on
+  (its files' fingerprints, the reader, the settings that change the rows); `task_examples` takes
+  them from the cache, built on a miss by each node's local rank 0 while the node's other ranks
+  wait, then memory-mapped by every rank; `task_tokens` does the same for their token ids. With
+  --no_cache every rank reads and tokenizes in memory (`read_task_data`).
+- `build_tasks`: each objective's rows, token ids and sampler (NLI: no duplicates; STS: shuffled),
+  both drawing from `seed` alone, so every rank draws the same global batches.
+- `check_nodes_agree`: before the first step, every rank's data (`data_fingerprint`) must equal
+  rank 0's: nodes without a shared disk read their own copies.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kfdeb import distributed, token_cache
+from kfdeb.batching import NoDuplicatesBatches, ShuffledBatches, in_batch_examples, nli_triplets_of_files
+from kfdeb.config import TrainConfig
+from kfdeb.errors import UserInputError
+from kfdeb.model import SentenceEncoder
+from kfdeb.readers import (
+    IN_BATCH_KINDS, ROW_KIND_NAMES, StsPair, expand_file_list, find_nli_files, read_nli, read_own_file,
+    read_scored_file, read_sts, sts_path,
+)
+from kfdeb.token_cache import Examples, TokenTable
+
+
+@dataclass
+class Task:
+    """One objective's training examples as token ids, and its sampler."""
+
+    name: str  # "nli" or "sts"
+    rows: np.ndarray  # N x columns: indices into `sequences` (NLI: anchor, positive[, negative]; STS: pair)
+    sequences: TokenTable  # token ids of every distinct text (sequences[i]: text i's)
+    labels: np.ndarray | None  # STS: score / score_max
+    sampler: NoDuplicatesBatches | ShuffledBatches
+    batch_size: int
+
+
+def read_sts_split(config: TrainConfig, data_dir: Path, split: str) -> list[StsPair]:
+    """Scored pairs of `split` (train, dev, test): the --sts_{split}_file if given, else data_dir's KorSTS file."""
+    flag = f"--sts_{split}_file"
+    own = getattr(config, flag[2:])
+    if own:
+        return read_scored_file(own, flag, config.score_max)
+    return read_sts(sts_path(data_dir, split, instead=flag))
+
+
+def read_own_in_batch_rows(config: TrainConfig, ctx: distributed.Context) -> list[tuple[str, ...]]:
+    """The --nli_train_files: triplets (recipe of the NLI pairs, then the given ones) or anchor-positive pairs."""
+    files = [read_own_file(path, IN_BATCH_KINDS, "--nli_train_files")
+             for path in expand_file_list(config.nli_train_files, "--nli_train_files")]
+    for file in files:
+        distributed.print0(ctx, f"read {len(file.rows)} {ROW_KIND_NAMES[file.kind]} from {file.path}"
+                           + (f" ({file.skipped_no_consensus} with gold label '-', not used)" if file.skipped_no_consensus else ""))
+    return in_batch_examples(files, config.seed, "--nli_train_files", config.nli_triplet_scope)
+
+
+def _check_batch_size(config: TrainConfig, name: str, ctx: distributed.Context) -> None:
+    batch_size = config.nli_batch_size if name == "nli" else config.sts_batch_size
+    if batch_size % ctx.world_size:
+        raise UserInputError(
+            f"--{name}_batch_size {batch_size} is the global batch and must divide by the world size {ctx.world_size}"
+        )
+
+
+def read_task_texts(config: TrainConfig, data_dir: Path, ctx: distributed.Context, name: str) -> tuple[list, np.ndarray | None]:
+    """One objective's examples as texts (NLI: triplets or pairs; STS: sentence pairs) and labels (STS only)."""
+    if name == "nli" and config.nli_train_files:
+        return read_own_in_batch_rows(config, ctx), None
+    if name == "nli":
+        pairs_per_file = []
+        for path in find_nli_files(data_dir, config.nli_train_glob):
+            read = read_nli(path)
+            pairs_per_file.append(read.pairs)
+            distributed.print0(ctx, f"read {len(read.pairs)} NLI pairs from {path}"
+                               + (f" ({read.skipped_no_consensus} with gold label '-', not used)" if read.skipped_no_consensus else ""))
+        return nli_triplets_of_files(pairs_per_file, config.seed, config.nli_triplet_scope), None
+    sts = read_sts_split(config, data_dir, "train")
+    return [(p.sentence1, p.sentence2) for p in sts], np.array([p.label for p in sts], dtype=np.float32)
+
+
+def read_task_data(config: TrainConfig, data_dir: Path, ctx: distributed.Context) -> dict[str, tuple[list, np.ndarray | None]]:
+    """Each objective's examples as texts and labels (`read_task_texts`), all read now: --no_cache's path."""
+    examples = {}
+    for name in config.task_list:
+        _check_batch_size(config, name, ctx)
+        examples[name] = read_task_texts(config, data_dir, ctx, name)
+    return examples
+
+
+def examples_in_memory(texts: dict[str, tuple[list, np.ndarray | None]]) -> dict[str, Examples]:
+    """`read_task_data`'s texts as integer examples, held in memory (no token cache)."""
+    return {name: Examples.from_texts(rows, labels, with_keys=name == "nli") for name, (rows, labels) in texts.items()}
+
+
+def cache_dir(config: TrainConfig) -> Path:
+    return Path(config.cache_dir) if config.cache_dir else token_cache.default_cache_dir()
+
+
+def examples_key(config: TrainConfig, data_dir: Path, name: str) -> dict[str, Any]:
+    """What one objective's examples depend on: its input files (token_cache.file_fingerprint), the
+    reader, and the settings that change its rows. Computing it reads nothing but the files' bytes."""
+    if name == "nli":
+        own = bool(config.nli_train_files)
+        files = (expand_file_list(config.nli_train_files, "--nli_train_files") if own
+                 else find_nli_files(data_dir, config.nli_train_glob))
+        settings = {"seed": config.seed, "nli_triplet_scope": config.nli_triplet_scope}
+    else:
+        own = bool(config.sts_train_file)
+        files = [config.sts_train_file if own else sts_path(data_dir, "train", instead="--sts_train_file")]
+        settings = {"score_max": config.score_max if own else 5.0}
+    return {"format": token_cache.FORMAT_VERSION, "task": name, "reader": "own" if own else "kornlu",
+            "files": [token_cache.file_fingerprint(path) for path in files], **settings}
+
+
+def _open_built(ctx: distributed.Context, folder: Path, key: dict[str, Any]) -> None:
+    """After each node's local rank 0 built `folder`: it must be there for this rank too."""
+    if not token_cache.is_complete(folder, key):
+        raise UserInputError(f"{folder}: token cache not found on rank {ctx.rank} after its node's local rank 0 "
+                             "built it (did an input file change meanwhile?); run again, or pass --no_cache")
+
+
+def _cache_note(ctx: distributed.Context, what: str, folder: Path, key: dict[str, Any]) -> None:
+    """Each node's builder says so before a build (a full KorNLI build takes a minute)."""
+    if not token_cache.is_complete(folder, key):
+        print(f"building the token cache ({what}) in {folder} on {socket.gethostname()} (rank {ctx.rank})", flush=True)
+
+
+def task_examples(config: TrainConfig, data_dir: Path, ctx: distributed.Context,
+                  keys: dict[str, dict[str, Any]] | None = None) -> dict[str, Examples]:
+    """Each objective's examples: from the token cache (built on a miss by each node's local rank 0,
+    which reads the files as `read_task_texts` does), or with --no_cache read in memory by every rank.
+
+    Called before the model loads, so a bad file fails in a second, not after a model download.
+    """
+    if config.no_cache:
+        return examples_in_memory(read_task_data(config, data_dir, ctx))
+    examples = {}
+    for name in config.task_list:
+        _check_batch_size(config, name, ctx)
+        key = keys[name] if keys else examples_key(config, data_dir, name)  # setup passes the keys it computed
+        folder = token_cache.examples_folder(cache_dir(config), name, key)
+
+        def build() -> Examples:  # on a cache miss only
+            return examples_in_memory({name: read_task_texts(config, data_dir, ctx, name)})[name]
+
+        def work() -> bool:  # each node's local rank 0, within this iteration
+            _cache_note(ctx, f"{name.upper()} examples", folder, key)
+            return token_cache.ensure_examples(folder, key, build)
+
+        built = distributed.each_node_first(ctx, work)
+        _open_built(ctx, folder, key)
+        examples[name] = token_cache.open_examples(folder)
+        distributed.print0(ctx, f"{name.upper()}: examples {'built' if built else 'from the token cache (hit)'}: {folder}")
+    return examples
+
+
+def _file_digests(fingerprints: list[dict[str, Any]]) -> list[tuple[str, int, str]]:
+    """Files as the nodes compare them: by name, size and content (paths and times differ between machines)."""
+    return [(Path(f["path"]).name, f["size"], f["sha256"]) for f in fingerprints]
+
+
+def data_fingerprint(config: TrainConfig, data_dir: Path, keys: dict[str, dict[str, Any]], tasks: list[Task],
+                     encoder: SentenceEncoder) -> dict[str, Any]:
+    """What every rank must have built alike: each objective's input files, settings and row count, the
+    dev and test files, and the tokenizer."""
+    found: dict[str, Any] = {}
+    for task in tasks:
+        key = keys[task.name]
+        found[f"{task.name} training files"] = _file_digests(key["files"])
+        found[f"{task.name} settings"] = {k: v for k, v in key.items() if k != "files"}
+        found[f"{task.name} examples"] = len(task.rows)
+    for split in ("dev", "test"):
+        own = getattr(config, f"sts_{split}_file")
+        path = own or sts_path(data_dir, split, instead=f"--sts_{split}_file")
+        found[f"{split} file"] = _file_digests([token_cache.file_fingerprint(path)])
+    found["tokenizer"] = token_cache.tokenizer_fingerprint(encoder.tokenizer, encoder.do_lower_case,
+                                                          encoder.max_seq_length)["sha256"]
+    return found
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, list) and value and isinstance(value[0], tuple):
+        return ", ".join(f"{name} ({size} bytes, sha256 {digest[:12]})" for name, size, digest in value)
+    return json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
+
+
+def check_nodes_agree(ctx: distributed.Context, mine: dict[str, Any]) -> None:
+    """Every rank's data fingerprint equals rank 0's, or every rank stops now with one line naming the
+    first difference: nodes without a shared disk read their own copies, and copies that differ would
+    give them other batch counts and schedules, and collectives that stop matching (a hang until
+    --dist_timeout) instead of an error."""
+    if not ctx.distributed:
+        return
+    everyone = distributed.gather_objects(ctx, (socket.gethostname(), mine))  # one collective, before the first step
+    host0, reference = everyone[0]
+    for rank, (host, theirs) in enumerate(everyone[1:], start=1):
+        for what, expected in reference.items():
+            if theirs.get(what) != expected:
+                raise UserInputError(
+                    f"the nodes' data differ: rank {rank} on {host} has {what} {_describe(theirs.get(what))}, but rank 0 "
+                    f"on {host0} has {_describe(expected)}; give every node the same files (and tokenizer)"
+                )
+
+
+def task_tokens(name: str, examples: Examples, encoder: SentenceEncoder, ctx: distributed.Context) -> TokenTable:
+    """Token ids of the examples' distinct texts: from the token cache beside the examples (built on a
+    miss by each node's local rank 0 with the fast tokenizer's threads), or tokenized in memory."""
+    if examples.folder is None:  # --no_cache: tokenized here, by every rank
+        return TokenTable.from_tokenizer(examples.texts, encoder.tokenize)
+    key = token_cache.tokenizer_fingerprint(encoder.tokenizer, encoder.do_lower_case, encoder.max_seq_length)
+    folder = token_cache.tokens_folder(examples.folder, key)
+
+    def work() -> bool:
+        _cache_note(ctx, f"{name.upper()} token ids", folder, key)
+        return token_cache.ensure_tokens(folder, key, examples.texts, encoder.bulk_tokenizer)
+
+    built = distributed.each_node_first(ctx, work)
+    _open_built(ctx, folder, key)
+    distributed.print0(ctx, f"{name.upper()}: token ids {'built' if built else 'from the token cache (hit)'}: {folder}")
+    return token_cache.open_tokens(folder)
+
+
+def build_tasks(config: TrainConfig, examples: dict[str, Examples], encoder: SentenceEncoder,
+                ctx: distributed.Context) -> list[Task]:
+    """Each objective's token ids (`task_tokens`) and sampler."""
+    tasks = []
+    for name, data in examples.items():
+        batch_size = config.nli_batch_size if name == "nli" else config.sts_batch_size
+        rows = data.rows
+        if name == "nli":
+            sampler: NoDuplicatesBatches | ShuffledBatches = NoDuplicatesBatches.from_keys(data.keys, batch_size, config.seed)
+        else:  # its own random stream (data.random_stream): independent of the NLI sampler's
+            sampler = ShuffledBatches(len(rows), batch_size, config.seed)
+        tasks.append(Task(name, rows, task_tokens(name, data, encoder, ctx), data.labels, sampler, batch_size))
+        distributed.print0(ctx, f"{name.upper()}: {len(rows)} {'triplets' if rows.shape[1] == 3 else 'pairs'}, "
+                           f"{len(sampler)} batches of {batch_size}")
+    return tasks

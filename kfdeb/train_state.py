@@ -1,0 +1,308 @@
+"""A run's resumable training state: what it holds, how it is written atomically, how every rank gets it back.
+
+What a state holds (`state_dict` and `load_state_dict`, side by side, the same keys in the same
+order): model weights, each optimizer's moments, each scheduler, the grad scaler (fp16), each
+sampler's position, the run's `Position` (step, best dev score and step, length of
+metrics.jsonl), the config (a --resume with another value of a key that changes the computation
+is refused; config.RESUMABLE lists the others), the world size; and, as parts of their own, every
+rank's RNG streams (Python, NumPy, torch CPU, its own CUDA device), gathered to rank 0.
+
+How it is written: a state is a nested structure (dicts, lists, numbers, strings, tensors, numpy
+arrays) split into `NAME.safetensors` (every tensor and array, under a numbered key) and `NAME.json`
+(everything else, with {"__tensor__": key} where a tensor was): nothing is pickled, so reading a
+state never runs code. It goes to `state/step-NNNNNNNN.tmp-*`, its files synced, is renamed to
+`state/step-NNNNNNNN` (files.publish_folder), and only then does `state/LATEST` (written and
+renamed the same way) name it. A run killed at any instant leaves LATEST naming a complete state;
+older states and stray temporaries are removed after the switch, and stray temporaries (a save
+killed midway) also before a new one starts.
+
+Who writes and reads: global rank 0 alone (`save`), after gathering the other ranks' RNG states
+through the process group; on --resume rank 0 reads the state and broadcasts it (`resume`), so
+no rank but 0 touches the folder and nodes need no shared filesystem.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from kfdeb import distributed
+from kfdeb.config import RESUMABLE, TrainConfig
+from kfdeb.errors import UserInputError
+from kfdeb.files import publish_folder, write_text
+
+if TYPE_CHECKING:
+    from kfdeb.run import Run
+
+STATE_DIR = "state"
+LATEST = "LATEST"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class Position:
+    """Where a run stands, besides weights and optimizers: what a resumed run must get back."""
+
+    step: int = 0
+    best_score: float = -math.inf
+    best_step: int = -1
+    metrics_bytes: int = 0  # length of metrics.jsonl when this state was saved
+
+
+class MetricsLog:
+    """metrics.jsonl, appended by the main rank; truncated to the saved length on resume."""
+
+    def __init__(self, path: Path, ctx: distributed.Context, keep_bytes: int | None):
+        self.path, self.ctx = path, ctx
+        if ctx.is_main:
+            if keep_bytes is None:
+                path.write_text("", encoding="utf-8")
+            else:
+                with open(path, "ab") as handle:
+                    handle.truncate(keep_bytes)
+
+    def write(self, **row: Any) -> None:
+        if self.ctx.is_main:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+    def size(self) -> int:
+        return self.path.stat().st_size if self.path.exists() else 0
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This rank's generators: Python, NumPy, torch CPU and (on a GPU) its own device's only."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":  # not get_rng_state_all: a resume on a box with fewer GPUs must work
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def state_dict(run: Run, position: Position) -> dict[str, Any]:
+    """The run's "train" part (rank-independent: every rank holds the same values)."""
+    return {
+        "model": run.encoder.state_dict(),
+        "optimizers": [o.state_dict() for o in run.optimizers],
+        "schedulers": [s.state_dict() for s in run.schedulers],
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+        "samplers": {t.name: t.sampler.state_dict() for t in run.tasks},
+        "progress": dict(position.__dict__),  # "progress": the key states have always had
+        "config": run.config.to_dict(),
+        "world_size": run.ctx.world_size,
+    }
+
+
+def load_state_dict(run: Run, saved: dict[str, Any]) -> Position:
+    """`state_dict`'s inverse, key by key; returns the saved position."""
+    run.encoder.load_state_dict(saved["model"])
+    for optimizer, optimizer_state in zip(run.optimizers, saved["optimizers"]):
+        optimizer.load_state_dict(optimizer_state)
+    for scheduler, scheduler_state in zip(run.schedulers, saved["schedulers"]):
+        scheduler.load_state_dict(scheduler_state)
+    if run.scaler is not None and saved["scaler"] is not None:
+        run.scaler.load_state_dict(saved["scaler"])
+    for task in run.tasks:
+        task.sampler.load_state_dict(saved["samplers"][task.name])
+    # "config": checked by rank 0 when it read the state (_read_saved), before it sent anything
+    return Position(**saved["progress"])
+
+
+def _check_config(config: TrainConfig, saved: dict[str, Any]) -> None:
+    # a key the saved config lacks (saved by an older kfdeb) had its default value then
+    was = {**TrainConfig().to_dict(), **saved}
+    changed = [k for k, v in config.to_dict().items() if k not in RESUMABLE and was[k] != v]
+    if changed:
+        key = changed[0]
+        raise UserInputError(f"--resume: {key} is {getattr(config, key)!r} but the saved run used {was[key]!r}")
+
+
+def save(run: Run, position: Position) -> None:
+    """Resumable state of this step, committed atomically by rank 0, every rank's RNG in it."""
+    ctx = run.ctx
+    rng_states = distributed.gather_objects(ctx, rng_state(ctx.device))  # sync: every rank is at this step
+    if ctx.is_main:
+        position.metrics_bytes = run.log.size()
+        scratch = begin(run.output_dir, position.step)
+        for rank, state in enumerate(rng_states):
+            write_part(scratch, f"rank-{rank}", state)
+        write_part(scratch, "train", state_dict(run, position))
+        commit(scratch, position.step)
+    # no barrier: the other ranks go on and wait for rank 0 in the next step's gradient all-reduce
+    # (bounded by --dist_timeout); none of them reads the state
+    run.last_saved_step = position.step
+
+
+def resume(run: Run) -> Position:
+    """Step 0, or with --resume the latest state: rank 0 reads it and sends every rank its share."""
+    ctx = run.ctx
+    if run.config.resume:
+        _check_rank0_holds_the_state(run)
+    tensors: dict[str, torch.Tensor] = {}
+    found = distributed.main_only(ctx, lambda: _read_saved(run, tensors)) if run.config.resume else None
+    if found is None:
+        if run.config.resume:
+            distributed.print0(ctx, f"no saved state in {run.output_dir / STATE_DIR}: starting at step 0")
+        run.log = MetricsLog(run.output_dir / METRICS_FILE, ctx, None)
+        return Position()
+    folder, skeleton = found
+    state = join(skeleton, distributed.broadcast_tensors(ctx, tensors if ctx.is_main else None))
+    position = load_state_dict(run, state["train"])
+    ranks = state["ranks"]
+    if ctx.rank < len(ranks) and ranks[ctx.rank] is not None:
+        set_rng_state(ranks[ctx.rank], ctx.device)
+    else:  # resumed with more ranks than saved: dropout masks differ from an uninterrupted run
+        distributed.print0(ctx, f"note: saved with {state['train']['world_size']} ranks; new ranks start fresh RNG streams")
+    run.last_saved_step = position.step
+    run.log = MetricsLog(run.output_dir / METRICS_FILE, ctx, position.metrics_bytes)
+    distributed.print0(ctx, f"resumed from {folder} at step {position.step}")
+    return position
+
+
+def _read_saved(run: Run, tensors: dict[str, torch.Tensor]) -> tuple[str, Any] | None:
+    """Rank 0: the latest state's folder and its skeleton (`split`); its tensors go into `tensors`."""
+    folder = latest(run.output_dir)
+    if folder is None:
+        return None
+    saved = read_part(folder, "train")
+    _check_config(run.config, saved["config"])  # refused here, before anything is sent
+    ranks = [read_part(folder, f"rank-{r}") if (folder / f"rank-{r}.json").exists() else None
+             for r in range(saved["world_size"])]
+    skeleton, found = split({"train": saved, "ranks": ranks})
+    tensors.update(found)
+    return str(folder), skeleton
+
+
+def _check_rank0_holds_the_state(run: Run) -> None:
+    """Without a shared disk, only the node that ran rank 0 has the state: it must be rank 0 again."""
+    if not run.ctx.distributed:
+        return
+    found = latest(run.output_dir)  # each rank looks at its own disk (read-only)
+    seen = distributed.gather_objects(run.ctx, (socket.gethostname(), found.name if found else None))
+    if seen[0][1] is None:
+        holders = [(rank, host) for rank, (host, state) in enumerate(seen) if state is not None]
+        if holders:
+            rank, host = holders[0]
+            raise UserInputError(
+                f"--resume: global rank 0 (on {seen[0][0]}) finds no saved state in {run.output_dir}, but rank {rank} "
+                f"(on {host}) does: start the job so that rank 0 runs on {host} (static rendezvous: --node_rank 0 "
+                "there), or put --output_dir on storage every node sees"
+            )
+
+
+# the folder protocol and the pickle-free format (module docstring) -----------------------------------
+
+
+
+def split(state: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(a JSON-able skeleton, its tensors by key): a nested state taken apart (see module docstring)."""
+    tensors: dict[str, torch.Tensor] = {}
+    return _encode(state, tensors), tensors
+
+
+def join(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The nested state that `split` took apart."""
+    return _decode(skeleton, tensors)
+
+
+def _encode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = value.detach().cpu().contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(value, np.ndarray):
+        key = f"t{len(tensors)}"
+        tensors[key] = torch.from_numpy(np.ascontiguousarray(value).copy())
+        return {"__ndarray__": key}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value):
+            return {"__dict__": {k: _encode(v, tensors) for k, v in value.items()}}
+        return {"__items__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        items = [_encode(v, tensors) for v in value]
+        return {"__tuple__": items} if isinstance(value, tuple) else items
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store {type(value).__name__} in a training state")
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            return tensors[value["__tensor__"]]
+        if "__ndarray__" in value:
+            return tensors[value["__ndarray__"]].numpy()
+        if "__dict__" in value:
+            return {k: _decode(v, tensors) for k, v in value["__dict__"].items()}
+        if "__items__" in value:
+            return {_decode(k, tensors): _decode(v, tensors) for k, v in value["__items__"]}
+        if "__tuple__" in value:
+            return tuple(_decode(v, tensors) for v in value["__tuple__"])
+    return value
+
+
+def write_part(folder: Path, name: str, state: Any) -> None:
+    """Write `name.json` + `name.safetensors` for `state` into `folder`."""
+    encoded, tensors = split(state)
+    save_file(tensors, str(folder / f"{name}.safetensors"))
+    (folder / f"{name}.json").write_text(json.dumps(encoded), encoding="utf-8")
+
+
+def read_part(folder: Path, name: str) -> Any:
+    tensors = load_file(str(folder / f"{name}.safetensors"))
+    return join(json.loads((folder / f"{name}.json").read_text(encoding="utf-8")), tensors)
+
+
+def begin(output_dir: str | os.PathLike, step: int) -> Path:
+    """A fresh temporary folder for the state of `step`; stray ones of killed saves are removed first."""
+    root = Path(output_dir) / STATE_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    for stray in root.glob("step-*.tmp-*"):
+        shutil.rmtree(stray, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"step-{step:08d}.tmp-", dir=root))
+
+
+def commit(scratch: Path, step: int) -> Path:
+    """Make the state in `scratch` the latest, atomically; drop older states and stray temporaries."""
+    root = scratch.parent
+    final = root / f"step-{step:08d}"
+    if final.exists():  # a resumed run repeating a step it had already saved
+        shutil.rmtree(final)
+    publish_folder(scratch, final)  # its files synced to disk before the rename (files.py)
+    write_text(root / LATEST, final.name + "\n")
+    for entry in root.iterdir():
+        if entry.name not in (final.name, LATEST):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+    return final
+
+
+def latest(output_dir: str | os.PathLike) -> Path | None:
+    """The folder LATEST names, or None when no state was committed."""
+    pointer = Path(output_dir) / STATE_DIR / LATEST
+    if not pointer.is_file():
+        return None
+    folder = pointer.parent / pointer.read_text(encoding="utf-8").strip()
+    return folder if folder.is_dir() else None
