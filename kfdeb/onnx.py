@@ -181,16 +181,6 @@ def _torch_export(encoder: SentenceEncoder, path: Path, opset: int) -> None:
     require("onnx").checker.check_model(str(path))
 
 
-def _session(path: str | os.PathLike, providers: Sequence[str] | None = None):
-    ort = require("onnxruntime")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: fp16 graphs log a warning per node CPU cannot constant-fold
-    try:
-        return ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
-    except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/NoSuchFile types
-        raise UserInputError(f"{path}: onnxruntime cannot open it ({first_line(err)})") from None
-
-
 def verify(path: str | os.PathLike, encoder: SentenceEncoder, relative: bool = False,
            tolerance: float = FP32_TOLERANCE) -> dict[str, float]:
     """Max |ONNX - PyTorch| per output on the check batches; UserInputError above the tolerance.
