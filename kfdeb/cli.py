@@ -90,28 +90,35 @@ def evaluate_main(argv: list[str] | None = None) -> int:
 
     import kfdeb
     from kfdeb.config import positive_numbers
-    from kfdeb.readers import BUNDLED_DATA_DIR, read_scored_file, read_sts
     from kfdeb.evaluation import TABLE_HEADER, evaluate_sts, table_row
-    from kfdeb.readers import sts_path
+    from kfdeb.ir_data import read_ir_data
+    from kfdeb.readers import BUNDLED_DATA_DIR, read_scored_file, read_sts, sts_path
+    from kfdeb.retrieval import TABLE_HEADER as IR_TABLE_HEADER
+    from kfdeb.retrieval import evaluate_retrieval, ir_table_row
 
     parser = argparse.ArgumentParser(
         prog="evaluate.py",
         description="KorSTS figures (Pearson/Spearman x100 of cosine, euclidean, manhattan, dot) of a model, "
-                    "or the same figures on your own scored pairs (--data_file).",
+                    "the same figures on your own scored pairs (--data_file), or retrieval figures (nDCG@10, MRR@10, "
+                    "MAP@100, Recall@1/5/10/100, x100) on a BEIR folder or a file of relevant pairs (--ir_data).",
     )
     parser.add_argument("ckpt", help="kfdeb output dir, Hugging Face or sentence-transformers folder, or model.onnx")
     data = parser.add_mutually_exclusive_group()
     data.add_argument("--data_dir", default=None, help="folder with KorSTS/sts-{dev,test}.tsv (default: bundled)")
     data.add_argument("--data_file", default=None, metavar="FILE",
                       help="your own scored pairs instead of KorSTS: .tsv, .csv or .jsonl with sentence1, sentence2, score")
-    parser.add_argument("--split", default=None, choices=["test", "dev"], help="KorSTS split (default: test)")
+    data.add_argument("--ir_data", default=None, metavar="DIR|FILE",
+                      help="retrieval instead of KorSTS: a BEIR folder (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv) "
+                           "or a .tsv/.csv/.jsonl file of anchor, positive (or query, document) pairs")
+    parser.add_argument("--split", default=None,
+                        help="KorSTS split (test or dev), or with --ir_data the qrels split (default: test)")
     parser.add_argument("--score_max", type=float, default=None,
                         help="--data_file's highest score: scores must lie in 0..score_max (default: 5)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--max_seq_length", type=int, default=None, help="default: the model's own (256 if unset)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--name", default=None, help="row label (default: the checkpoint's name)")
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write the 8 figures (x100, unrounded) here "
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the figures (x100, unrounded) here "
                         "(with --dims: an object of them per width)")
     parser.add_argument("--dims", default=None, metavar="D1,D2,...",
                         help="Matryoshka: one row per width, the embeddings truncated to their first D coordinates "
@@ -126,30 +133,40 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         parser.error("--score_max applies to --data_file only (KorSTS scores are 0..5)")
     if args.data_file is not None and args.split is not None:
         parser.error("--split chooses a KorSTS file under --data_dir; --data_file is evaluated as a whole")
+    if args.ir_data is None and args.split not in (None, "test", "dev"):
+        parser.error(f"--split {args.split!r}: KorSTS has test and dev")
     if args.score_max is not None and not 0 < args.score_max < float("inf"):
         parser.error("--score_max must be a positive number")
     import torch
 
     quiet_third_party()
     # a bad file fails before the model loads
-    if args.data_file is not None:
+    if args.ir_data is not None:
+        ir_data = read_ir_data(args.ir_data, args.split or "test")
+        split = ir_data.name
+    elif args.data_file is not None:
         pairs, split = read_scored_file(args.data_file, "--data_file", args.score_max or 5.0), Path(args.data_file).name
     else:
         split = args.split or "test"
         pairs = read_sts(sts_path(args.data_dir or BUNDLED_DATA_DIR, split))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     encoder = kfdeb.load(args.ckpt, device=device, max_seq_length=args.max_seq_length)
-    result = evaluate_sts(encoder, pairs, args.batch_size, dims)
+    if args.ir_data is not None:
+        result, header, row = evaluate_retrieval(encoder, ir_data, args.batch_size, dims), IR_TABLE_HEADER, ir_table_row
+        speed = (f"{result.queries} queries over {result.documents} documents ({result.texts_encoded} distinct texts "
+                 f"encoded) in {result.seconds:.2f} s")
+    else:
+        result, header, row = evaluate_sts(encoder, pairs, args.batch_size, dims), TABLE_HEADER, table_row
+        speed = f"encoded {result.sentences} sentences in {result.seconds:.2f} s: {result.sentences_per_second:.1f} sentences/s"
     ckpt = Path(args.ckpt)
     name = args.name or (f"{ckpt.parent.name}/{ckpt.name}" if ckpt.suffix == ".onnx" else ckpt.resolve().name)
-    print(TABLE_HEADER)
+    print(header)
     if dims:
         for dim in dims:
-            print(table_row(f"{name} ({split}, {dim} dims)", result.by_dim[dim]))
+            print(row(f"{name} ({split}, {dim} dims)", result.by_dim[dim]))
     else:
-        print(table_row(f"{name} ({split})", result.figures))
-    print(f"encoded {result.sentences} sentences in {result.seconds:.2f} s: "
-          f"{result.sentences_per_second:.1f} sentences/s on {getattr(encoder, 'device_name', device)}")
+        print(row(f"{name} ({split})", result.figures))
+    print(f"{speed} on {getattr(encoder, 'device_name', device)}")
     if args.json:
         figures = {str(dim): result.by_dim[dim] for dim in dims} if dims else result.figures
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")

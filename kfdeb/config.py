@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from kfdeb.batching import NLI_TRIPLET_SCOPES
 from kfdeb.errors import UserInputError, first_line
+from kfdeb.ir_metrics import IR_KEYS
 from kfdeb.losses import STS_LOSSES
 
 TINY_MODEL = "kfdeb:tiny-deberta"  # build a random tiny DeBERTa-v2 offline (kfdeb/tiny.py)
@@ -88,8 +89,18 @@ class TrainConfig:
     # evaluation and outputs
     eval_steps: int = knob(1000, "dev evaluation every N steps (and at each epoch end)")
     eval_batch_size: int = knob(64, "sentences per batch when evaluating", resumable=True)
-    metric_for_best: str = knob("max_spearman", "dev figure that selects the best checkpoint (with --matryoshka_dims: "
-                                                "at the first width)", choices=METRICS_FOR_BEST)
+    metric_for_best: str = knob(
+        "max_spearman", "dev figure that selects the best checkpoint (with --matryoshka_dims: at the first width): "
+                        f"{', '.join(METRICS_FOR_BEST)}; with --ir_dev_data a retrieval figure ({', '.join(IR_KEYS)}) "
+                        "or the mean of a KorSTS and a retrieval figure, e.g. cosine_spearman+ndcg@10")
+    ir_dev_data: str = knob(
+        "", "retrieval evaluated beside KorSTS at every dev evaluation: a BEIR folder (corpus.jsonl, queries.jsonl, "
+            "qrels/SPLIT.tsv) or a .tsv/.csv/.jsonl file of anchor, positive pairs; kfdeb:korsts-dev is the bundled "
+            "KorSTS dev paraphrase set")
+    ir_dev_split: str = knob("dev", "the qrels split of a BEIR --ir_dev_data")
+    ir_test_data: str = knob("", "retrieval evaluated beside KorSTS on the best model at the end (kfdeb:korsts-test: "
+                                 "the bundled KorSTS test paraphrase set)")
+    ir_test_split: str = knob("test", "the qrels split of a BEIR --ir_test_data")
     output_dir: str = knob("output", "where the run's folder is (best/, state/, metrics.jsonl, curves.png)",
                            resumable=True)
     output_prefix: str = knob(
@@ -166,6 +177,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {"model_name_or_path": TINY_MODEL, "data_dir": BUNDLED, "nli_train_glob": "KorNLI/xnli.*.ko.tsv",
               "tasks": "nli,sts", "max_seq_length": 64, "nli_batch_size": 32, "sts_batch_size": 8,
               "num_epochs": 2, "learning_rate": 1e-3, "eval_steps": 100, "save_steps": 100,
+              "ir_dev_data": "kfdeb:korsts-dev", "ir_test_data": "kfdeb:korsts-test",
               "output_dir": "output/smoke", "overwrite_output_dir": True, "seed": 42},
 }
 
@@ -291,6 +303,7 @@ def validate(config: TrainConfig) -> None:
     if config.learning_rate <= 0 or config.weight_decay < 0 or config.max_grad_norm <= 0:
         raise UserInputError("--learning_rate and --max_grad_norm must be > 0, --weight_decay >= 0")
     _validate_matryoshka(config)
+    _validate_metric_for_best(config)
     for name, spec in _FIELDS.items():
         choices = spec.metadata["choices"]
         allowed = choices + (("",) if name == "preset" else ())  # "": no preset
@@ -307,6 +320,19 @@ def positive_numbers(flag: str, text: str, kind: type = int) -> list:
     if text.strip() and not values or any(not v > 0 for v in values):
         raise UserInputError(f"--{flag} {text!r}: every value must be > 0")
     return values
+
+
+def _validate_metric_for_best(config: TrainConfig) -> None:
+    """A KorSTS figure, a retrieval figure (which needs --ir_dev_data), or KorSTS + retrieval."""
+    metric = config.metric_for_best
+    parts = metric.split("+")
+    sts = [p for p in parts if p in METRICS_FOR_BEST]
+    retrieval = [p for p in parts if p in IR_KEYS]
+    if len(sts) + len(retrieval) != len(parts) or len(parts) > 2 or len(parts) == 2 and len(sts) != 1:
+        raise UserInputError(f"--metric_for_best {metric!r}: expected one of {', '.join(METRICS_FOR_BEST + IR_KEYS)}, "
+                             "or a KorSTS figure + a retrieval figure (e.g. cosine_spearman+ndcg@10)")
+    if retrieval and not config.ir_dev_data:
+        raise UserInputError(f"--metric_for_best {metric}: a retrieval figure needs --ir_dev_data")
 
 
 def _validate_matryoshka(config: TrainConfig) -> None:

@@ -84,8 +84,12 @@ def table_row(name: str, figures: dict[str, float]) -> str:
 
 
 def best_score(figures: dict[str, float], metric: str) -> float:
-    """The figure that selects the best checkpoint: one of FIGURE_KEYS, or max_spearman
-    (the largest of the four Spearman figures, what the reference's evaluator returned)."""
+    """The figure that selects the best checkpoint: one of FIGURE_KEYS, max_spearman (the largest of the
+    four Spearman figures, what the reference's evaluator returned), a retrieval figure (ir_metrics.IR_KEYS),
+    or `A+B`, the mean of two of these (e.g. cosine_spearman+ndcg@10: a checkpoint good at both)."""
+    if "+" in metric:
+        parts = [best_score(figures, part) for part in metric.split("+")]
+        return sum(parts) / len(parts)
     if metric == "max_spearman":
         defined = [figures[f"{sim}_spearman"] for sim in SIMILARITIES if not np.isnan(figures[f"{sim}_spearman"])]
         return max(defined, default=float("nan"))

@@ -193,10 +193,13 @@ ROW_KINDS: dict[str, tuple[str, ...]] = {  # a kind's columns (.tsv, .csv) or ke
     "triplet": ("anchor", "positive", "negative"),
     "pair": ("anchor", "positive"),
     "scored": ("sentence1", "sentence2", "score"),
+    "query": ("query", "document"),
 }
-ROW_KIND_NAMES = {"nli": "NLI pairs", "triplet": "triplets", "pair": "anchor-positive pairs", "scored": "scored pairs"}
+ROW_KIND_NAMES = {"nli": "NLI pairs", "triplet": "triplets", "pair": "anchor-positive pairs", "scored": "scored pairs",
+                  "query": "query-document pairs"}
 IN_BATCH_KINDS = ("nli", "triplet", "pair")  # in this order: a triplet file also has a pair's columns
 SCORED_KINDS = ("scored",)
+RELEVANT_PAIR_KINDS = ("pair", "query")  # retrieval pairs (ir_data.py): each anchor or query and a relevant text
 # .csv: a quoted field (`""` is a quote inside it; unrolled so an unclosed quote fails in linear time)
 # and an unquoted one (up to the next separator, quote or line end)
 _CSV_QUOTED = re.compile(r'"([^"]*(?:""[^"]*)*)"')
@@ -272,20 +275,25 @@ def read_csv(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, str]]]:
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, object) for every line of a JSON Lines file; each line must be one object."""
     path = str(path)
-    lines = _decoded_text(path).split("\n")
-    if lines[-1] == "":  # the newline that ends the last line
-        lines.pop()
-    for line_no, line in enumerate(lines, start=1):
-        line = line.removesuffix("\r")
-        if not line.strip():
-            raise UserInputError(f"{path}:{line_no}: empty line (expected one JSON object)")
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserInputError(f"{path}:{line_no}: json: not valid JSON ({err.msg}, column {err.colno})") from None
-        if not isinstance(value, dict):
-            raise UserInputError(f"{path}:{line_no}: json: expected an object {{...}}, got {type(value).__name__}")
-        yield line_no, value
+    try:
+        handle = open(path, "rb")
+    except OSError as err:
+        raise UserInputError(f"{path}: cannot open ({err.strerror})") from None
+    with handle:  # line by line: a corpus of a million documents is never one string
+        for line_no, raw in enumerate(handle, start=1):
+            yield line_no, _json_object(path, line_no, decode(raw, path, line_no).removesuffix("\n").removesuffix("\r"))
+
+
+def _json_object(path: str, line_no: int, line: str) -> dict[str, Any]:
+    if not line.strip():
+        raise UserInputError(f"{path}:{line_no}: empty line (expected one JSON object)")
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UserInputError(f"{path}:{line_no}: json: not valid JSON ({err.msg}, column {err.colno})") from None
+    if not isinstance(value, dict):
+        raise UserInputError(f"{path}:{line_no}: json: expected an object {{...}}, got {type(value).__name__}")
+    return value
 
 
 def _row_kind(path: str, line_no: int, names: Sequence[str], kinds: Sequence[str], flag: str, where: str) -> str:

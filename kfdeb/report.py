@@ -14,6 +14,8 @@ from typing import Any
 from kfdeb.config import BUNDLED, TINY_MODEL, TrainConfig
 from kfdeb.evaluation import TABLE_HEADER, table_row
 from kfdeb.files import write_file, write_text
+from kfdeb.retrieval import TABLE_HEADER as IR_TABLE_HEADER
+from kfdeb.retrieval import ir_table_row
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -23,7 +25,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_curves(metrics_path: Path, png_path: Path) -> None:
-    """Training loss per objective and dev cosine Spearman against the step, as one PNG (atomic)."""
+    """Training loss per objective, dev cosine Spearman (and retrieval nDCG@10) against the step, as one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -42,8 +44,11 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
     for dim in sorted({r["dim"] for r in rows if r.get("split") == "dev" and "dim" in r}, reverse=True):  # Matryoshka
         points = [(r["step"], r["cosine_spearman"]) for r in rows if r.get("split") == "dev" and r.get("dim") == dim]
         dev_axis.plot(*zip(*points), marker=".", linestyle="--", label=f"{dim} dims")
+    retrieval = [(r["step"], r["ndcg@10"]) for r in rows if r.get("split") == "dev" and "dim" not in r and "ndcg@10" in r]
+    if retrieval:  # --ir_dev_data: on the same x100 scale
+        dev_axis.plot(*zip(*retrieval), marker="s", label="dev retrieval nDCG@10")
     dev_axis.set_xlabel("step")
-    dev_axis.set_ylabel("KorSTS dev cosine Spearman (x100)")
+    dev_axis.set_ylabel("dev figure (x100)" if retrieval else "KorSTS dev cosine Spearman (x100)")
     for axis in (loss_axis, dev_axis):
         if axis.lines:
             axis.legend()
@@ -72,6 +77,24 @@ def recipe_text(config: TrainConfig) -> str:
 def model_name(config: TrainConfig) -> str:
     """What the card calls the model: --hub_model_id, else the run folder's name (never a local path)."""
     return config.hub_model_id or config.run_dir.resolve().name
+
+
+def _retrieval_section(name: str, config: TrainConfig, summary: dict[str, Any]) -> str:
+    """The retrieval table (--ir_dev_data / --ir_test_data) beside the KorSTS one."""
+    rows = [ir_table_row(f"{name} ({_local_name(source)}, {split})", summary[which])
+            for which, source, split in (("dev", config.ir_dev_data, config.ir_dev_split),
+                                         ("test", config.ir_test_data, config.ir_test_split))
+            if source and "ndcg@10" in summary[which]]
+    if not rows:
+        return ""
+    return f"""
+## Retrieval
+
+Cosine similarity, exact search over the whole corpus; nDCG@10, MRR@10, MAP@100 and Recall@k as trec_eval
+(and mteb) define them, x100 (a query without a relevant document is left out).
+
+{IR_TABLE_HEADER}
+""" + "\n".join(rows) + "\n"
 
 
 def _matryoshka_section(name: str, config: TrainConfig, summary: dict[str, Any]) -> str:
@@ -110,6 +133,8 @@ def public_config(config: TrainConfig) -> dict[str, Any]:
                             else Path(config.data_dir).name)
     for key in ("output_dir", "cache_dir", "config"):
         settings[key] = Path(settings[key]).name if settings[key] else settings[key]
+    for key in ("ir_dev_data", "ir_test_data"):  # a folder or file by its name; kfdeb:korsts-dev as it is
+        settings[key] = _local_name(settings[key])
     for key in ("nli_train_files", "sts_train_file", "sts_dev_file", "sts_test_file"):  # own files: their names
         settings[key] = ",".join(Path(entry.strip()).name for entry in settings[key].split(",") if entry.strip())
     return settings
@@ -158,7 +183,7 @@ checkpoint (step {summary['best_step']} of {summary['total_steps']}, selected on
 {TABLE_HEADER}
 {table_row(f"{name} (dev)", summary['dev'])}
 {table_row(f"{name} (test)", summary['test'])}
-{_matryoshka_section(name, config, summary)}
+{_retrieval_section(name, config, summary)}{_matryoshka_section(name, config, summary)}
 ## Usage
 
 kfdeb:

@@ -40,10 +40,13 @@ from kfdeb import distributed, train_state
 from kfdeb.config import BUNDLED, TINY_MODEL, TrainConfig
 from kfdeb.errors import UserInputError
 from kfdeb.evaluation import TABLE_HEADER, StsResult, best_score, evaluate_sts, table_row
+from kfdeb.ir_data import IrData, read_ir_data
 from kfdeb.losses import Objective
 from kfdeb.model import SentenceEncoder, load_encoder
 from kfdeb.optim import build_adamw, build_scheduler, warmup_steps_for
 from kfdeb.readers import BUNDLED_DATA_DIR
+from kfdeb.retrieval import TABLE_HEADER as IR_TABLE_HEADER
+from kfdeb.retrieval import evaluate_retrieval, ir_table_row
 from kfdeb.report import plot_curves, public_config, write_model_card
 from kfdeb.tasks import Task, build_tasks, check_nodes_agree, data_fingerprint, examples_key, read_sts_split, task_examples
 from kfdeb.weights import BEST_DIR
@@ -68,6 +71,8 @@ class Run:
     total_steps: int
     dev_pairs: list
     test_pairs: list
+    dev_ir: IrData | None = None  # --ir_dev_data: retrieval evaluated beside KorSTS dev
+    test_ir: IrData | None = None  # --ir_test_data
     log: train_state.MetricsLog | None = None
     last_saved_step: int = -1  # the step of the newest committed state (-1: none)
     eval_seconds: float = 0.0  # dev evaluations and best-model saves, for throughput figures
@@ -96,6 +101,8 @@ def setup(config: TrainConfig, ctx: distributed.Context) -> Run:
     keys = {name: examples_key(config, data_dir, name) for name in config.task_list}
     examples = task_examples(config, data_dir, ctx, keys)
     dev_pairs, test_pairs = read_sts_split(config, data_dir, "dev"), read_sts_split(config, data_dir, "test")
+    dev_ir = read_ir_data(config.ir_dev_data, config.ir_dev_split, "--ir_dev_data") if config.ir_dev_data else None
+    test_ir = read_ir_data(config.ir_test_data, config.ir_test_split, "--ir_test_data") if config.ir_test_data else None
     encoder = _load_start_model(config, output_dir, ctx)
     encoder.metadata = {}  # a checkpoint's own kfdeb.json describes that run, not this one (best_metadata does)
     # after the model is built (building a tiny model reseeds torch): dropout streams differ per rank
@@ -127,7 +134,7 @@ def setup(config: TrainConfig, ctx: distributed.Context) -> Run:
         amp_dtype=amp_dtype,
         pad_multiple=config.pad_to_multiple_of or (8 if ctx.device.type == "cuda" else 1),  # tensor-core tiles
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, dev_pairs=dev_pairs, test_pairs=test_pairs,
-        objective=objective,
+        dev_ir=dev_ir, test_ir=test_ir, objective=objective,
     )
     distributed.print0(ctx, f"{total_steps} steps ({steps_per_epoch} per epoch), warmup {warmup_steps}, "
                        f"{ctx.world_size} process(es) on {ctx.device}, amp {describe_amp(config.amp, amp_dtype, capability)}")
@@ -215,16 +222,22 @@ def seed_everything(seed: int) -> None:
 
 
 def evaluate(encoder: SentenceEncoder, pairs: list, ctx: distributed.Context, batch_size: int,
-             dims: Sequence[int] = ()) -> StsResult:
-    """KorSTS figures (and those of each width in `dims`); with several ranks each encodes every
-    W-th sentence and all get all figures."""
+             dims: Sequence[int] = (), ir: IrData | None = None) -> StsResult:
+    """KorSTS figures, with `ir` the retrieval figures too (one dict: their keys differ), and those of each
+    width in `dims`; with several ranks each encodes every W-th text and all get all figures."""
 
     class Sharded:
         def encode(self, sentences: Sequence[str], batch_size: int = 64, convert_to_numpy: bool = True) -> np.ndarray:
             mine = encoder.encode(list(sentences)[ctx.rank :: ctx.world_size], batch_size=batch_size, convert_to_numpy=True)
             return distributed.gather_strided(ctx, mine, len(sentences))
 
-    return evaluate_sts(Sharded(), pairs, batch_size, dims)
+    result = evaluate_sts(Sharded(), pairs, batch_size, dims)
+    if ir is not None:
+        retrieval = evaluate_retrieval(Sharded(), ir, batch_size, dims)
+        result.figures.update(retrieval.figures)
+        for dim in dims:
+            result.by_dim[dim].update(retrieval.by_dim[dim])
+    return result
 
 
 def _by_dim(result: StsResult) -> dict[str, dict[str, float]]:
@@ -248,7 +261,7 @@ def best_metadata(config: TrainConfig, step: int, **figures: Any) -> dict[str, A
 def evaluate_and_keep_best(run: Run, position: train_state.Position, epoch: int) -> None:
     started = time.perf_counter()
     dims = run.objective.matryoshka_dims
-    result = evaluate(run.encoder, run.dev_pairs, run.ctx, run.config.eval_batch_size, dims)
+    result = evaluate(run.encoder, run.dev_pairs, run.ctx, run.config.eval_batch_size, dims, run.dev_ir)
     # Matryoshka: selected at the first width listed (jhgan00's choice), the full one when it is listed first
     score = best_score(result.figures_at(dims[0] if dims else None), run.config.metric_for_best)
     improved = score > position.best_score  # NaN never improves; every rank has the same figures
@@ -265,7 +278,8 @@ def evaluate_and_keep_best(run: Run, position: train_state.Position, epoch: int)
     best = "best" if improved else f"best {position.best_score:.2f} at step {position.best_step}"
     widths = (f" at width {dims[0]}; cosine Spearman by width: "
               + ", ".join(f"{d} {result.by_dim[d]['cosine_spearman']:.2f}" for d in dims)) if dims else ""
-    say(run, f"step {position.step}: dev {run.config.metric_for_best} {score:.2f}{widths} ({best})")
+    ir = f", nDCG@10 {result.figures['ndcg@10']:.2f}" if run.dev_ir is not None and "ndcg@10" not in run.config.metric_for_best else ""
+    say(run, f"step {position.step}: dev {run.config.metric_for_best} {score:.2f}{widths}{ir} ({best})")
     run.eval_seconds += time.perf_counter() - started
 
 
@@ -288,8 +302,8 @@ def finish(run: Run, position: train_state.Position, train_seconds: float) -> di
     elif ctx.is_main:  # every evaluation was NaN: keep the last weights
         run.encoder.save(run.best_dir, best_metadata(run.config, position.step))
     dims = run.objective.matryoshka_dims
-    dev = evaluate(run.encoder, run.dev_pairs, ctx, run.config.eval_batch_size, dims)
-    test = evaluate(run.encoder, run.test_pairs, ctx, run.config.eval_batch_size, dims)
+    dev = evaluate(run.encoder, run.dev_pairs, ctx, run.config.eval_batch_size, dims, run.dev_ir)
+    test = evaluate(run.encoder, run.test_pairs, ctx, run.config.eval_batch_size, dims, run.test_ir)
     summary = {"best_step": position.best_step, "total_steps": run.total_steps, "dimension": run.encoder.dimension,
                "train_seconds": train_seconds, "eval_seconds": run.eval_seconds, "dev": dev.figures, "test": test.figures}
     if dims:
@@ -309,6 +323,10 @@ def finish(run: Run, position: train_state.Position, train_seconds: float) -> di
         rows += [table_row(f"{name} ({split}, {dim} dims)", result.by_dim[dim])
                  for split, result in (("dev", dev), ("test", test)) for dim in dims]
         print(f"best model (step {position.best_step}) in {run.best_dir}\n{TABLE_HEADER}\n" + "\n".join(rows), flush=True)
+        retrieval = [(f"{data.name}", result.figures) for data, result in ((run.dev_ir, dev), (run.test_ir, test)) if data]
+        if retrieval:
+            print(IR_TABLE_HEADER + "\n" + "\n".join(ir_table_row(f"{name} ({which})", figures)
+                                                     for which, figures in retrieval), flush=True)
     # every rank leaves together: none tears the process group down while rank 0 still writes
     distributed.barrier(ctx)
     return summary

@@ -30,8 +30,12 @@ def top_k(
     k: int = 10,
     query_batch: int = 256,
     corpus_chunk: int = 65536,
+    normalized: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores, indices), each queries x min(k, corpus size): cosine scores and corpus row numbers."""
+    """(scores, indices), each queries x min(k, corpus size): cosine scores and corpus row numbers.
+
+    normalized=True: the rows are unit vectors already (the caller normalised them once), so the
+    cosine is the dot product and no chunk is normalised again for every batch of queries."""
     queries = _as_matrix(query_embeddings, "query_embeddings")
     corpus = _as_matrix(corpus_embeddings, "corpus_embeddings")
     if queries.shape[1] != corpus.shape[1]:
@@ -41,11 +45,13 @@ def top_k(
     k = min(k, corpus.shape[0])
     all_scores, all_indices = [], []
     for q_start in range(0, queries.shape[0], query_batch):
-        q = F.normalize(queries[q_start : q_start + query_batch].to(corpus.device), dim=-1)
+        q = queries[q_start : q_start + query_batch].to(corpus.device)
+        q = q if normalized else F.normalize(q, dim=-1)
         best_scores = torch.empty((q.shape[0], 0), device=corpus.device)
         best_indices = torch.empty((q.shape[0], 0), dtype=torch.long, device=corpus.device)
         for c_start in range(0, corpus.shape[0], corpus_chunk):
-            chunk = F.normalize(corpus[c_start : c_start + corpus_chunk], dim=-1)
+            chunk = corpus[c_start : c_start + corpus_chunk]
+            chunk = chunk if normalized else F.normalize(chunk, dim=-1)
             scores = q @ chunk.T
             indices = torch.arange(c_start, c_start + chunk.shape[0], device=corpus.device).expand_as(scores)
             # running best (lower indices) first, so the stable sort keeps lower indices ahead on ties

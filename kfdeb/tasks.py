@@ -28,6 +28,7 @@ from kfdeb import distributed, token_cache
 from kfdeb.batching import NoDuplicatesBatches, ShuffledBatches, in_batch_examples, nli_triplets_of_files
 from kfdeb.config import TrainConfig
 from kfdeb.errors import UserInputError
+from kfdeb.ir_data import source_files
 from kfdeb.model import SentenceEncoder
 from kfdeb.readers import (
     IN_BATCH_KINDS, ROW_KIND_NAMES, StsPair, expand_file_list, find_nli_files, read_nli, read_own_file,
@@ -186,6 +187,11 @@ def data_fingerprint(config: TrainConfig, data_dir: Path, keys: dict[str, dict[s
         own = getattr(config, f"sts_{split}_file")
         path = own or sts_path(data_dir, split, instead=f"--sts_{split}_file")
         found[f"{split} file"] = _file_digests([token_cache.file_fingerprint(path)])
+    for which in ("dev", "test"):  # retrieval sets, evaluated sharded over the ranks like KorSTS
+        source = getattr(config, f"ir_{which}_data")
+        if source:
+            files = source_files(source, getattr(config, f"ir_{which}_split"))
+            found[f"retrieval {which} files"] = _file_digests([token_cache.file_fingerprint(path) for path in files])
     found["tokenizer"] = token_cache.tokenizer_fingerprint(encoder.tokenizer, encoder.do_lower_case,
                                                           encoder.max_seq_length)["sha256"]
     return found

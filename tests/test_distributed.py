@@ -19,9 +19,22 @@ from kfdeb import train_state
 from kfdeb.losses import cosine_mse_loss, in_batch_negatives_loss
 
 
-def _gathered_loss_worker(rank: int, world: int, port: int, inputs: dict, results: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+def join_group(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", WORLD_SIZE=str(world),
+                      RANK=str(rank))
     dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def leave() -> None:
+    """End a worker as kfdeb's torchrun workers end (cli.exit_process): without the interpreter teardown,
+    where a process-group thread still holding a finished collective's tensors aborts the process."""
+    from kfdeb.cli import exit_process
+
+    exit_process(0)
+
+
+def _gathered_loss_worker(rank: int, world: int, port: int, inputs: dict, results: dict) -> None:
+    join_group(rank, world, port)
     try:
         b = inputs["anchors"].shape[0] // world
         local = {k: v[rank * b:(rank + 1) * b].clone().requires_grad_() for k, v in inputs.items() if k != "labels"}
@@ -32,6 +45,7 @@ def _gathered_loss_worker(rank: int, world: int, port: int, inputs: dict, result
         results[rank] = {"loss": (nli + sts).item(), **{k: v.grad for k, v in local.items()}}
     finally:
         dist.destroy_process_group()
+    leave()
 
 
 def test_gathered_losses_equal_the_single_process_loss_and_gradients():
@@ -61,8 +75,7 @@ def _sts_objectives_worker(rank: int, world: int, port: int, inputs: dict, resul
     from kfdeb.batching import shard
     from kfdeb.losses import sts_loss
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_group(rank, world, port)
     try:
         for key, (objective, size) in inputs["cases"].items():
             batch = list(range(size))
@@ -75,6 +88,7 @@ def _sts_objectives_worker(rank: int, world: int, port: int, inputs: dict, resul
             results[(rank, key)] = {"loss": loss.item(), "rows": [] if placeholder else rows, "grad": columns.grad}
     finally:
         dist.destroy_process_group()
+    leave()
 
 
 def test_sts_objectives_over_two_ranks_equal_the_single_process():
@@ -188,8 +202,7 @@ def _nan_agreement_worker(rank: int, world: int, port: int, results: dict) -> No
     from kfdeb import distributed
     from kfdeb.loop import StepMeter
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_group(rank, world, port)
     try:
         ctx = distributed.Context(rank, rank, world, torch.device("cpu"))
         tasks = [SimpleNamespace(name="nli", batch_size=4), SimpleNamespace(name="sts", batch_size=4)]
@@ -205,6 +218,7 @@ def _nan_agreement_worker(rank: int, world: int, port: int, results: dict) -> No
             results[rank] = str(err)
     finally:
         dist.destroy_process_group()
+    leave()
 
 
 def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_message():
