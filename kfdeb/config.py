@@ -76,6 +76,17 @@ class TrainConfig:
     optimizer: str = knob("per_task", "per_task (reference: one AdamW + schedule per objective, 2 updates a step) "
                                       "or joint (one AdamW over the summed losses)", choices=("per_task", "joint"))
     seed: int = knob(42, "seeds the triplets, every sampler pass and dropout (each rank: seed + rank)")
+    query_prompt: str = knob(
+        "auto", "text prepended to the anchors of the in-batch negatives (nli) objective and to the queries of "
+                "retrieval evaluation (auto: the model's own prompt named query, as e5's 'query: '; \"\": none); "
+                "the trained model keeps it, for encode_query. KorSTS pairs get no prompt, in training and evaluation, "
+                "as sentence-transformers' STS evaluator encodes them")
+    document_prompt: str = knob(
+        "auto", "text prepended to the positives and negatives of the in-batch objective and to the documents of "
+                "retrieval evaluation (auto: the model's own prompt named document or passage; \"\": none)")
+    pooling: str = knob("auto", "mean or cls: the pooling of a plain Hugging Face model (auto: mean, the reference's); "
+                                "a sentence-transformers folder pools as its Pooling module says",
+                        choices=("auto", "mean", "cls"))
     # what the objectives optimise beyond the reference recipe (losses.py)
     sts_loss: str = knob(
         "cosine", "loss of the sts objective: cosine (MSE between cosine and score / 5, the reference), cosent "

@@ -34,7 +34,9 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from kfdeb.errors import UserInputError
-from kfdeb.readers import OWN_FORMATS, RELEVANT_PAIR_KINDS, BUNDLED_DATA_DIR, StsPair, read_jsonl, read_own_file, read_tsv
+from kfdeb.readers import (
+    BUNDLED_DATA_DIR, OWN_FORMATS, RELEVANT_PAIR_KINDS, StsPair, decode, read_csv, read_jsonl, read_own_file, read_tsv,
+)
 
 BUNDLED_RETRIEVAL_DIR = BUNDLED_DATA_DIR.parent / "retrieval"
 BUNDLED_PREFIX = "kfdeb:"  # kfdeb:korsts-dev: a set shipped with kfdeb
@@ -165,6 +167,48 @@ def relevant_pairs(name: str, pairs: Iterable[tuple[str, str]]) -> IrData:
         relevant.setdefault(q, {})[d] = 1
     return IrData(name, {q: text for text, q in query_ids.items()}, {d: text for text, d in document_ids.items()},
                   relevant)
+
+
+def read_texts(path: Path, flag: str = "--corpus") -> list[str]:
+    """A corpus file's texts: .txt one a line; .jsonl objects with `text` (and `title`, joined as in a BEIR
+    corpus); .tsv / .csv with a `text` column. Every text non-empty."""
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        try:
+            lines = decode(path.read_bytes(), str(path)).split("\n")
+        except OSError as err:
+            raise UserInputError(f"{path}: cannot open ({err.strerror})") from None
+        if lines and lines[-1] == "":
+            lines.pop()
+        for line_no, line in enumerate(lines, start=1):
+            if not line.strip():
+                raise UserInputError(f"{path}:{line_no}: text: empty line")
+        return [line.removesuffix("\r") for line in lines]
+    if suffix == ".jsonl":
+        return list(_jsonl_texts(path))
+    if suffix in (".tsv", ".csv"):
+        rows = read_tsv(path, ("text",)) if suffix == ".tsv" else read_csv(path)
+        texts = []
+        for line_no, row in rows:
+            if "text" not in row:
+                raise UserInputError(f"{path}:1: header: missing column 'text'")
+            if not row["text"].strip():
+                raise UserInputError(f"{path}:{line_no}: text: empty text")
+            texts.append(row["text"])
+        return texts
+    raise UserInputError(f"{path}: {flag}: unknown format {suffix or '(no extension)'!r} (expected .txt, .jsonl, .tsv, .csv)")
+
+
+def _jsonl_texts(path: Path) -> list[str]:
+    texts = []
+    for line_no, row in read_jsonl(path):
+        text = _text(path, line_no, row, "text")
+        title = _text(path, line_no, row, "title", required=False)
+        text = f"{title} {text}" if title.strip() else text
+        if not text.strip():
+            raise UserInputError(f"{path}:{line_no}: text: empty text")
+        texts.append(text)
+    return texts
 
 
 # the bundled sets (module docstring) --------------------------------------------------------------

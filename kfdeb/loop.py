@@ -50,8 +50,7 @@ def embed_columns(model: torch.nn.Module, task: Task, rows: np.ndarray, ctx: dis
     # all columns (anchors, positives, negatives) in one forward call, regrouped by length into
     # as many chunks as there are columns (less padding than per column or one block); listed
     # column-major so the embeddings reshape to columns x batch x hidden
-    chunk_ids, chunk_masks, restore = length_sorted_chunks(
-        [task.sequences[i] for i in rows.T.reshape(-1)], len(rows), pad_id, pad_to_multiple_of)
+    chunk_ids, chunk_masks, restore = length_sorted_chunks(task.token_ids(rows), len(rows), pad_id, pad_to_multiple_of)
     embeddings = model([ids.to(ctx.device, non_blocking=True) for ids in chunk_ids],
                        [mask.to(ctx.device, non_blocking=True) for mask in chunk_masks])
     return embeddings[restore.to(ctx.device, non_blocking=True)].view(rows.shape[1], len(rows), -1)

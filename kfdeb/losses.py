@@ -1,11 +1,13 @@
 """The two training objectives, optionally spread over data-parallel ranks.
 
 In-batch negatives with hard negatives (sentence-transformers' MultipleNegativesRankingLoss).
-For a global batch of B triplets (a_i, p_i, n_i) and candidates c = [p_1..p_B; n_1..n_B] (2B x H):
+For a global batch of B rows (a_i, p_i, n_i^1 .. n_i^k) (k = 1: triplets; k = 0: pairs) and the
+candidates c = [p_1..p_B; n_1^1..n_B^1; ...; n_1^k..n_B^k] ((1 + k)B x H):
 
     s_ij = scale * cos(a_i, c_j),   L_nli = (1/B) sum_i [ logsumexp_j s_ij - s_ii ]
 
-i.e. cross-entropy over 2B candidates with target j = i (scale 20).
+i.e. cross-entropy over (1 + k)B candidates with target j = i (scale 20): a row's own negatives are
+its hard negatives, every other row's positive and negatives are in-batch ones.
 
 Cosine regression (CosineSimilarityLoss) for B pairs (u_i, v_i) with labels y_i in [0, 1]:
 
@@ -115,7 +117,7 @@ def _gather_rows(tensor: torch.Tensor) -> torch.Tensor:
 def in_batch_negatives_loss(
     anchors: torch.Tensor,
     positives: torch.Tensor,
-    negatives: torch.Tensor | None = None,
+    negatives: torch.Tensor | Sequence[torch.Tensor] | None = None,
     scale: float = 20.0,
 ) -> torch.Tensor:
     """L_nli of this rank's triplets against the candidates of all ranks (single process: all of them).
@@ -125,7 +127,11 @@ def in_batch_negatives_loss(
     loss (see `_rank_share`); with one process that is L_nli itself.
     """
     rank, world_size = _world()
-    columns = [positives] if negatives is None else [positives, negatives]
+    if negatives is None:
+        negatives = []
+    elif isinstance(negatives, torch.Tensor) and negatives.dim() == 2:
+        negatives = [negatives]  # one negative column: a triplet's
+    columns = [positives, *negatives]  # n-tuples: every negative column, each b x H
     if world_size > 1:
         # Candidates are laid out exactly as in one process over the global batch:
         # [p of rank 0, p of rank 1, ...; n of rank 0, n of rank 1, ...], so anchor i of rank r
@@ -214,9 +220,10 @@ def matryoshka(loss_of: Callable[[torch.Tensor], torch.Tensor], embeddings: torc
 
 
 def nli_loss(columns: torch.Tensor, objective: Objective = Objective()) -> torch.Tensor:
-    """In-batch negatives on triplets, or on anchor-positive pairs: then the positives alone are the candidates."""
+    """In-batch negatives on (anchor, positive, negative_1 .. negative_n) columns, n >= 0 (n = 0: the positives
+    alone are the candidates)."""
     def loss_of(c: torch.Tensor) -> torch.Tensor:
-        return in_batch_negatives_loss(c[0], c[1], c[2] if len(c) == 3 else None)
+        return in_batch_negatives_loss(c[0], c[1], c[2:] if len(c) > 2 else None)
 
     return matryoshka(loss_of, columns, objective.matryoshka_dims, objective.matryoshka_weights)
 

@@ -1,9 +1,11 @@
-"""The sentence encoder: a transformers encoder, our masked mean pooling, encode, and the checkpoint format.
+"""The sentence encoder: a transformers encoder, our pooling, prompts, encode, and the checkpoint format.
 
-embedding(s) = mean of the encoder's last hidden states over the tokens of s (see pooling.py),
-optionally L2-normalised (models whose sentence-transformers folder ends in a Normalize module).
-Text is tokenized once into id lists truncated to max_seq_length ([CLS] ... [SEP] included);
-batches are padded to their own longest row, never to max_seq_length.
+embedding(s) = mean of the encoder's last hidden states over the tokens of s, or the first token's
+state (CLS pooling, as a sentence-transformers folder declares it; pooling.py), optionally
+L2-normalised (models whose sentence-transformers folder ends in a Normalize module). A prompt
+(`Prompts`: "query: ", "passage: ") is text prepended to s. Text is tokenized once into id lists
+truncated to max_seq_length ([CLS] ... [SEP] included); batches are padded to their own longest
+row, never to max_seq_length.
 
 DeBERTa-v2 encoders get the windowed disentangled-attention bias of deberta.py (same results,
 less work). `load_encoder` opens a kfdeb checkpoint, any Hugging Face encoder folder, a
@@ -34,10 +36,11 @@ import torch
 import torch.nn.functional as F
 
 from kfdeb import deberta
-from kfdeb.batching import length_sorted_chunks, pad_batch
+from kfdeb.batching import pad_batch
+from kfdeb.encoding import Prompts, encode_in_length_order, sentence_transformers_options, with_prompt
 from kfdeb.errors import UserInputError, first_line
 from kfdeb.files import json_text, publish_files, read_json
-from kfdeb.pooling import masked_mean_pool
+from kfdeb.pooling import first_token_pool, masked_mean_pool
 from kfdeb.st_folder import read_layout, write_layout
 from kfdeb.weights import load_transformer, resolve_model_dir
 
@@ -63,76 +66,8 @@ def tf32_matmuls(device: torch.device):
         torch.set_float32_matmul_precision(previous)
 
 
-ENCODE_WINDOW = 16384  # sentences tokenized and length-sorted at a time by encode
-
-
-def sentence_transformers_options(normalize: bool, convert_to_numpy: bool, show_progress: bool, dim: int | None,
-                                  normalize_embeddings: bool = False, show_progress_bar: bool | None = None,
-                                  convert_to_tensor: bool = False, truncate_dim: int | None = None,
-                                  ) -> tuple[bool, bool, bool, int | None]:
-    """encode's (normalize, convert_to_numpy, show_progress, dim), given ours or sentence-transformers' names."""
-    return (normalize or normalize_embeddings, convert_to_numpy and not convert_to_tensor,
-            show_progress or bool(show_progress_bar), dim if dim is not None else truncate_dim)
-
-
-def encode_in_length_order(
-    engine: Any,
-    embed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    sentences: str | Sequence[str],
-    batch_size: int,
-    normalize: bool,
-    convert_to_numpy: bool,
-    show_progress: bool,
-    window: int = ENCODE_WINDOW,
-    dim: int | None = None,
-) -> torch.Tensor | np.ndarray:
-    """float32 embeddings (N x H) of `sentences` in input order, for any engine that embeds padded batches.
-
-    engine: has tokenize(sentences) -> id lists, pad_id and dimension (SentenceEncoder, OnnxEncoder);
-    embed(input_ids, attention_mask) -> B x H. The sentences stream through in windows of `window`:
-    each window is tokenized, grouped by length into batches that pad little (data.length_sorted_chunks,
-    longest first so that a batch too big for memory fails at once), embedded, and written into the
-    output at its sentences' places. Memory: the N x H output plus one window's token ids, so a
-    million-sentence corpus never exists as token lists. A sentence's embedding does not depend on
-    the other sentences of its batch, so the window changes no result, only the padding.
-    A single string (as in sentence-transformers) gives one H vector.
-
-    dim (Matryoshka): keep the first `dim` coordinates (N x dim). Truncation comes before
-    normalisation, as in sentence-transformers' truncate_dim: with normalize, or with an engine whose
-    embeddings are normalised (a Normalize module), the truncated vectors are re-normalised to unit
-    length; otherwise they are the plain prefixes (what evaluate.py --dims scores).
-    """
-    if isinstance(sentences, str):
-        return encode_in_length_order(engine, embed, [sentences], batch_size, normalize, convert_to_numpy,
-                                      show_progress, window, dim)[0]
-    width = engine.dimension
-    if dim is not None:
-        if not 0 < dim <= engine.dimension:
-            raise UserInputError(f"dim={dim}: expected 1 to the model's embedding width {engine.dimension}")
-        width, normalize = dim, normalize or getattr(engine, "normalize", False)
-    sentences = sentences if isinstance(sentences, Sequence) else list(sentences)
-    embeddings = torch.empty((len(sentences), width), dtype=torch.float32)
-    bar = None
-    if show_progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(sentences), desc="encode", unit="sentence")
-    for start in range(0, len(sentences), window):
-        part = sentences[start : start + window]
-        chunk_ids, chunk_masks, restore = length_sorted_chunks(engine.tokenize(part), batch_size, engine.pad_id)
-        sorted_rows = torch.cat([embed(ids, mask)[:, :width].float().cpu() for ids, mask in zip(chunk_ids, chunk_masks)])
-        embeddings[start : start + len(part)] = sorted_rows[restore]
-        if bar is not None:
-            bar.update(len(part))
-    if bar is not None:
-        bar.close()
-    if normalize:
-        embeddings = F.normalize(embeddings, dim=-1)
-    return embeddings.numpy() if convert_to_numpy else embeddings
-
-
-class SentenceEncoder(torch.nn.Module):
-    """Encoder + masked mean pooling. Call with padded ids; `encode` takes raw sentences."""
+class SentenceEncoder(torch.nn.Module, Prompts):
+    """Encoder + pooling (mean or first token). Call with padded ids; `encode` takes raw sentences."""
 
     def __init__(
         self,
@@ -142,6 +77,9 @@ class SentenceEncoder(torch.nn.Module):
         normalize: bool = False,
         do_lower_case: bool = False,
         metadata: dict | None = None,
+        pooling: str = "mean",
+        prompts: dict[str, str] | None = None,
+        default_prompt_name: str | None = None,
     ):
         super().__init__()
         self.transformer = transformer
@@ -150,6 +88,9 @@ class SentenceEncoder(torch.nn.Module):
         self.normalize = normalize
         self.do_lower_case = do_lower_case
         self.metadata = metadata or {}
+        self.pooling = pooling  # "mean" or "cls"
+        self.prompts = dict(prompts or {})
+        self.default_prompt_name = default_prompt_name
         if tokenizer.pad_token_id is None:
             raise UserInputError("the tokenizer has no padding token; kfdeb pads batches and needs one")
         self.pad_id = int(tokenizer.pad_token_id)
@@ -212,7 +153,7 @@ class SentenceEncoder(torch.nn.Module):
         # and DeBERTa-v2 with type_vocab_size 0 has no segment embedding at all.
         segments = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask, **segments).last_hidden_state
-        embeddings = masked_mean_pool(hidden, attention_mask)
+        embeddings = first_token_pool(hidden) if self.pooling == "cls" else masked_mean_pool(hidden, attention_mask)
         return F.normalize(embeddings, dim=-1) if self.normalize else embeddings
 
     def freeze_unused_parameters(self) -> list[str]:
@@ -245,15 +186,19 @@ class SentenceEncoder(torch.nn.Module):
         convert_to_numpy: bool = False,
         show_progress: bool = False,
         dim: int | None = None,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
         **sentence_transformers_names: Any,
     ) -> torch.Tensor | np.ndarray:
         """float32 embeddings (N x H, or N x dim) in input order (see encode_in_length_order), under inference_mode.
 
-        Also takes sentence-transformers' names: normalize_embeddings, show_progress_bar,
+        prompt (or the model's prompt named prompt_name, or its default_prompt_name) is prepended to
+        every sentence. Also takes sentence-transformers' names: normalize_embeddings, show_progress_bar,
         convert_to_tensor (a tensor even with convert_to_numpy=True), truncate_dim (= dim).
         """
         normalize, convert_to_numpy, show_progress, dim = sentence_transformers_options(
             normalize, convert_to_numpy, show_progress, dim, **sentence_transformers_names)
+        sentences = with_prompt(sentences, self.prompt_text(prompt_name, prompt))
         if device is not None:
             self.to(device)
         device = self.device
@@ -277,7 +222,8 @@ class SentenceEncoder(torch.nn.Module):
         try:
             self.transformer.save_pretrained(scratch, safe_serialization=True)
             self.tokenizer.save_pretrained(scratch)
-            write_layout(scratch, self.dimension, self.max_seq_length, self.do_lower_case, self.normalize)
+            write_layout(scratch, self.dimension, self.max_seq_length, self.do_lower_case, self.normalize,
+                         self.pooling, self.prompts, self.default_prompt_name)
             # the metadata given, over what this model was loaded with; self.metadata stays as it was
             (scratch / KFDEB_METADATA).write_text(json_text({"format": "kfdeb/1", **self.metadata, **(metadata or {})}),
                                                  encoding="utf-8")
@@ -291,12 +237,24 @@ class SentenceEncoder(torch.nn.Module):
         return path
 
 
+def position_limit(transformer: torch.nn.Module) -> int:
+    """The longest input the absolute position embeddings cover. RoBERTa and XLM-R number positions from
+    padding_idx + 1 (their embeddings module has a `padding_idx`), so max_position_embeddings 514 holds 512."""
+    table = int(getattr(transformer.config, "max_position_embeddings", 0) or 10**9)
+    offset = getattr(getattr(transformer, "embeddings", None), "padding_idx", None)
+    return table - (offset + 1) if isinstance(offset, int) else table
+
+
 def load_encoder(
     name_or_path: str | os.PathLike,
     max_seq_length: int | None = None,
     device: str | torch.device | None = None,
+    pooling: str | None = None,
 ) -> SentenceEncoder:
-    """Open a kfdeb checkpoint, HF encoder folder, sentence-transformers folder or hub id."""
+    """Open a kfdeb checkpoint, HF encoder folder, sentence-transformers folder or hub id.
+
+    pooling: "mean" or "cls" for a plain Hugging Face folder (default mean); a sentence-transformers
+    folder pools as its Pooling module says, and asking it for another pooling is an error."""
     from transformers import AutoTokenizer
 
     folder = resolve_model_dir(name_or_path)
@@ -321,10 +279,13 @@ def load_encoder(
             and tokenizer_length < 10**6:  # transformers' "no limit" is 1e30
         saved_length = tokenizer_length  # newer sentence-transformers save the length here, not in sentence_bert_config
     length = max_seq_length or saved_length or DEFAULT_MAX_SEQ_LENGTH
-    model_limit = getattr(transformer.config, "max_position_embeddings", None)
-    if getattr(transformer.config, "position_biased_input", True) and model_limit and length > model_limit:
-        length = model_limit  # absolute position embeddings end there; relative attention has no limit
-    encoder = SentenceEncoder(transformer, tokenizer, int(length), layout.normalize, layout.do_lower_case, metadata)
+    if getattr(transformer.config, "position_biased_input", True):  # relative attention (DeBERTa-v2) has no limit
+        length = min(length, position_limit(transformer))
+    if pooling is not None and layout.is_sentence_transformers and pooling != layout.pooling:
+        raise UserInputError(f"{folder}: pooling {pooling} asked for, but the folder's Pooling module pools by "
+                             f"{layout.pooling}; --pooling chooses for a plain Hugging Face model only")
+    encoder = SentenceEncoder(transformer, tokenizer, int(length), layout.normalize, layout.do_lower_case, metadata,
+                              pooling or layout.pooling, layout.prompts, layout.default_prompt_name)
     if device is not None:
         encoder.to(device)
     return encoder

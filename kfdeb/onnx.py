@@ -70,7 +70,7 @@ from kfdeb.files import publish_files, read_json
 from kfdeb.onnx_quantize import (  # noqa: F401
     ConstMatMul, Int8Settings, convert_fp16, cpu_has_vnni, quantizable_matmuls, quantize_int8, require,
 )
-from kfdeb.model import SentenceEncoder
+from kfdeb.model import SentenceEncoder, position_limit
 # the graph's interface and its runner (onnx_runtime.py), also reached through this module
 from kfdeb.onnx_runtime import (  # noqa: F401
     INPUT_NAMES, METADATA_FILE, OUTPUT_NAMES, TOKEN_TYPES, OnnxEncoder, feed, open_session,
@@ -230,13 +230,16 @@ def _pytorch_outputs(encoder: SentenceEncoder, input_ids: torch.Tensor, attentio
 def _runtime_metadata(encoder: SentenceEncoder, opset: int) -> dict[str, Any]:
     config = encoder.transformer.config
     # the longest input the graph can take: absolute position embeddings end, relative attention does not
-    limit = getattr(config, "max_position_embeddings", None) if getattr(config, "position_biased_input", True) else None
+    limit = position_limit(encoder.transformer) if getattr(config, "position_biased_input", True) else None
     return {
         "format": "kfdeb-onnx/1",
         "max_seq_length": encoder.max_seq_length,
         "length_limit": limit,
         "do_lower_case": encoder.do_lower_case,
         "normalize": encoder.normalize,
+        "pooling": encoder.pooling,
+        "prompts": encoder.prompts,
+        "default_prompt_name": encoder.default_prompt_name,
         "pad_token_id": encoder.pad_id,
         "dimension": encoder.dimension,
         "model_type": getattr(config, "model_type", None),

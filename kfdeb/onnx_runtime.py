@@ -18,7 +18,8 @@ import torch
 
 from kfdeb.errors import UserInputError, first_line
 from kfdeb.files import read_json
-from kfdeb.model import SentenceEncoder, encode_in_length_order, sentence_transformers_options
+from kfdeb.encoding import Prompts, encode_in_length_order, sentence_transformers_options, with_prompt
+from kfdeb.model import SentenceEncoder
 from kfdeb.onnx_quantize import require
 
 INPUT_NAMES = ("input_ids", "attention_mask")  # every graph's; plus TOKEN_TYPES for models with segments
@@ -45,14 +46,15 @@ def open_session(path: str | os.PathLike, providers: Sequence[str] | None = None
         raise UserInputError(f"{path}: onnxruntime cannot open it ({first_line(err)})") from None
 
 
-class OnnxEncoder:
+class OnnxEncoder(Prompts):
     """Runs an exported graph with onnxruntime: `encode` behaves like SentenceEncoder.encode."""
 
     # the very same truncation, special tokens and lowercasing as the PyTorch encoder
     tokenize = SentenceEncoder.tokenize
 
     def __init__(self, session: Any, tokenizer: Any, max_seq_length: int, do_lower_case: bool, pad_id: int,
-                 dimension: int, path: Path, normalize: bool = False):
+                 dimension: int, path: Path, normalize: bool = False, prompts: dict[str, str] | None = None,
+                 default_prompt_name: str | None = None):
         self.session = session
         self.tokenizer = tokenizer
         self.max_seq_length = max_seq_length
@@ -61,6 +63,8 @@ class OnnxEncoder:
         self.dimension = dimension
         self.path = path
         self.normalize = normalize  # the graph ends in a Normalize: a truncated embedding is re-normalised
+        self.prompts = dict(prompts or {})  # the PyTorch model's, recorded in kfdeb_onnx.json
+        self.default_prompt_name = default_prompt_name
 
     @classmethod
     def load(cls, path: str | os.PathLike, max_seq_length: int | None = None,
@@ -92,7 +96,8 @@ class OnnxEncoder:
         if meta.get("length_limit"):
             length = min(length, meta["length_limit"])
         return cls(session, tokenizer, int(length), bool(meta["do_lower_case"]), int(meta["pad_token_id"]),
-                   int(meta["dimension"]), path, bool(meta.get("normalize", False)))
+                   int(meta["dimension"]), path, bool(meta.get("normalize", False)), meta.get("prompts"),
+                   meta.get("default_prompt_name"))
 
     @property
     def device_name(self) -> str:
@@ -111,13 +116,15 @@ class OnnxEncoder:
         convert_to_numpy: bool = False,
         show_progress: bool = False,
         dim: int | None = None,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
         **sentence_transformers_names: Any,
     ) -> torch.Tensor | np.ndarray:
-        """float32 embeddings (N x H, or N x dim) in input order, batched and streamed as SentenceEncoder.encode.
-
-        device is accepted for the same signature; the session's providers decide where it runs.
+        """float32 embeddings (N x H, or N x dim) in input order, batched and streamed as SentenceEncoder.encode,
+        prompts included. device is accepted for the same signature; the session's providers decide where it runs.
         """
         normalize, convert_to_numpy, show_progress, dim = sentence_transformers_options(
             normalize, convert_to_numpy, show_progress, dim, **sentence_transformers_names)
+        sentences = with_prompt(sentences, self.prompt_text(prompt_name, prompt))
         return encode_in_length_order(self, self._embed, sentences, batch_size, normalize, convert_to_numpy,
                                       show_progress, dim=dim)

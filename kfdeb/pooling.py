@@ -1,4 +1,5 @@
-"""Masked mean pooling as one batched matrix product, with a hand-written backward.
+"""Pooling token states into a sentence embedding: masked mean (one batched matrix product, a hand-written
+backward) or the first token (CLS pooling, `first_token_pool`).
 
 For token states h (B x L x H) and a 0/1 attention mask m (B x L), with n_b = max(sum_l m_bl, 1e-9):
 
@@ -47,3 +48,8 @@ class MaskedMeanPool(torch.autograd.Function):
 def masked_mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Mean of the token states where attention_mask is 1: (B x L x H, B x L) -> B x H, at least float32."""
     return MaskedMeanPool.apply(hidden, attention_mask)
+
+
+def first_token_pool(hidden: torch.Tensor) -> torch.Tensor:
+    """The first token's state ([CLS] / <s>), in at least float32: B x L x H -> B x H (CLS pooling)."""
+    return hidden[:, 0].to(torch.promote_types(hidden.dtype, torch.float32))

@@ -21,8 +21,10 @@ Your own files (`read_own_file`): the format by extension, the row kind by the c
   a carriage return alone (taken as the end of a record); here both are errors, as is text after a
   closing quote and a quote never closed. .jsonl: one JSON object a line; other keys are ignored.
 - sentence1, sentence2, gold_label: NLI pairs (the triplets of the recipe, as KorNLI);
-  anchor, positive, negative: triplets as they are; anchor, positive: pairs (in-batch negatives
-  without a hard negative); sentence1, sentence2, score: scored pairs, label = score / score_max.
+  anchor, positive, negative: triplets as they are; anchor, positive, negative_1 ... negative_n:
+  n-tuples (mine.py's output, sentence-transformers' column names); anchor, positive: pairs
+  (in-batch negatives without a hard negative); sentence1, sentence2, score: scored pairs,
+  label = score / score_max; query, document: relevant pairs for retrieval evaluation.
 """
 
 from __future__ import annotations
@@ -194,10 +196,11 @@ ROW_KINDS: dict[str, tuple[str, ...]] = {  # a kind's columns (.tsv, .csv) or ke
     "pair": ("anchor", "positive"),
     "scored": ("sentence1", "sentence2", "score"),
     "query": ("query", "document"),
+    "tuple": ("anchor", "positive", "negative_1"),  # and negative_2 ... negative_n, as mine.py writes them
 }
 ROW_KIND_NAMES = {"nli": "NLI pairs", "triplet": "triplets", "pair": "anchor-positive pairs", "scored": "scored pairs",
-                  "query": "query-document pairs"}
-IN_BATCH_KINDS = ("nli", "triplet", "pair")  # in this order: a triplet file also has a pair's columns
+                  "query": "query-document pairs", "tuple": "n-tuples"}
+IN_BATCH_KINDS = ("nli", "tuple", "triplet", "pair")  # in this order: a triplet file also has a pair's columns
 SCORED_KINDS = ("scored",)
 RELEVANT_PAIR_KINDS = ("pair", "query")  # retrieval pairs (ir_data.py): each anchor or query and a relevant text
 # .csv: a quoted field (`""` is a quote inside it; unrolled so an unclosed quote fails in linear time)
@@ -296,15 +299,19 @@ def _json_object(path: str, line_no: int, line: str) -> dict[str, Any]:
     return value
 
 
+def _columns_shown(kind: str) -> str:
+    return "anchor, positive, negative_1 .. negative_n" if kind == "tuple" else ", ".join(ROW_KINDS[kind])
+
+
 def _row_kind(path: str, line_no: int, names: Sequence[str], kinds: Sequence[str], flag: str, where: str) -> str:
     """The first of `kinds` whose columns are all in `names`; otherwise an error saying what the file holds."""
     for kind in kinds:
         if all(column in names for column in ROW_KINDS[kind]):
             return kind
-    described = [f"{ROW_KIND_NAMES[k]} ({', '.join(ROW_KINDS[k])})" for k in kinds]
+    described = [f"{ROW_KIND_NAMES[k]} ({_columns_shown(k)})" for k in kinds]
     takes = " or ".join(filter(None, [", ".join(described[:-1]), described[-1]]))
     other = next((k for k in ROW_KINDS if all(column in names for column in ROW_KINDS[k])), None)
-    holds = (f"{ROW_KIND_NAMES[other]} ({', '.join(ROW_KINDS[other])})" if other is not None
+    holds = (f"{ROW_KIND_NAMES[other]} ({_columns_shown(other)})" if other is not None
              else f"{', '.join(names) or 'nothing'}, no row kind")
     raise UserInputError(f"{path}:{line_no}: {where}: {holds}, but {flag} takes {takes}")
 
@@ -329,6 +336,9 @@ def read_own_file(path: str | os.PathLike, kinds: Sequence[str], flag: str, scor
     else:
         kind = _row_kind(path, 1, list(first[1]), kinds, flag, "header")
     columns = ROW_KINDS[kind]
+    if kind == "tuple":  # anchor, positive, negative_1 ... negative_n: n from the header or the first object
+        names = list(first[1])
+        columns = ("anchor", "positive", *itertools.takewhile(lambda c: c in names, (f"negative_{i}" for i in itertools.count(1))))
 
     def complete(items: Iterable[tuple[int, dict[str, Any]]]) -> Iterator[tuple[int, dict[str, Any]]]:
         for line_no, row in items:  # .jsonl: every object must have the kind's keys (a header guarantees them)
@@ -345,7 +355,7 @@ def read_own_file(path: str | os.PathLike, kinds: Sequence[str], flag: str, scor
     if kind == "scored":
         return OwnFile(path, kind, scored_pairs_from_rows(path, items, score_max))
     texts = [tuple(_sentence(path, line_no, row, column) for column in columns) for line_no, row in items]
-    return OwnFile(path, kind, [Triplet(*t) for t in texts] if kind == "triplet" else texts)
+    return OwnFile(path, kind, [Triplet(*t) for t in texts] if kind == "triplet" else texts)  # tuples: plain tuples
 
 
 def read_scored_file(path: str | os.PathLike, flag: str, score_max: float = 5.0) -> list[StsPair]:

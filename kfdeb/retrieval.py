@@ -27,7 +27,8 @@ TABLE_HEADER = ("| Model | nDCG@10 | MRR@10 | MAP@100 | Recall@1 | Recall@5 | Re
 
 
 class Encoder(Protocol):
-    def encode(self, sentences: Sequence[str], batch_size: int = ..., convert_to_numpy: bool = ...) -> Any: ...
+    def encode(self, sentences: Sequence[str], batch_size: int = ..., convert_to_numpy: bool = ...,
+               prompt: str | None = ...) -> Any: ...
 
 
 @dataclass
@@ -41,7 +42,9 @@ class IrResult:
 
 
 def encode_texts(encoder: Encoder, texts: Sequence[str], batch_size: int) -> np.ndarray:
-    return np.asarray(encoder.encode(list(texts), batch_size=batch_size, convert_to_numpy=True), dtype=np.float32)
+    """The texts as they are: prompt="" keeps a model's default_prompt_name out (the caller prepended its own)."""
+    return np.asarray(encoder.encode(list(texts), batch_size=batch_size, convert_to_numpy=True, prompt=""),
+                      dtype=np.float32)
 
 
 def unit_rows(embeddings: np.ndarray, dim: int | None = None) -> np.ndarray:
@@ -59,13 +62,27 @@ def search(data: IrData, corpus: np.ndarray, queries: np.ndarray, depth: int = D
             for q, found, values in zip(data.queries, indices.tolist(), scores.tolist())}
 
 
-def evaluate_retrieval(encoder: Encoder, data: IrData, batch_size: int = 64, dims: Sequence[int] = ()) -> IrResult:
+def model_prompts(encoder: Any) -> tuple[str, str]:
+    """The encoder's own query and document prompts (e5's "query: ", "passage: "), "" where it has none."""
+    role_prompt = getattr(encoder, "role_prompt", None)
+    return (role_prompt("query"), role_prompt("document")) if role_prompt else ("", "")
+
+
+def evaluate_retrieval(encoder: Encoder, data: IrData, batch_size: int = 64, dims: Sequence[int] = (),
+                       query_prompt: str | None = None, document_prompt: str | None = None) -> IrResult:
     """The retrieval figures of `encoder` on `data` (module docstring), and of the embeddings' first d
-    coordinates for each d of `dims` (Matryoshka: encoded once, as evaluation.evaluate_sts does)."""
+    coordinates for each d of `dims` (Matryoshka: encoded once, as evaluation.evaluate_sts does).
+
+    Queries get `query_prompt` and documents `document_prompt` prepended (None: the model's own prompts,
+    as sentence-transformers' encode_query / encode_document apply them)."""
     started = time.perf_counter()
+    own_query, own_document = model_prompts(encoder)
+    query_prompt = own_query if query_prompt is None else query_prompt
+    document_prompt = own_document if document_prompt is None else document_prompt
     distinct = list(dict.fromkeys(data.corpus.values()))
     query_texts = list(dict.fromkeys(data.queries.values()))
-    corpus, queries = encode_texts(encoder, distinct, batch_size), encode_texts(encoder, query_texts, batch_size)
+    corpus = encode_texts(encoder, [document_prompt + text for text in distinct], batch_size)
+    queries = encode_texts(encoder, [query_prompt + text for text in query_texts], batch_size)
     if len(distinct) < len(data.corpus):  # a text under several ids: each id gets its row
         row = {text: i for i, text in enumerate(distinct)}
         corpus = corpus[np.fromiter((row[text] for text in data.corpus.values()), dtype=np.int64, count=len(data.corpus))]

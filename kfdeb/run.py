@@ -73,6 +73,7 @@ class Run:
     test_pairs: list
     dev_ir: IrData | None = None  # --ir_dev_data: retrieval evaluated beside KorSTS dev
     test_ir: IrData | None = None  # --ir_test_data
+    prompts: tuple[str, str] = ("", "")  # (query, document): the in-batch objective's and retrieval's
     log: train_state.MetricsLog | None = None
     last_saved_step: int = -1  # the step of the newest committed state (-1: none)
     eval_seconds: float = 0.0  # dev evaluations and best-model saves, for throughput figures
@@ -110,7 +111,8 @@ def setup(config: TrainConfig, ctx: distributed.Context) -> Run:
     frozen = encoder.freeze_unused_parameters()
     if frozen:
         distributed.print0(ctx, f"not trained (the sentence embedding does not use them): {', '.join(frozen)}")
-    tasks = build_tasks(config, examples, encoder, ctx)
+    prompts = run_prompts(config, encoder)
+    tasks = build_tasks(config, examples, encoder, ctx, prompts)
     check_nodes_agree(ctx, data_fingerprint(config, data_dir, keys, tasks, encoder))
     objective = Objective(config.sts_loss, config.matryoshka_dim_list, config.matryoshka_weight_list)
     check_matryoshka_dims(objective.matryoshka_dims, encoder.dimension, ctx)
@@ -134,7 +136,7 @@ def setup(config: TrainConfig, ctx: distributed.Context) -> Run:
         amp_dtype=amp_dtype,
         pad_multiple=config.pad_to_multiple_of or (8 if ctx.device.type == "cuda" else 1),  # tensor-core tiles
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, dev_pairs=dev_pairs, test_pairs=test_pairs,
-        dev_ir=dev_ir, test_ir=test_ir, objective=objective,
+        dev_ir=dev_ir, test_ir=test_ir, prompts=prompts, objective=objective,
     )
     distributed.print0(ctx, f"{total_steps} steps ({steps_per_epoch} per epoch), warmup {warmup_steps}, "
                        f"{ctx.world_size} process(es) on {ctx.device}, amp {describe_amp(config.amp, amp_dtype, capability)}")
@@ -149,6 +151,20 @@ def check_matryoshka_dims(dims: Sequence[int], dimension: int, ctx: distributed.
     if dims and dims[0] != dimension:
         distributed.print0(ctx, f"warning: --matryoshka_dims leaves out the model's own width {dimension}: the full "
                                 f"embedding is not trained as such (list {dimension} first to train it)")
+
+
+def run_prompts(config: TrainConfig, encoder: SentenceEncoder) -> tuple[str, str]:
+    """The run's (query, document) prompts: --query_prompt / --document_prompt, "auto" being the model's own.
+    The encoder keeps them under the names query and document, so the saved model applies them in
+    encode_query / encode_document (and sentence-transformers' alike), and no other role prompt."""
+    query = encoder.role_prompt("query") if config.query_prompt == "auto" else config.query_prompt
+    document = encoder.role_prompt("document") if config.document_prompt == "auto" else config.document_prompt
+    roles = ("query", "document", "passage", "corpus")
+    encoder.prompts = {**{k: v for k, v in encoder.prompts.items() if k not in roles},
+                       **({"query": query} if query else {}), **({"document": document} if document else {})}
+    if encoder.default_prompt_name not in encoder.prompts:
+        encoder.default_prompt_name = None
+    return query, document
 
 
 def _prepare_output(config: TrainConfig, ctx: distributed.Context) -> Path:
@@ -174,20 +190,22 @@ def _prepare_output(config: TrainConfig, ctx: distributed.Context) -> Path:
 
 
 def _load_start_model(config: TrainConfig, output_dir: Path, ctx: distributed.Context) -> SentenceEncoder:
+    pooling = None if config.pooling == "auto" else config.pooling
     if config.model_name_or_path != TINY_MODEL:
-        return load_encoder(config.model_name_or_path, max_seq_length=config.max_seq_length, device=ctx.device)
+        return load_encoder(config.model_name_or_path, max_seq_length=config.max_seq_length, device=ctx.device,
+                            pooling=pooling)
     from kfdeb.tiny import build_tiny_deberta
 
     if ctx.is_main:  # kept beside the run, so the run's folder says what it started from
         folder = output_dir / "init-tiny-deberta"
         if not (folder / "config.json").exists():
             build_tiny_deberta(folder, seed=config.seed)
-        return load_encoder(folder, max_seq_length=config.max_seq_length, device=ctx.device)
+        return load_encoder(folder, max_seq_length=config.max_seq_length, device=ctx.device, pooling=pooling)
     # other ranks build the same model in a scratch folder of their own (no shared disk);
     # DDP copies rank 0's weights to every rank anyway
     with tempfile.TemporaryDirectory(prefix="kfdeb-tiny-") as scratch:
         build_tiny_deberta(scratch, seed=config.seed)
-        return load_encoder(scratch, max_seq_length=config.max_seq_length, device=ctx.device)
+        return load_encoder(scratch, max_seq_length=config.max_seq_length, device=ctx.device, pooling=pooling)
 
 
 def amp_dtype_for(amp: str, device_type: str, cuda_capability: tuple[int, int] | None) -> torch.dtype | None:
@@ -222,18 +240,20 @@ def seed_everything(seed: int) -> None:
 
 
 def evaluate(encoder: SentenceEncoder, pairs: list, ctx: distributed.Context, batch_size: int,
-             dims: Sequence[int] = (), ir: IrData | None = None) -> StsResult:
+             dims: Sequence[int] = (), ir: IrData | None = None, prompts: tuple[str, str] = ("", "")) -> StsResult:
     """KorSTS figures, with `ir` the retrieval figures too (one dict: their keys differ), and those of each
     width in `dims`; with several ranks each encodes every W-th text and all get all figures."""
 
     class Sharded:
-        def encode(self, sentences: Sequence[str], batch_size: int = 64, convert_to_numpy: bool = True) -> np.ndarray:
-            mine = encoder.encode(list(sentences)[ctx.rank :: ctx.world_size], batch_size=batch_size, convert_to_numpy=True)
+        def encode(self, sentences: Sequence[str], batch_size: int = 64, convert_to_numpy: bool = True,
+                   prompt: str | None = None) -> np.ndarray:
+            mine = encoder.encode(list(sentences)[ctx.rank :: ctx.world_size], batch_size=batch_size,
+                                  convert_to_numpy=True, prompt=prompt)
             return distributed.gather_strided(ctx, mine, len(sentences))
 
     result = evaluate_sts(Sharded(), pairs, batch_size, dims)
-    if ir is not None:
-        retrieval = evaluate_retrieval(Sharded(), ir, batch_size, dims)
+    if ir is not None:  # queries and documents with the run's prompts (the model's own by default)
+        retrieval = evaluate_retrieval(Sharded(), ir, batch_size, dims, *prompts)
         result.figures.update(retrieval.figures)
         for dim in dims:
             result.by_dim[dim].update(retrieval.by_dim[dim])
@@ -261,7 +281,7 @@ def best_metadata(config: TrainConfig, step: int, **figures: Any) -> dict[str, A
 def evaluate_and_keep_best(run: Run, position: train_state.Position, epoch: int) -> None:
     started = time.perf_counter()
     dims = run.objective.matryoshka_dims
-    result = evaluate(run.encoder, run.dev_pairs, run.ctx, run.config.eval_batch_size, dims, run.dev_ir)
+    result = evaluate(run.encoder, run.dev_pairs, run.ctx, run.config.eval_batch_size, dims, run.dev_ir, run.prompts)
     # Matryoshka: selected at the first width listed (jhgan00's choice), the full one when it is listed first
     score = best_score(result.figures_at(dims[0] if dims else None), run.config.metric_for_best)
     improved = score > position.best_score  # NaN never improves; every rank has the same figures
@@ -302,8 +322,8 @@ def finish(run: Run, position: train_state.Position, train_seconds: float) -> di
     elif ctx.is_main:  # every evaluation was NaN: keep the last weights
         run.encoder.save(run.best_dir, best_metadata(run.config, position.step))
     dims = run.objective.matryoshka_dims
-    dev = evaluate(run.encoder, run.dev_pairs, ctx, run.config.eval_batch_size, dims, run.dev_ir)
-    test = evaluate(run.encoder, run.test_pairs, ctx, run.config.eval_batch_size, dims, run.test_ir)
+    dev = evaluate(run.encoder, run.dev_pairs, ctx, run.config.eval_batch_size, dims, run.dev_ir, run.prompts)
+    test = evaluate(run.encoder, run.test_pairs, ctx, run.config.eval_batch_size, dims, run.test_ir, run.prompts)
     summary = {"best_step": position.best_step, "total_steps": run.total_steps, "dimension": run.encoder.dimension,
                "train_seconds": train_seconds, "eval_seconds": run.eval_seconds, "dev": dev.figures, "test": test.figures}
     if dims:

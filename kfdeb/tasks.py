@@ -42,11 +42,17 @@ class Task:
     """One objective's training examples as token ids, and its sampler."""
 
     name: str  # "nli" or "sts"
-    rows: np.ndarray  # N x columns: indices into `sequences` (NLI: anchor, positive[, negative]; STS: pair)
-    sequences: TokenTable  # token ids of every distinct text (sequences[i]: text i's)
+    rows: np.ndarray  # N x columns: text ids (NLI: anchor, positive, negative_1..n; STS: the pair)
+    sequences: TokenTable  # token ids of every distinct text (sequences[i]: text i's), with the document prompt
     labels: np.ndarray | None  # STS: score / score_max
     sampler: NoDuplicatesBatches | ShuffledBatches
     batch_size: int
+    anchor_sequences: TokenTable | None = None  # the anchors' ids with the query prompt, when it differs
+
+    def token_ids(self, rows: np.ndarray) -> list[np.ndarray]:
+        """The token ids of every text of `rows` (examples x columns), column by column (anchors first)."""
+        tables = [self.anchor_sequences or self.sequences] + [self.sequences] * (rows.shape[1] - 1)
+        return [tables[column][i] for column in range(rows.shape[1]) for i in rows[:, column]]
 
 
 def read_sts_split(config: TrainConfig, data_dir: Path, split: str) -> list[StsPair]:
@@ -221,17 +227,21 @@ def check_nodes_agree(ctx: distributed.Context, mine: dict[str, Any]) -> None:
                 )
 
 
-def task_tokens(name: str, examples: Examples, encoder: SentenceEncoder, ctx: distributed.Context) -> TokenTable:
-    """Token ids of the examples' distinct texts: from the token cache beside the examples (built on a
-    miss by each node's local rank 0 with the fast tokenizer's threads), or tokenized in memory."""
+def task_tokens(name: str, examples: Examples, encoder: SentenceEncoder, ctx: distributed.Context,
+                prompt: str = "") -> TokenTable:
+    """Token ids of the examples' distinct texts, `prompt` prepended to each: from the token cache beside the
+    examples (built on a miss by each node's local rank 0 with the fast tokenizer's threads), or tokenized in
+    memory."""
     if examples.folder is None:  # --no_cache: tokenized here, by every rank
-        return TokenTable.from_tokenizer(examples.texts, encoder.tokenize)
+        return TokenTable.from_tokenizer(examples.texts, prompted(encoder.tokenize, prompt))
     key = token_cache.tokenizer_fingerprint(encoder.tokenizer, encoder.do_lower_case, encoder.max_seq_length)
+    if prompt:  # another text, other ids (the key without a prompt is the one kfdeb always used)
+        key["prompt"] = prompt
     folder = token_cache.tokens_folder(examples.folder, key)
 
     def work() -> bool:
         _cache_note(ctx, f"{name.upper()} token ids", folder, key)
-        return token_cache.ensure_tokens(folder, key, examples.texts, encoder.bulk_tokenizer)
+        return token_cache.ensure_tokens(folder, key, examples.texts, lambda: prompted(encoder.bulk_tokenizer(), prompt))
 
     built = distributed.each_node_first(ctx, work)
     _open_built(ctx, folder, key)
@@ -239,18 +249,26 @@ def task_tokens(name: str, examples: Examples, encoder: SentenceEncoder, ctx: di
     return token_cache.open_tokens(folder)
 
 
+def prompted(tokenize: Any, prompt: str) -> Any:
+    return tokenize if not prompt else (lambda texts: tokenize([prompt + text for text in texts]))
+
+
 def build_tasks(config: TrainConfig, examples: dict[str, Examples], encoder: SentenceEncoder,
-                ctx: distributed.Context) -> list[Task]:
-    """Each objective's token ids (`task_tokens`) and sampler."""
+                ctx: distributed.Context, prompts: tuple[str, str] = ("", "")) -> list[Task]:
+    """Each objective's token ids (`task_tokens`; the in-batch objective's anchors with the query prompt, its
+    other columns with the document prompt) and sampler. The samplers compare the texts without prompts."""
     tasks = []
     for name, data in examples.items():
         batch_size = config.nli_batch_size if name == "nli" else config.sts_batch_size
         rows = data.rows
+        query_prompt, document_prompt = prompts if name == "nli" else ("", "")  # KorSTS pairs: no prompt
         if name == "nli":
             sampler: NoDuplicatesBatches | ShuffledBatches = NoDuplicatesBatches.from_keys(data.keys, batch_size, config.seed)
         else:  # its own random stream (data.random_stream): independent of the NLI sampler's
             sampler = ShuffledBatches(len(rows), batch_size, config.seed)
-        tasks.append(Task(name, rows, task_tokens(name, data, encoder, ctx), data.labels, sampler, batch_size))
-        distributed.print0(ctx, f"{name.upper()}: {len(rows)} {'triplets' if rows.shape[1] == 3 else 'pairs'}, "
-                           f"{len(sampler)} batches of {batch_size}")
+        sequences = task_tokens(name, data, encoder, ctx, document_prompt)
+        anchors = task_tokens(name, data, encoder, ctx, query_prompt) if query_prompt != document_prompt else None
+        tasks.append(Task(name, rows, sequences, data.labels, sampler, batch_size, anchors))
+        what = {2: "pairs", 3: "triplets"}.get(rows.shape[1], f"{rows.shape[1]}-tuples")
+        distributed.print0(ctx, f"{name.upper()}: {len(rows)} {what}, {len(sampler)} batches of {batch_size}")
     return tasks

@@ -34,7 +34,11 @@ SENTENCES = ["비행기가 이륙하고 있다.", "한 남자가 큰 플루트�
 def exported_folder(source, tmp_path, normalize: bool):
     """A copy of `source` exported by export.py into its own onnx/model.onnx; optionally the
     sentence-transformers 1.x layout with a Normalize module (all-MiniLM-L6-v2's)."""
-    if normalize:
+    if normalize == "cls":  # the first token pooled, then Normalize (BGE-m3-ko's, KURE-v1's layout)
+        from test_model import cls_folder
+
+        folder = cls_folder(source, tmp_path / "model")
+    elif normalize:
         folder = tmp_path / "model"
         shutil.copytree(source, folder / "0_Transformer")
         write_sentence_transformers_layout(folder, max_seq_length=64)
@@ -46,7 +50,7 @@ def exported_folder(source, tmp_path, normalize: bool):
     return folder
 
 
-@pytest.mark.parametrize("normalize", [False, True], ids=["mean", "mean-normalize"])
+@pytest.mark.parametrize("normalize", [False, True, "cls"], ids=["mean", "mean-normalize", "cls-normalize"])
 @pytest.mark.parametrize("fixture", ["tiny_deberta", "tiny_bert"])
 def test_sentence_transformers_onnx_backend_equals_pytorch(request, fixture, normalize, tmp_path):
     folder = exported_folder(request.getfixturevalue(fixture), tmp_path, normalize)

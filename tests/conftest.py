@@ -64,7 +64,7 @@ def bundled_dir() -> Path:
     return BUNDLED_DATA_DIR
 
 
-SCRIPT_MAINS = {"train.py": "train_main", "evaluate.py": "evaluate_main", "export.py": "export_main"}
+SCRIPT_MAINS = {"train.py": "train_main", "evaluate.py": "evaluate_main", "export.py": "export_main", "mine.py": "mine_main"}
 
 
 def run_main(script: str, *args: str) -> subprocess.CompletedProcess:

@@ -37,12 +37,13 @@ def _gathered_loss_worker(rank: int, world: int, port: int, inputs: dict, result
     join_group(rank, world, port)
     try:
         b = inputs["anchors"].shape[0] // world
-        local = {k: v[rank * b:(rank + 1) * b].clone().requires_grad_() for k, v in inputs.items() if k != "labels"}
+        local = {k: v[..., rank * b:(rank + 1) * b, :].clone().requires_grad_() for k, v in inputs.items() if k != "labels"}
         nli = in_batch_negatives_loss(local["anchors"], local["positives"], local["negatives"])
         sts = cosine_mse_loss(local["anchors"], local["positives"], inputs["labels"][rank * b:(rank + 1) * b],
                               global_batch_size=inputs["anchors"].shape[0])
-        (nli + sts).backward()
-        results[rank] = {"loss": (nli + sts).item(), **{k: v.grad for k, v in local.items()}}
+        tuples = in_batch_negatives_loss(local["anchors"], local["positives"], local["tuple_negatives"])
+        (nli + sts + tuples).backward()
+        results[rank] = {"loss": (nli + sts + tuples).item(), **{k: v.grad for k, v in local.items()}}
     finally:
         dist.destroy_process_group()
     leave()
@@ -52,9 +53,11 @@ def test_gathered_losses_equal_the_single_process_loss_and_gradients():
     generator = torch.Generator().manual_seed(0)
     inputs = {k: torch.randn(8, 6, dtype=torch.float64, generator=generator) for k in ("anchors", "positives", "negatives")}
     inputs["labels"] = torch.rand(8, dtype=torch.float64, generator=generator)
+    inputs["tuple_negatives"] = torch.randn(3, 8, 6, dtype=torch.float64, generator=generator)  # n-tuples, n = 3
     single = {k: v.clone().requires_grad_() for k, v in inputs.items() if k != "labels"}
     loss = in_batch_negatives_loss(single["anchors"], single["positives"], single["negatives"]) + \
-        cosine_mse_loss(single["anchors"], single["positives"], inputs["labels"])
+        cosine_mse_loss(single["anchors"], single["positives"], inputs["labels"]) + \
+        in_batch_negatives_loss(single["anchors"], single["positives"], single["tuple_negatives"])
     loss.backward()
     world = 2
     with mp.Manager() as manager:
@@ -65,9 +68,9 @@ def test_gathered_losses_equal_the_single_process_loss_and_gradients():
     # each rank's loss is its share: their mean is the global loss
     assert sum(r["loss"] for r in results.values()) / world == pytest.approx(loss.item(), abs=1e-12)
     for rank, result in results.items():
-        for name in ("anchors", "positives", "negatives"):
+        for name in ("anchors", "positives", "negatives", "tuple_negatives"):
             # the rank's input gradient is W x the single-process one; DDP's averaging divides it back
-            expected = single[name].grad[rank * 4:(rank + 1) * 4]
+            expected = single[name].grad[..., rank * 4:(rank + 1) * 4, :]
             torch.testing.assert_close(result[name] / world, expected, rtol=0, atol=1e-12, msg=f"rank {rank} {name}")
 
 

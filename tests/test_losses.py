@@ -35,6 +35,58 @@ def test_in_batch_negatives_equals_the_naive_formula():
     assert no_hard == pytest.approx(naive_in_batch_negatives(a, p, []), rel=1e-6)
 
 
+def naive_n_tuples(anchors, positives, negative_columns, scale=20.0):
+    """sentence-transformers' MultipleNegativesRankingLoss on n-tuples, by its definition: anchor i against every
+    positive and every negative of every column, target its own positive; a double loop in float64."""
+    candidates = list(positives) + [n for column in negative_columns for n in column]
+    total = 0.0
+    for i, a in enumerate(anchors):
+        scores = [scale * float(a @ c / (a.norm() * c.norm())) for c in candidates]
+        total += math.log(sum(math.exp(s) for s in scores)) - scores[i]
+    return total / len(anchors)
+
+
+def test_n_tuples_equal_the_naive_loop_with_its_gradients():
+    """(anchor, positive, negative_1 .. negative_3): loss and gradient of every input against the naive loop,
+    the gradient by finite differences of it."""
+    a, p = embeddings(5, 4, seed=21).requires_grad_(), embeddings(5, 4, seed=22).requires_grad_()
+    negatives = embeddings(3, 5, 4, seed=23).requires_grad_()
+    loss = in_batch_negatives_loss(a, p, negatives)
+    assert loss.item() == pytest.approx(naive_n_tuples(a.detach(), p.detach(), negatives.detach()), rel=1e-9)
+    loss.backward()
+    step = 1e-6
+    for which, tensor in enumerate((a, p, negatives)):
+        for index in (0, 7, tensor.numel() - 1):
+            moved = [x.detach().clone() for x in (a, p, negatives)]
+            target = moved[which].reshape(-1)
+            target[index] += step
+            up = naive_n_tuples(*moved)
+            target[index] -= 2 * step
+            down = naive_n_tuples(*moved)
+            assert tensor.grad.reshape(-1)[index].item() == pytest.approx((up - down) / (2 * step), abs=1e-6)
+    assert torch.autograd.gradcheck(lambda x, y, z: in_batch_negatives_loss(x, y, z), (a, p, negatives),
+                                    eps=1e-6, atol=1e-7)
+    # one negative column, as a triplet's, is the same loss as a 1-tuple
+    one = embeddings(5, 4, seed=24)
+    assert in_batch_negatives_loss(a, p, one).item() == pytest.approx(in_batch_negatives_loss(a, p, one[None]).item())
+
+
+def test_n_tuples_equal_sentence_transformers_loss_and_gradients():
+    import sentence_transformers.sentence_transformer.losses as st_losses
+
+    columns = [embeddings(8, 16, seed=s, dtype=torch.float32).requires_grad_() for s in range(30, 35)]  # a, p, 3 n
+    ours = in_batch_negatives_loss(columns[0], columns[1], torch.stack(columns[2:]))
+    ours.backward()
+    ours_grads = [c.grad.clone() for c in columns]
+    for c in columns:
+        c.grad = None
+    theirs = st_losses.MultipleNegativesRankingLoss(model=None, scale=20.0).compute_loss_from_embeddings(columns, None)
+    theirs.backward()
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-6)
+    for mine, column in zip(ours_grads, columns):
+        torch.testing.assert_close(mine, column.grad, rtol=0, atol=1e-6)
+
+
 def test_cosine_mse_equals_the_naive_formula():
     u, v = embeddings(7, 4, seed=4), embeddings(7, 4, seed=5)
     labels = torch.rand(7, generator=torch.Generator().manual_seed(6), dtype=torch.float64)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,18 +132,52 @@ def test_sentence_transformers_folders_with_normalize_and_subfolder(tiny_deberta
     np.testing.assert_allclose(encoder.encode(SENTENCES, convert_to_numpy=True), reference.encode(SENTENCES), atol=1e-5)
 
 
-def test_other_poolings_and_non_models_are_refused(tiny_deberta, tmp_path):
-    folder = tmp_path / "cls"
-    shutil.copytree(tiny_deberta, folder)
+def cls_folder(source: Path, folder: Path, normalize: bool = True) -> Path:
+    """A sentence-transformers folder pooling the first token (+ Normalize), as BGE-m3-ko and KURE-v1 are."""
+    shutil.copytree(source, folder)
     (folder / "1_Pooling").mkdir()
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64, "pooling_mode_cls_token": True}))
-    (folder / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
-    with pytest.raises(UserInputError, match="pooling cls_token is not supported: kfdeb models use mean pooling"):
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64,
+                                                                  "pooling_mode_cls_token": True}))
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (folder / "modules.json").write_text(json.dumps(modules))
+    return folder
+
+
+def test_cls_pooling_equals_sentence_transformers_and_survives_save(tiny_deberta, tmp_path):
+    folder = cls_folder(tiny_deberta, tmp_path / "cls")
+    encoder = load_encoder(folder, max_seq_length=64)
+    assert encoder.pooling == "cls" and encoder.normalize
+    reference = st.SentenceTransformer(str(folder), device="cpu")
+    reference.max_seq_length = 64
+    ours = encoder.encode(SENTENCES, batch_size=2, convert_to_numpy=True)
+    np.testing.assert_allclose(ours, reference.encode(SENTENCES, batch_size=2), rtol=0, atol=1e-5)
+    mean = load_encoder(tiny_deberta, max_seq_length=64).encode(SENTENCES, convert_to_numpy=True, normalize=True)
+    assert np.abs(ours - mean).max() > 1e-2  # it is another pooling
+    saved = encoder.save(tmp_path / "saved")
+    assert json.loads((saved / "1_Pooling" / "config.json").read_text())["pooling_mode_cls_token"] is True
+    np.testing.assert_allclose(st.SentenceTransformer(str(saved), device="cpu").encode(SENTENCES), ours, rtol=0, atol=1e-5)
+    # a plain Hugging Face folder: --pooling cls chooses; a sentence-transformers folder keeps its own
+    plain = load_encoder(tiny_deberta, max_seq_length=64, pooling="cls")
+    np.testing.assert_allclose(plain.encode(SENTENCES, convert_to_numpy=True, normalize=True), ours, rtol=0, atol=1e-5)
+    with pytest.raises(UserInputError, match="pooling mean asked for, but the folder's Pooling module pools by cls"):
+        load_encoder(folder, pooling="mean")
+
+
+@pytest.mark.parametrize("mode", ["max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken"])
+def test_other_poolings_and_non_models_are_refused(tiny_deberta, tmp_path, mode):
+    folder = cls_folder(tiny_deberta, tmp_path / "other", normalize=False)
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64,
+                                                                  f"pooling_mode_{mode}": True}))
+    with pytest.raises(UserInputError, match=f"pooling {mode} is not supported: kfdeb pools by the mean"):
         load_encoder(folder)
     (folder / "1_Pooling" / "config.json").write_text(json.dumps({"embedding_dimension": 64, "pooling_mode": "max"}))
     with pytest.raises(UserInputError, match="pooling max is not supported"):
+        load_encoder(folder)
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True, "include_prompt": False}))
+    with pytest.raises(UserInputError, match="include_prompt false .* is not supported"):
         load_encoder(folder)
     empty = tmp_path / "empty"
     empty.mkdir()

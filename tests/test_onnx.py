@@ -288,3 +288,16 @@ def test_missing_onnxruntime_and_foreign_onnx_files_are_one_line_errors(exported
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what an environment without the extra sees
     with pytest.raises(UserInputError, match=r'onnxruntime is not installed; .*pip install "\.\[onnx\]"'):
         OnnxEncoder.load(exported["bert"][2].paths["fp32"])
+
+
+def test_cls_pooling_is_inside_the_graph(tiny_deberta, tmp_path):
+    """A CLS-pooled model (first token, as BGE-m3-ko and KURE-v1) exports with its pooling in the graph."""
+    from test_model import cls_folder
+
+    folder = cls_folder(tiny_deberta, tmp_path / "cls")
+    encoder = load_encoder(folder, max_seq_length=64)
+    result = export(encoder, folder / "onnx" / "model.onnx")
+    graph = OnnxEncoder.load(result.paths["fp32"])
+    np.testing.assert_allclose(graph.encode(SENTENCES, convert_to_numpy=True),
+                               encoder.encode(SENTENCES, convert_to_numpy=True), rtol=0, atol=1e-5)
+    assert json.loads((folder / "onnx" / kfdeb_onnx.METADATA_FILE).read_text())["pooling"] == "cls"

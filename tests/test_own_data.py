@@ -147,3 +147,62 @@ def test_train_cli_stops_on_a_bad_own_file_with_one_line(tiny_deberta, tmp_path)
     assert result.returncode == 2
     assert result.stderr == (f"error: {bad}:2: anchor: quoted field not closed before the end of the file "
                              '(a quote inside a quoted field is written "")\n')
+
+
+@pytest.fixture(scope="module")
+def tuples_file(tmp_path_factory, bundled_dir):
+    """XNLI dev premises, each with its entailment as positive and three other hypotheses as negatives, in
+    mine.py's n-tuple columns (anchor, positive, negative_1 .. negative_3)."""
+    from kfdeb.readers import read_nli
+
+    pairs = read_nli(bundled_dir / "KorNLI" / "xnli.dev.ko.tsv").pairs
+    entail = {p: h for p, h, label in pairs if label == "entailment"}
+    hypotheses = list(dict.fromkeys(h for _, h, _ in pairs))
+    rows = [{"anchor": premise, "positive": positive,
+             **{f"negative_{k}": hypotheses[(i * 7 + k * 13) % len(hypotheses)] for k in (1, 2, 3)}}
+            for i, (premise, positive) in enumerate(list(entail.items())[:200])]
+    path = tmp_path_factory.mktemp("tuples") / "mined.jsonl"
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def test_n_tuples_train_with_gradcache_matryoshka_prompts_cache_and_resume(tiny_deberta, tuples_file, tmp_path,
+                                                                         monkeypatch):
+    """(anchor, positive, negative_1 .. negative_3) rows: each anchor against every positive and negative of the
+    batch. GradCache gives the plain run's losses and weights; the token cache the in-memory run's; a run stopped
+    by SIGTERM (its flush says stop) and resumed ends as the uninterrupted one, bit for bit; the prompts reach
+    the saved model."""
+    import kfdeb.loop
+    from kfdeb.errors import TrainingStopped
+    from kfdeb.train_state import latest, read_part
+
+    settings = dict(nli_train_files=str(tuples_file), tasks="nli", nli_batch_size=8, max_steps=6, eval_steps=3,
+                    save_steps=6, logging_steps=1, matryoshka_dims="64,16", query_prompt="질문: ",
+                    document_prompt="문서: ", sts_dev_file=str(EXAMPLES / "sts_test.csv"),
+                    sts_test_file=str(EXAMPLES / "sts_test.csv"), cache_dir=str(tmp_path / "cache"))
+    runs = {}
+    for name, extra in (("plain", {}), ("gradcache", {"nli_mini_batch_size": 3}), ("no_cache", {"no_cache": True})):
+        train(own_config(tiny_deberta, tmp_path / name, **settings, **extra))
+        runs[name] = read_part(latest(tmp_path / name), "train")["model"], \
+            [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    rows, columns = read_task_data(own_config(tiny_deberta, tmp_path / "x", **settings), tmp_path, CPU)["nli"][0], 5
+    assert len(rows) == 200 and {len(row) for row in rows} == {columns}
+    for name in ("gradcache", "no_cache"):
+        for key, tensor in runs["plain"][0].items():
+            torch.testing.assert_close(runs[name][0][key], tensor, rtol=0, atol=1e-5, msg=f"{name} {key}")
+    losses = lambda metrics: [row["loss"] for row in metrics if "loss" in row]  # noqa: E731
+    assert losses(runs["gradcache"][1]) == pytest.approx(losses(runs["plain"][1]), abs=1e-5)
+    assert losses(runs["no_cache"][1]) == losses(runs["plain"][1])  # the same tokens, the same arithmetic
+
+    real_flush = kfdeb.loop.StepMeter.flush
+    monkeypatch.setattr(kfdeb.loop.StepMeter, "flush", lambda self, step, bar, stop_requested=False:
+                        real_flush(self, step, bar, stop_requested or step == 4))
+    with pytest.raises(TrainingStopped, match="stopped by SIGTERM at step 4 of 6"):
+        train(own_config(tiny_deberta, tmp_path / "stopped", **settings))
+    monkeypatch.setattr(kfdeb.loop.StepMeter, "flush", real_flush)
+    train(own_config(tiny_deberta, tmp_path / "stopped", **settings, resume=True))
+    resumed = read_part(latest(tmp_path / "stopped"), "train")["model"]
+    for key, tensor in runs["plain"][0].items():
+        assert torch.equal(resumed[key], tensor), key
+    saved = json.loads((tmp_path / "plain" / "best" / "config_sentence_transformers.json").read_text())
+    assert saved["prompts"] == {"query": "질문: ", "document": "문서: "}

@@ -209,8 +209,8 @@ def test_csv_reader_agrees_with_pythons_csv_module(tmp_path):
 
 
 UNCLOSED = 'quoted field not closed before the end of the file (a quote inside a quoted field is written "")'
-IN_BATCH_TAKES = ("--flag takes NLI pairs (sentence1, sentence2, gold_label), triplets (anchor, positive, negative) "
-                  "or anchor-positive pairs (anchor, positive)")
+IN_BATCH_TAKES = ("--flag takes NLI pairs (sentence1, sentence2, gold_label), n-tuples (anchor, positive, negative_1 "
+                  ".. negative_n), triplets (anchor, positive, negative) or anchor-positive pairs (anchor, positive)")
 OWN_BAD = {  # file name, content, kinds ("in_batch" or "scored"), the message after the path
     "csv unclosed quote": ("t.csv", 'anchor,positive\n가,"나\n다,라\n', "in_batch", f":2: positive: {UNCLOSED}"),
     "csv unclosed quote after a doubled one": ("t.csv", 'anchor,positive\n가,"나 ""다""\n', "in_batch",
