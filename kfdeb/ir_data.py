@@ -23,6 +23,12 @@ tests to be what these functions build from the bundled files):
   sentence2s it is paired with at >= 4, and a corpus sentence identical to the query (the same
   sentence is its own paraphrase). It measures finding a paraphrase among short sentences, not
   passage retrieval.
+- xnli-test: each XNLI test premise with an entailment is a query, its entailment hypothesis the
+  relevant document, the corpus every test hypothesis (5,009): the premise's own neutral and
+  contradiction hypotheses, on the same topic with the same words, are the distractors. It is what
+  the NLI recipe teaches, so a run reporting on it must not train on xnli.test.ko.tsv (train on
+  xnli.dev.ko.tsv): `trained_on` finds that mix (each bundled set lists its source files' sha256 in
+  sources.json), and a run refuses it.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from kfdeb.readers import (
 
 BUNDLED_RETRIEVAL_DIR = BUNDLED_DATA_DIR.parent / "retrieval"
 BUNDLED_PREFIX = "kfdeb:"  # kfdeb:korsts-dev: a set shipped with kfdeb
+SOURCES_FILE = "sources.json"  # a bundled set's source files: sha256 -> name (what it must not be trained on)
 QRELS_COLUMNS = ("query-id", "corpus-id", "score")
 
 
@@ -228,6 +235,32 @@ def korsts_paraphrase_set(pairs: Sequence[StsPair], min_score: float = 4.0) -> I
                 grades[document_ids[pair.sentence1]] = 1
     return IrData("korsts", {q: text for text, q in query_ids.items()},
                   {d: text for text, d in document_ids.items()}, relevant)
+
+
+def xnli_entailment_set(pairs: Sequence[tuple[str, str, str]]) -> IrData:
+    """XNLI pairs as retrieval: queries the premises that have an entailment, corpus every distinct hypothesis,
+    relevant the premise's entailment hypotheses; its own neutral and contradiction hypotheses (same topic, same
+    words) are the distractors that make it hard."""
+    document_ids = {text: f"d{i}" for i, text in enumerate(dict.fromkeys(h for _, h, _ in pairs), 1)}
+    query_ids: dict[str, str] = {}
+    relevant: dict[str, dict[str, int]] = {}
+    for premise, hypothesis, label in pairs:
+        if label == "entailment":
+            q = query_ids.setdefault(premise, f"q{len(query_ids) + 1}")
+            relevant.setdefault(q, {})[document_ids[hypothesis]] = 1
+    return IrData("xnli", {q: text for text, q in query_ids.items()},
+                  {d: text for text, d in document_ids.items()}, relevant)
+
+
+def trained_on(source: str | os.PathLike, training_digests: dict[str, str]) -> tuple[str, str] | None:
+    """(the source file, the training file) when a bundled retrieval set was built from a file the run trains on
+    (`training_digests`: sha256 -> name): retrieval on the very pairs trained on would measure memory."""
+    if not str(source).startswith(BUNDLED_PREFIX):
+        return None
+    sources = BUNDLED_RETRIEVAL_DIR / str(source)[len(BUNDLED_PREFIX):] / SOURCES_FILE
+    built_from = json.loads(sources.read_text(encoding="utf-8")) if sources.is_file() else {}
+    return next(((name, training_digests[digest]) for digest, name in built_from.items() if digest in training_digests),
+                None)
 
 
 def write_beir(data: IrData, folder: Path, split: str) -> None:

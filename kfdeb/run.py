@@ -40,7 +40,7 @@ from kfdeb import distributed, train_state
 from kfdeb.config import BUNDLED, TINY_MODEL, TrainConfig
 from kfdeb.errors import UserInputError
 from kfdeb.evaluation import TABLE_HEADER, StsResult, best_score, evaluate_sts, table_row
-from kfdeb.ir_data import IrData, read_ir_data
+from kfdeb.ir_data import IrData, read_ir_data, trained_on
 from kfdeb.losses import Objective
 from kfdeb.model import SentenceEncoder, load_encoder
 from kfdeb.optim import build_adamw, build_scheduler, warmup_steps_for
@@ -102,6 +102,7 @@ def setup(config: TrainConfig, ctx: distributed.Context) -> Run:
     keys = {name: examples_key(config, data_dir, name) for name in config.task_list}
     examples = task_examples(config, data_dir, ctx, keys)
     dev_pairs, test_pairs = read_sts_split(config, data_dir, "dev"), read_sts_split(config, data_dir, "test")
+    check_retrieval_sets_unseen(config, keys)
     dev_ir = read_ir_data(config.ir_dev_data, config.ir_dev_split, "--ir_dev_data") if config.ir_dev_data else None
     test_ir = read_ir_data(config.ir_test_data, config.ir_test_split, "--ir_test_data") if config.ir_test_data else None
     encoder = _load_start_model(config, output_dir, ctx)
@@ -151,6 +152,19 @@ def check_matryoshka_dims(dims: Sequence[int], dimension: int, ctx: distributed.
     if dims and dims[0] != dimension:
         distributed.print0(ctx, f"warning: --matryoshka_dims leaves out the model's own width {dimension}: the full "
                                 f"embedding is not trained as such (list {dimension} first to train it)")
+
+
+def check_retrieval_sets_unseen(config: TrainConfig, keys: dict[str, dict[str, Any]]) -> None:
+    """A bundled retrieval set built from a file the run trains on (kfdeb:xnli-test from xnli.test.ko.tsv) is
+    refused: its figures would measure pairs the model was trained on, not retrieval."""
+    training = {f["sha256"]: Path(f["path"]).name for key in keys.values() for f in key["files"]}
+    for flag, source in (("--ir_dev_data", config.ir_dev_data), ("--ir_test_data", config.ir_test_data)):
+        seen = trained_on(source, training) if source else None
+        if seen:
+            raise UserInputError(
+                f"{flag} {source} is built from {seen[0]}, which this run trains on (as {seen[1]}): its retrieval "
+                "figures would measure memorised pairs; train on other files (for XNLI: --nli_train_glob "
+                "KorNLI/xnli.dev.ko.tsv)")
 
 
 def run_prompts(config: TrainConfig, encoder: SentenceEncoder) -> tuple[str, str]:

@@ -22,8 +22,9 @@ class the config names, and nothing is left to chance:
 - a parameter the sentence embedding depends on that the checkpoint lacks, or whose shape
   differs, stops the load with one line naming the first few and how many (it would start from
   random values, and evaluation or training would go on with garbage figures);
-- what the embedding never uses (BERT's pooler when it is missing; heads of a pretraining or
-  classification checkpoint in the file) is named in one note on stderr and left aside.
+- what the embedding never uses (BERT's pooler when it is missing, set to zero so that every run
+  saves the same files; heads of a pretraining or classification checkpoint in the file) is named
+  in one note on stderr and left aside.
 """
 
 from __future__ import annotations
@@ -271,9 +272,13 @@ def load_transformer(folder: Path) -> torch.nn.Module:
             f"{len(found)} tensors ({_named(found)}): is it a checkpoint of this architecture, saved whole?"
         )
     unused = [name for name in missing if name not in used]
-    if unused:
-        note(f"{folder}: not in the weights, and not used by the sentence embedding: {_named(unused)} "
-             "(left as initialised)")
+    if unused:  # zeros, not transformers' random initialisation: the same files from every run that saves them
+        parameters = dict(model.named_parameters())
+        with torch.no_grad():
+            for name in unused:
+                if name in parameters:
+                    parameters[name].zero_()
+        note(f"{folder}: not in the weights, and not used by the sentence embedding: {_named(unused)} (set to zero)")
     unexpected = sorted(info.get("unexpected_keys", []))
     if unexpected:
         note(f"{folder}: {len(unexpected)} tensors of the weights are not part of the encoder and not used: "

@@ -51,7 +51,7 @@ def exported_folder(source, tmp_path, normalize: bool):
 
 
 @pytest.mark.parametrize("normalize", [False, True, "cls"], ids=["mean", "mean-normalize", "cls-normalize"])
-@pytest.mark.parametrize("fixture", ["tiny_deberta", "tiny_bert"])
+@pytest.mark.parametrize("fixture", ["tiny_deberta", "tiny_bert", "tiny_xlmr"])
 def test_sentence_transformers_onnx_backend_equals_pytorch(request, fixture, normalize, tmp_path):
     folder = exported_folder(request.getfixturevalue(fixture), tmp_path, normalize)
     served = st.SentenceTransformer(str(folder), backend="onnx", device="cpu")

@@ -223,3 +223,58 @@ def single_process_run(tiny_deberta, ddp_data, tmp_path_factory) -> Path:
                             text=True, timeout=300, env=ENV)
     assert result.returncode == 0, result.stderr
     return out
+
+
+def xlmr_tokenizer():
+    """An XLM-R-style tokenizer, deterministic: a Unigram model (sentencepiece's kind) whose pieces are the tiny
+    vocabulary's words with and without the word-start mark, Metaspace, <s> X </s>, <pad> = 1 as in XLM-R."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from kfdeb.tiny import TINY_VOCAB
+
+    words = [w for w in TINY_VOCAB.read_text(encoding="utf-8").splitlines() if not (w.startswith("[") and w.endswith("]"))]
+    pieces = list(dict.fromkeys(piece for w in words for piece in ((w[2:],) if w.startswith("##") else ("▁" + w, w))))
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    vocab = [(s, 0.0) for s in specials] + [(p, -len(p) ** 0.5 - i * 1e-7) for i, p in enumerate(pieces)]
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=3))
+    tokenizer.normalizer = normalizers.NFKC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", cls_token="<s>", sep_token="</s>", mask_token="<mask>",
+                                   model_max_length=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_xlmr(tmp_path_factory) -> Path:
+    """A random-weight tiny XLM-R laid out as multilingual-e5-small is (the Korean-capable proxy of the benches):
+    XLMRobertaModel (position ids from padding_idx + 1 = 2: 64 tokens in a 66-row table), mean pooling,
+    Normalize, prompts "query: " / "passage: ", as a sentence-transformers folder."""
+    import json
+
+    import torch
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    folder = tmp_path_factory.mktemp("tiny-xlmr")
+    tokenizer = xlmr_tokenizer()
+    torch.manual_seed(2)
+    config = XLMRobertaConfig(vocab_size=len(tokenizer), hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=96, max_position_embeddings=66, type_vocab_size=1, pad_token_id=1,
+                              bos_token_id=0, eos_token_id=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    XLMRobertaModel(config, add_pooling_layer=False).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64, "do_lower_case": False}))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 48,
+                                                                  "pooling_mode_mean_tokens": True,
+                                                                  "include_prompt": True}))
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(
+        {"prompts": {"query": "query: ", "document": "passage: "}, "default_prompt_name": None}))
+    return folder

@@ -506,3 +506,41 @@ def test_a_reference_command_line_runs_and_resumes_in_its_prefixed_folder(tiny_d
     # resumed with nothing left to train, the final kfdeb.json still says which step and config it is
     again = json.loads((folder / "best" / "kfdeb.json").read_text())
     assert sorted(again) == sorted(first) and again["step"] == first["step"] and again["config"]["nli_batch_size"] == 16
+
+
+def test_xlm_r_trains_resumes_evaluates_and_exports(tiny_xlmr, small_data, tmp_path, monkeypatch):
+    """The e5 architecture end to end (XLM-R: <pad> = 1, positions from padding_idx + 1, e5's prompts): a run
+    stopped at step 4 and resumed ends as the uninterrupted one, bit for bit; the best model keeps the prompts,
+    evaluates as evaluate.py does and exports to a graph that agrees with PyTorch."""
+    import kfdeb.loop
+    from kfdeb.errors import TrainingStopped
+    from kfdeb.retrieval import evaluate_retrieval
+    from kfdeb.ir_data import read_ir_data
+
+    settings = dict(max_steps=6, eval_steps=3, save_steps=6, logging_steps=1, ir_dev_data="kfdeb:korsts-dev",
+                    nli_batch_size=8)
+    straight = train(small_config(tiny_xlmr, small_data, tmp_path / "straight", **settings))
+    real_flush = kfdeb.loop.StepMeter.flush
+    monkeypatch.setattr(kfdeb.loop.StepMeter, "flush", lambda self, step, bar, stop_requested=False:
+                        real_flush(self, step, bar, stop_requested or step == 4))
+    with pytest.raises(TrainingStopped, match="at step 4 of 6"):
+        train(small_config(tiny_xlmr, small_data, tmp_path / "stopped", **settings))
+    monkeypatch.setattr(kfdeb.loop.StepMeter, "flush", real_flush)
+    resumed = train(small_config(tiny_xlmr, small_data, tmp_path / "stopped", **settings, resume=True))
+    assert resumed["test"] == straight["test"] and resumed["dev"]["ndcg@10"] == straight["dev"]["ndcg@10"]
+    for name, tensor in train_state.read_part(train_state.latest(tmp_path / "straight"), "train")["model"].items():
+        assert torch.equal(train_state.read_part(train_state.latest(tmp_path / "stopped"), "train")["model"][name],
+                           tensor), name
+    best = tmp_path / "straight" / "best"
+    model = load_encoder(best)
+    assert model.prompts == {"query": "query: ", "document": "passage: "} and model.pad_id == 1 and model.normalize
+    direct = evaluate_retrieval(model, read_ir_data("kfdeb:korsts-dev", "dev"))
+    assert direct.figures["ndcg@10"] == pytest.approx(straight["dev"]["ndcg@10"], abs=1e-6)
+    result = run_main("export.py", best)
+    assert result.returncode == 0, result.stderr
+    import kfdeb
+
+    graph = kfdeb.load(best / "onnx" / "model.onnx")
+    sentences = ["한 남자가 플루트를 연주한다.", "고양이가 잔다. " * 30]
+    np.testing.assert_allclose(graph.encode_query(sentences, convert_to_numpy=True),
+                               model.encode_query(sentences, convert_to_numpy=True), rtol=0, atol=1e-5)

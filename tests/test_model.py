@@ -23,7 +23,7 @@ SENTENCES = ["비행기가 이륙하고 있다.", "한 남자가 큰 플루트�
              "남자가 피자에 치즈를 뿌리고 있다. " * 40]  # an empty one and one past max_seq_length
 
 
-@pytest.mark.parametrize("fixture", ["tiny_deberta", "tiny_bert"])
+@pytest.mark.parametrize("fixture", ["tiny_deberta", "tiny_bert", "tiny_xlmr"])
 def test_embeddings_equal_sentence_transformers(request, fixture):
     folder = request.getfixturevalue(fixture)
     ours = load_encoder(folder, max_seq_length=64).encode(SENTENCES, batch_size=2, convert_to_numpy=True)

@@ -30,18 +30,18 @@ SENTENCES = ["비행기가 이륙하고 있다.", "고양이", "", "한 남자�
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, tiny_deberta, tiny_bert):
+def exported(tmp_path_factory, tiny_deberta, tiny_bert, tiny_xlmr):
     """Each tiny model exported once (DeBERTa-v2 also as int8 and fp16): name -> (folder, encoder, result)."""
     graphs = {}
     for name, folder, variants in [("deberta", tiny_deberta, {"quantize": "int8", "fp16": True}),
-                                   ("bert", tiny_bert, {})]:
+                                   ("bert", tiny_bert, {}), ("xlmr", tiny_xlmr, {})]:
         encoder = load_encoder(folder, max_seq_length=64)
         result = export(encoder, tmp_path_factory.mktemp(f"onnx-{name}") / "model.onnx", **variants)
         graphs[name] = (folder, encoder, result)
     return graphs
 
 
-@pytest.mark.parametrize("name", ["deberta", "bert"])
+@pytest.mark.parametrize("name", ["deberta", "bert", "xlmr"])
 def test_fp32_graph_equals_pytorch_on_new_shapes_with_padding(exported, name):
     _, encoder, result = exported[name]
     assert max(result.max_abs_diff["fp32"].values()) < 1e-4  # the built-in check ran and passed
@@ -62,7 +62,7 @@ def test_fp32_graph_equals_pytorch_on_new_shapes_with_padding(exported, name):
     assert np.abs(np.where(real, tokens - hidden.numpy(), 0)).max() < 1e-4
 
 
-@pytest.mark.parametrize("name", ["deberta", "bert"])
+@pytest.mark.parametrize("name", ["deberta", "bert", "xlmr"])
 def test_graph_passes_the_checker_with_the_documented_interface(exported, name):
     folder = exported[name][2].paths["fp32"].parent
     for path in exported[name][2].paths.values():
@@ -78,7 +78,10 @@ def test_graph_passes_the_checker_with_the_documented_interface(exported, name):
     assert dims["last_hidden_state"][:2] == ["batch", "sequence"]
     meta = json.loads((folder / kfdeb_onnx.METADATA_FILE).read_text())
     assert meta["inputs"] == list(expected_inputs) and meta["outputs"] == list(OUTPUT_NAMES)
-    assert meta["max_seq_length"] == 64 and meta["do_lower_case"] is False and meta["normalize"] is False
+    assert meta["max_seq_length"] == 64 and meta["do_lower_case"] is False
+    assert meta["normalize"] is (name == "xlmr")  # the e5-like folder ends in Normalize
+    if name == "xlmr":  # its positions start at padding_idx + 1: 64 tokens in a 66-row table
+        assert meta["length_limit"] == 64 and meta["prompts"] == {"query": "query: ", "document": "passage: "}
     assert (folder / "tokenizer.json").is_file()
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no scratch left
 
@@ -137,9 +140,10 @@ EXPECTED_ROLES = {
     "bert": {"attention/self/query", "attention/self/key", "attention/self/value",
              "attention/output/dense", "intermediate/dense", "output/dense"},
 }
+EXPECTED_ROLES["xlmr"] = EXPECTED_ROLES["bert"]  # XLM-R's layers are BERT's
 
 
-@pytest.mark.parametrize("name", ["deberta", "bert"])
+@pytest.mark.parametrize("name", ["deberta", "bert", "xlmr"])
 def test_int8_settings_rewrite_what_they_name(exported, name, tmp_path, capsys):
     """The exporter's node names carry each weight's layer and role, and Int8Settings acts on exactly those."""
     _, encoder, result = exported[name]
