@@ -267,8 +267,8 @@ def load_transformer(folder: Path) -> torch.nn.Module:
     if lacking:
         found = sorted(state_dict)
         raise UserInputError(
-            f"{folder}: the weights lack {len(lacking)} of {model_class.__name__}'s {len(expected)} tensors that the "
-            f"sentence embedding uses ({_named(lacking)}); they would start from random values. The file holds "
+            f"{folder}: the weights lack {len(lacking)} of {model_class.__name__}'s tensors that the sentence "
+            f"embedding uses ({_named(lacking)}); they would start from random values. The file holds "
             f"{len(found)} tensors ({_named(found)}): is it a checkpoint of this architecture, saved whole?"
         )
     unused = [name for name in missing if name not in used]
