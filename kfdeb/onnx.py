@@ -65,7 +65,7 @@ import torch.nn.functional as F
 
 from kfdeb.batching import pad_batch
 from kfdeb.errors import UserInputError, first_line
-from kfdeb.files import publish_files, read_json
+from kfdeb.files import publish_files
 # the int8/fp16 variants (onnx_quantize.py), also reached through this module (export.py, tests, bench)
 from kfdeb.onnx_quantize import (  # noqa: F401
     ConstMatMul, Int8Settings, convert_fp16, cpu_has_vnni, quantizable_matmuls, quantize_int8, require,

@@ -135,8 +135,9 @@ def test_sentence_transformers_folders_with_normalize_and_subfolder(tiny_deberta
 def cls_folder(source: Path, folder: Path, normalize: bool = True) -> Path:
     """A sentence-transformers folder pooling the first token (+ Normalize), as BGE-m3-ko and KURE-v1 are."""
     shutil.copytree(source, folder)
-    (folder / "1_Pooling").mkdir()
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64,
+    hidden = json.loads((folder / "config.json").read_text())["hidden_size"]
+    (folder / "1_Pooling").mkdir(exist_ok=True)  # a source in sentence-transformers' layout has one already
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": hidden,
                                                                   "pooling_mode_cls_token": True}))
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
