@@ -83,7 +83,7 @@ def child(args) -> None:
     quiet_third_party()
     out = Path(args.out)
     files = training_files(out, args.model_path, args.name)
-    seconds, rows = None, None
+    seconds, rows, best_step = None, None, None
     folder = Path(args.model_path)
     if args.variant != "none":
         run = out / f"{args.name}-{args.variant}-seed{args.seed}"
@@ -96,11 +96,17 @@ def child(args) -> None:
         started = time.perf_counter()
         summary = train(config)
         seconds = time.perf_counter() - started
-        assert summary["best_step"] == summary["total_steps"], summary  # one dev evaluation: the final weights
-        shutil.rmtree(run / train_state.STATE_DIR, ignore_errors=True)  # weights + AdamW state: not needed
+        best_step = summary["best_step"]
         folder = run / "best"
     encoder = load_encoder(folder, device=args.device, max_seq_length=128)
-    result = {"model": args.name, "variant": args.variant, "seed": args.seed, "rows": rows, "seconds": seconds,
+    if args.variant != "none":
+        # the final weights are scored, not the dev-best (dev is evaluated at each epoch end): they sit in
+        # the resumable state the run wrote at its last step
+        final = train_state.read_part(train_state.latest(run), "train")
+        assert final["progress"]["step"] == summary["total_steps"], final["progress"]
+        encoder.load_state_dict(final["model"])
+        shutil.rmtree(run / train_state.STATE_DIR, ignore_errors=True)  # weights + AdamW state: not needed any more
+    result = {"model": args.name, "variant": args.variant, "seed": args.seed, "rows": rows, "seconds": seconds, "dev_best_step": best_step,
               "threads": torch.get_num_threads(), "commit": git_commit(), "prompts": encoder.prompts,
               "korsts_test": evaluate_split(encoder, BUNDLED_DATA_DIR, "test").figures}
     for name in SETS:
