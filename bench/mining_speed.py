@@ -29,7 +29,6 @@ from pathlib import Path
 
 from harness import alternating_parser, bundled_sentences, cpu_model, git_commit, model_path, run_alternating
 
-ENGINES = ("kfdeb", "reference")
 OPTIONS = dict(num_negatives=3, relative_margin=0.05, output_format="n-tuple")
 
 
