@@ -257,7 +257,7 @@ def export_main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="export.py",
-        description="Export a sentence encoder (encoder + mean pooling [+ normalize]) as one ONNX graph with "
+        description="Export a sentence encoder (encoder + its pooling, mean or CLS [+ normalize]) as one ONNX graph with "
                     "inputs input_ids, attention_mask (and token_type_ids for models with segments) and outputs "
                     "sentence_embedding, last_hidden_state (the names sentence-transformers' ONNX backend and "
                     "transformers.js read); "
