@@ -11,7 +11,9 @@ Engines, each in a fresh process, alternating A/B and B/A over --reps (bench/har
 `kfdeb.load(model)` + `kfdeb.mining.mine_hard_negatives`, and `SentenceTransformer(model)` +
 `mine_hard_negatives` (exact torch search, no faiss). Timed: the mining only (the model is loaded and
 warmed up first): encoding the corpus and the anchors, the search, the filters, the rows. Each run
-writes its rows; the report says whether every engine wrote the same rows in the same order.
+writes its rows; the report says whether every engine wrote the same rows in the same order. Also
+kfdeb with KFDEB_CPU_GEMM=blas (linear layers on torch's F.linear, as the reference computes them,
+instead of oneDNN's GEMM: kfdeb/cpu_linear.py), so the kernel's share shows.
 
     pip install -e ".[bench]"
     python bench/mining_speed.py --model minilm --reps 3
@@ -30,6 +32,7 @@ from pathlib import Path
 from harness import alternating_parser, bundled_sentences, cpu_model, git_commit, model_path, run_alternating
 
 OPTIONS = dict(num_negatives=3, relative_margin=0.05, output_format="n-tuple")
+ENGINES = ("kfdeb", "reference", "kfdeb-blas")
 
 
 def dataset() -> tuple[list[tuple[str, str]], list[str]]:
@@ -45,6 +48,8 @@ def dataset() -> tuple[list[tuple[str, str]], list[str]]:
 
 def child(args) -> None:
     os.environ["TQDM_DISABLE"] = "1"  # no progress bars from either engine in the bench's output
+    if args.engine == "kfdeb-blas":
+        os.environ["KFDEB_CPU_GEMM"] = "blas"
     import torch
 
     from kfdeb.cli import quiet_third_party
@@ -52,7 +57,7 @@ def child(args) -> None:
     quiet_third_party()
     pairs, corpus = dataset()
     warm_pairs, warm_corpus = pairs[:16], corpus[:200]
-    if args.engine == "kfdeb":
+    if args.engine.startswith("kfdeb"):
         import kfdeb
         from kfdeb.mining import MiningSettings, mine_hard_negatives
 
@@ -88,7 +93,9 @@ def child(args) -> None:
 
 
 def main() -> None:
-    args = alternating_parser(__doc__).parse_args()
+    parser = alternating_parser(__doc__)
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES, help="the engines to run")
+    args = parser.parse_args()
     if args.engine:
         return child(args)
     path = model_path(args.model, Path(args.cache))
@@ -100,7 +107,7 @@ def main() -> None:
         print(f"rep {rep} {engine}: {result['seconds']:.1f} s, {len(result['rows'])} rows", flush=True)
 
     with tempfile.TemporaryDirectory() as work:
-        runs = run_alternating(__file__, args.reps, Path(work), ["--model_path", path], report)
+        runs = run_alternating(__file__, args.reps, Path(work), ["--model_path", path], report, tuple(args.engines))
     every = [result["rows"] for results in runs.values() for result in results]
     same = all(rows == every[0] for rows in every)
     print(f"\n| engine | mining seconds (median of {args.reps}) | runs | rows |")

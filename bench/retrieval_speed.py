@@ -15,7 +15,9 @@ its defaults as a user runs it: kfdeb `kfdeb.load(model)` + `evaluate_retrieval`
 distinct text encoded once, length-sorted batches, one normalisation, chunked exact search), and
 `SentenceTransformer(model)` + `InformationRetrievalEvaluator` (batch 32, cosine only, the model's
 prompts passed as query_prompt / corpus_prompt). Timed: the evaluation only (the model is loaded and
-warmed up first). Also kfdeb at batch 32, as a third engine, so the batch size's share shows.
+warmed up first). Also kfdeb at batch 32, as a third engine, so the batch size's share shows, and
+kfdeb with KFDEB_CPU_GEMM=blas (linear layers on torch's F.linear, as the reference computes them,
+instead of oneDNN's GEMM: kfdeb/cpu_linear.py), so the kernel's share shows.
 
     pip install -e ".[bench]"
     python bench/retrieval_speed.py --model minilm --reps 3
@@ -33,7 +35,7 @@ from pathlib import Path
 
 from harness import alternating_parser, bundled_sentences, cpu_model, git_commit, model_path, run_alternating
 
-ENGINES = ("kfdeb", "reference", "kfdeb-batch32")
+ENGINES = ("kfdeb", "reference", "kfdeb-batch32", "kfdeb-blas")
 
 
 def dataset():
@@ -52,6 +54,8 @@ def dataset():
 
 def child(args) -> None:
     os.environ["TQDM_DISABLE"] = "1"  # no progress bars from either engine in the bench's output
+    if args.engine == "kfdeb-blas":
+        os.environ["KFDEB_CPU_GEMM"] = "blas"
     import torch
 
     from kfdeb.cli import quiet_third_party
@@ -68,7 +72,10 @@ def child(args) -> None:
         from kfdeb.retrieval import evaluate_retrieval
 
         model = kfdeb.load(args.model_path, device="cpu")
+        from kfdeb.cpu_linear import onednn_enabled
+
         batch = 32 if args.engine == "kfdeb-batch32" else 64
+        extra["onednn_linears"] = onednn_enabled()
         data = IrData("bench", queries, corpus, relevant)
         evaluate_retrieval(model, IrData("warm", dict(list(queries.items())[:8]), dict(list(corpus.items())[:64]),
                                          {q: relevant[q] for q in list(queries)[:8]}), batch)

@@ -153,7 +153,7 @@ class NoDuplicatesBatches:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         if len(keys) < batch_size:
-            raise UserInputError(f"only {len(keys)} NLI triplets, fewer than one batch of {batch_size}")
+            raise UserInputError(f"only {len(keys)} in-batch rows (NLI triplets or own pairs/n-tuples), fewer than one batch of {batch_size}")
         self.keys = keys  # only which keys are equal matters, not their values
         self.batch_size, self.seed = batch_size, seed
         self.pass_index, self.pointer = 0, 0
@@ -180,7 +180,8 @@ class NoDuplicatesBatches:
             if visited > 2 * len(self.keys) + self.batch_size:
                 raise UserInputError(
                     f"cannot fill an NLI batch of {self.batch_size} without repeating a sentence: the "
-                    f"{len(self.keys)} triplets have too few distinct texts; lower --nli_batch_size"
+                    f"{len(self.keys)} rows (NLI triplets or own pairs/n-tuples) have too few distinct texts; lower "
+                    f"--nli_batch_size"
                 )
         return batch
 

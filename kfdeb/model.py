@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from kfdeb import deberta
 from kfdeb.batching import pad_batch
+from kfdeb.cpu_linear import onednn_linears
 from kfdeb.encoding import Prompts, encode_in_length_order, sentence_transformers_options, with_prompt
 from kfdeb.errors import UserInputError, first_line
 from kfdeb.files import json_text, publish_files, read_json
@@ -205,7 +206,8 @@ class SentenceEncoder(torch.nn.Module, Prompts):
         was_training = self.training
         self.eval()
         try:
-            with torch.inference_mode(), tf32_matmuls(device):
+            # CPU: oneDNN's GEMM for the linear layers (kfdeb/cpu_linear.py); CUDA: TF32 (tf32_matmuls)
+            with torch.inference_mode(), tf32_matmuls(device), onednn_linears(self):
                 return encode_in_length_order(
                     self, lambda ids, mask: self(ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)),
                     sentences, batch_size, normalize, convert_to_numpy, show_progress, dim=dim)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -22,14 +23,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # into the real ~/.cache
 TEST_CACHE_HOME = tempfile.mkdtemp(prefix="kfdeb-test-cache-")
 os.environ["XDG_CACHE_HOME"] = TEST_CACHE_HOME
+# removed at interpreter exit, not by a session fixture: pytest-xdist's controller imports this file
+# (and makes a folder) but runs no fixtures, so a fixture left one empty folder in /tmp per run
+atexit.register(shutil.rmtree, TEST_CACHE_HOME, ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _remove_test_cache_home():
-    yield
-    shutil.rmtree(TEST_CACHE_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
