@@ -10,7 +10,7 @@ emits) 447, onnxruntime's MLAS 362; the encode of all-MiniLM-L6-v2 and of multil
 `onednn_linears(module)` routes every nn.Linear of `module` through that kernel for the duration of
 a `with` block (inference: encode). Each call still falls back to F.linear when the kernel cannot
 serve it: gradients wanted (the kernel has no backward, and training keeps torch's path), a tensor
-that is not float32 on the CPU. The whole context does nothing when the torch build lacks the kernel,
+that is not float32 on the CPU, CPU autocast on (it asks for bf16 products). The whole context does nothing when the torch build lacks the kernel,
 on a CPU that is not x86-64 (oneDNN there is a different library), or with KFDEB_CPU_GEMM=blas in
 the environment (the escape hatch, and how the benches measure both). Before first use the kernel is
 checked once against a float64 product; a kernel that disagrees is not used.
@@ -64,7 +64,7 @@ def onednn_enabled() -> bool:
 def _linear_forward(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     weight, bias = layer.weight, layer.bias
     if (torch.is_grad_enabled() or x.device.type != "cpu" or weight.device.type != "cpu"
-            or x.dtype != torch.float32 or weight.dtype != torch.float32):
+            or x.dtype != torch.float32 or weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
         return F.linear(x, weight, bias)
     return _kernel()(x, weight, bias, "none", [], "")
 

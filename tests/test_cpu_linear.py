@@ -78,6 +78,13 @@ def test_gradients_take_torch_s_path(kernel_calls):
     assert torch.equal(inside, x.grad)
 
 
+def test_cpu_autocast_keeps_torch_s_path(kernel_calls):
+    layer = torch.nn.Linear(16, 8)
+    with torch.inference_mode(), cpu_linear.onednn_linears(layer), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(torch.randn(4, 16))
+    assert kernel_calls == [] and out.dtype == torch.bfloat16
+
+
 def test_the_layers_are_restored_when_the_block_raises():
     layer = torch.nn.Linear(4, 4)
     with pytest.raises(RuntimeError, match="boom"), cpu_linear.onednn_linears(layer):
