@@ -153,7 +153,8 @@ class NoDuplicatesBatches:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         if len(keys) < batch_size:
-            raise UserInputError(f"only {len(keys)} in-batch rows (NLI triplets or own pairs/n-tuples), fewer than one batch of {batch_size}")
+            raise UserInputError(f"only {len(keys)} in-batch rows (NLI triplets or own pairs/n-tuples), fewer than "
+                                 f"one batch of {batch_size}")
         self.keys = keys  # only which keys are equal matters, not their values
         self.batch_size, self.seed = batch_size, seed
         self.pass_index, self.pointer = 0, 0

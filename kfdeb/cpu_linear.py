@@ -2,18 +2,20 @@
 
 A linear layer computes y = x W^T + b. On CPU, torch's F.linear hands the product to its BLAS (MKL
 in the PyPI wheels), and on AMD Zen CPUs MKL's sgemm runs far below the AVX-512 rate. Measured on
-a 2-vCPU AMD EPYC (Zen 5), 4096 x 384 times 384 x 1536 in float32 (bench/cpu_gemm.py): F.linear 190
-GFLOP/s, oneDNN (torch.ops.mkldnn._linear_pointwise, the kernel torch's own inductor CPU backend
-emits) 447, onnxruntime's MLAS 362; the encode of all-MiniLM-L6-v2 and of multilingual-e5-small
-1.65x faster, embeddings within 4e-7 of F.linear's. The maths is the same float32 product; only the order of the summation differs.
+a 2-vCPU AMD EPYC (Zen 5), 4096 x 384 times 384 x 1536 in float32 (bench/cpu_gemm.py): F.linear
+190 GFLOP/s, oneDNN (torch.ops.mkldnn._linear_pointwise, the kernel torch's own inductor CPU
+backend emits) 447, onnxruntime's MLAS 362; the encode of all-MiniLM-L6-v2 and of
+multilingual-e5-small 1.65x faster, embeddings within 4e-7 of F.linear's. The maths is the same
+float32 product; only the order of the summation differs.
 
 `onednn_linears(module)` routes every nn.Linear of `module` through that kernel for the duration of
 a `with` block (inference: encode). Each call still falls back to F.linear when the kernel cannot
 serve it: gradients wanted (the kernel has no backward, and training keeps torch's path), a tensor
-that is not float32 on the CPU, CPU autocast on (it asks for bf16 products). The whole context does nothing when the torch build lacks the kernel,
-on a CPU that is not x86-64 (oneDNN there is a different library), or with KFDEB_CPU_GEMM=blas in
-the environment (the escape hatch, and how the benches measure both). Before first use the kernel is
-checked once against a float64 product; a kernel that disagrees is not used.
+that is not float32 on the CPU, CPU autocast on (it asks for bf16 products). The whole context
+does nothing when the torch build lacks the kernel, on a CPU that is not x86-64 (oneDNN there is a
+different library), or with KFDEB_CPU_GEMM=blas in the environment (the escape hatch, and how the
+benches measure both). Before first use the kernel is checked once against a float64 product; a
+kernel that disagrees is not used.
 """
 
 from __future__ import annotations
