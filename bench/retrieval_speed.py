@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import alternating_parser, bundled_sentences, cpu_model, git_commit, model_path, run_alternating
+from harness import alternating_parser, bundled_sentences, cpu_model, gemm_switch, git_commit, model_path, run_alternating
 
 ENGINES = ("kfdeb", "reference", "kfdeb-batch32", "kfdeb-blas")
 
@@ -54,8 +54,6 @@ def dataset():
 
 def child(args) -> None:
     os.environ["TQDM_DISABLE"] = "1"  # no progress bars from either engine in the bench's output
-    if args.engine == "kfdeb-blas":
-        os.environ["KFDEB_CPU_GEMM"] = "blas"
     import torch
 
     from kfdeb.cli import quiet_third_party
@@ -72,10 +70,8 @@ def child(args) -> None:
         from kfdeb.retrieval import evaluate_retrieval
 
         model = kfdeb.load(args.model_path, device="cpu")
-        from kfdeb.cpu_linear import onednn_enabled
-
         batch = 32 if args.engine == "kfdeb-batch32" else 64
-        extra["onednn_linears"] = onednn_enabled()
+        extra["onednn_linears"] = gemm_switch(args.engine)
         data = IrData("bench", queries, corpus, relevant)
         evaluate_retrieval(model, IrData("warm", dict(list(queries.items())[:8]), dict(list(corpus.items())[:64]),
                                          {q: relevant[q] for q in list(queries)[:8]}), batch)
@@ -110,9 +106,7 @@ def child(args) -> None:
 
 
 def main() -> None:
-    parser = alternating_parser(__doc__)
-    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES, help="the engines to run")
-    args = parser.parse_args()
+    args = alternating_parser(__doc__, engines=ENGINES).parse_args()
     if args.engine:
         return child(args)
     path = model_path(args.model, Path(args.cache))

@@ -77,9 +77,9 @@ def training_files(out: Path, model: str, name: str) -> dict[str, Path]:
     return files
 
 
-def fillable_batch_size(path: Path, seed: int, epochs: int = 3) -> int:
+def fillable_batch_size(rows: list[tuple[str, ...]], seed: int, epochs: int = 3) -> int:
     """64, or the largest power of two below it whose batches kfdeb's no-duplicates sampler can fill for
-    `epochs` epochs of this file at this seed (checked by drawing them, before any training).
+    `epochs` epochs of these rows at this seed (checked by drawing them, before any training).
 
     Only the mined files can need less: margin mining drops the rows it cannot give 3 negatives, and
     the negatives it keeps are other rows' positives, so few rows share many texts (MiniLM keeps 157
@@ -88,7 +88,6 @@ def fillable_batch_size(path: Path, seed: int, epochs: int = 3) -> int:
     from kfdeb.batching import NoDuplicatesBatches
     from kfdeb.errors import UserInputError
 
-    rows = [[text for text in json.loads(line).values()] for line in path.open(encoding="utf-8")]
     batch_size = 64
     while True:
         try:
@@ -108,12 +107,14 @@ def child(args) -> None:
     from kfdeb import train_state
     from kfdeb.cli import quiet_third_party
     from kfdeb.config import resolve
+    from kfdeb.distributed import Context
     from kfdeb.evaluation import evaluate_split
     from kfdeb.ir_data import read_ir_data
     from kfdeb.loop import train
     from kfdeb.model import load_encoder
     from kfdeb.readers import BUNDLED_DATA_DIR
     from kfdeb.retrieval import evaluate_retrieval
+    from kfdeb.tasks import read_own_in_batch_rows
 
     quiet_third_party()
     out = Path(args.out)
@@ -122,14 +123,18 @@ def child(args) -> None:
     folder = Path(args.model_path)
     if args.variant != "none":
         run = out / f"{args.name}-{args.variant}-seed{args.seed}"
-        rows = sum(1 for _ in files[args.variant].open(encoding="utf-8"))
-        # mined-pairs trains as mined does (same rows, batch and updates), only without the negatives
-        batch_size = fillable_batch_size(files["mined" if args.variant == "mined-pairs" else args.variant], args.seed)
-        config = resolve({"model_name_or_path": args.model_path, "tasks": "nli", "nli_train_files": str(files[args.variant]),
-                          "nli_batch_size": batch_size, "num_epochs": 3, "learning_rate": 2e-5, "warmup_ratio": 0.1,
-                          "max_seq_length": 128, "seed": args.seed, "eval_steps": 100000, "save_steps": 100000,
-                          "output_dir": str(run), "overwrite_output_dir": True, "data_dir": str(BUNDLED_DATA_DIR),
-                          "progress": False, "device": args.device})
+        recipe = {"model_name_or_path": args.model_path, "tasks": "nli", "num_epochs": 3, "learning_rate": 2e-5,
+                  "warmup_ratio": 0.1, "max_seq_length": 128, "seed": args.seed, "eval_steps": 100000,
+                  "save_steps": 100000, "output_dir": str(run), "overwrite_output_dir": True,
+                  "data_dir": str(BUNDLED_DATA_DIR), "progress": False, "device": args.device}
+        cpu = Context(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+        # the rows as the training reads them; mined-pairs trains as mined does (same rows, batch and
+        # updates), only without the negatives
+        sampled = read_own_in_batch_rows(resolve({**recipe, "nli_train_files": str(
+            files["mined" if args.variant == "mined-pairs" else args.variant])}), cpu)
+        batch_size = fillable_batch_size(sampled, args.seed)
+        rows = len(sampled)
+        config = resolve({**recipe, "nli_train_files": str(files[args.variant]), "nli_batch_size": batch_size})
         started = time.perf_counter()
         summary = train(config)
         seconds = time.perf_counter() - started

@@ -11,11 +11,12 @@ float32 product; only the order of the summation differs.
 `onednn_linears(module)` routes every nn.Linear of `module` through that kernel for the duration of
 a `with` block (inference: encode). Each call still falls back to F.linear when the kernel cannot
 serve it: gradients wanted (the kernel has no backward, and training keeps torch's path), a tensor
-that is not float32 on the CPU, CPU autocast on (it asks for bf16 products). The whole context
-does nothing when the torch build lacks the kernel, on a CPU that is not x86-64 (oneDNN there is a
-different library), or with KFDEB_CPU_GEMM=blas in the environment (the escape hatch, and how the
-benches measure both). Before first use the kernel is checked once against a float64 product; a
-kernel that disagrees is not used.
+that is not float32, CPU autocast on (it asks for bf16 products). The whole context does nothing
+for a module that is not on the CPU (a GPU keeps torch's path untouched), when the torch build
+lacks the kernel, on a CPU that is not x86-64 (oneDNN there is a different library), or with
+KFDEB_CPU_GEMM=blas in the environment (the escape hatch, and how the benches measure both).
+Before first use the kernel is checked once against a float64 product; a kernel that disagrees is
+not used.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import contextlib
 import functools
 import os
 import platform
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -63,23 +64,27 @@ def onednn_enabled() -> bool:
     return choice == "onednn" and platform.machine().lower() in ("x86_64", "amd64") and _kernel_works()
 
 
-def _linear_forward(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _linear_forward(kernel: Callable[..., torch.Tensor], layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     weight, bias = layer.weight, layer.bias
-    if (torch.is_grad_enabled() or x.device.type != "cpu" or weight.device.type != "cpu"
-            or x.dtype != torch.float32 or weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
+    if (torch.is_grad_enabled() or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or torch.is_autocast_enabled("cpu")):
         return F.linear(x, weight, bias)
-    return _kernel()(x, weight, bias, "none", [], "")
+    return kernel(x, weight, bias, "none", [], "")
 
 
 @contextlib.contextmanager
 def onednn_linears(module: torch.nn.Module) -> Iterator[None]:
-    """Within the block, module's nn.Linear layers compute on oneDNN where they can (module docstring)."""
-    if not onednn_enabled():
+    """Within the block, module's nn.Linear layers compute on oneDNN where they can (module docstring);
+    nothing changes for a module whose parameters are not on the CPU."""
+    on_cpu = all(parameter.device.type == "cpu" for parameter in module.parameters())
+    if not on_cpu or not onednn_enabled():
         yield
         return
+    kernel = _kernel()
     layers = [layer for layer in module.modules() if isinstance(layer, torch.nn.Linear) and "forward" not in vars(layer)]
     for layer in layers:
-        layer.forward = functools.partial(_linear_forward, layer)  # an instance attribute: nn.Module.__call__ finds it first
+        # an instance attribute: nn.Module.__call__ finds it before the class's forward
+        layer.forward = functools.partial(_linear_forward, kernel, layer)
     try:
         yield
     finally:

@@ -85,6 +85,12 @@ def test_cpu_autocast_keeps_torch_s_path(kernel_calls):
     assert kernel_calls == [] and out.dtype == torch.bfloat16
 
 
+def test_a_module_off_the_cpu_is_left_alone():
+    layer = torch.nn.Linear(4, 4, device="meta")  # stands for a GPU: any device but the CPU
+    with cpu_linear.onednn_linears(layer):
+        assert "forward" not in vars(layer)
+
+
 def test_the_layers_are_restored_when_the_block_raises():
     layer = torch.nn.Linear(4, 4)
     with pytest.raises(RuntimeError, match="boom"), cpu_linear.onednn_linears(layer):
