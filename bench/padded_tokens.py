@@ -23,8 +23,7 @@ def main() -> None:
     encoder = kfdeb.load(sys.argv[1], device="cpu")
     queries, corpus, _ = dataset()
 
-    def reference_padded(texts: list[str], batch: int = 32) -> int:
-        lengths = [len(ids) for ids in encoder.tokenize(texts)]
+    def reference_padded(texts: list[str], lengths: list[int], batch: int = 32) -> int:
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         return sum(max(lengths[i] for i in order[s:s + batch]) * len(order[s:s + batch]) for s in range(0, len(order), batch))
 
@@ -35,8 +34,8 @@ def main() -> None:
                                                    encoder.pad_id)[0])
 
     for name, texts in (("corpus", list(corpus.values())), ("queries", list(queries.values()))):
-        reference, kfdeb_tokens = reference_padded(texts), kfdeb_padded(texts)
-        real = sum(len(ids) for ids in encoder.tokenize(texts))
+        lengths = [len(ids) for ids in encoder.tokenize(texts)]  # truncated at max_seq_length, as both engines do
+        reference, kfdeb_tokens, real = reference_padded(texts, lengths), kfdeb_padded(texts), sum(lengths)
         print(f"{name}: {real:,} real tokens; padded: reference {reference:,}, kfdeb {kfdeb_tokens:,}; "
               f"ratio {reference / kfdeb_tokens:.3f}")
 
