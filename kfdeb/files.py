@@ -11,6 +11,11 @@ new one, plus perhaps a scratch entry that the next writer removes; never a torn
 - `publish_files(scratch, folder, order)`: every file of a scratch folder moved to the same place
   under `folder`, one rename each, in an order the caller gives (what a reader depends on first).
 - `publish_folder(scratch, final)`: a whole scratch folder renamed to `final` (which must not exist).
+
+What is published has the modes an ordinary `open`/`mkdir` gives under the process umask (0644 files
+and 0755 folders under umask 022): scratch folders from `tempfile.mkdtemp` are 0700 and safetensors'
+`save_file` writes 0600, which would leave a published model unreadable to other users and to
+containers running as another uid.
 """
 
 from __future__ import annotations
@@ -32,6 +37,28 @@ def read_json(path: Path) -> Any:
 
 def json_text(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False) + "\n"
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask can only set it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path) -> None:
+    """Give `path` (a file or folder, and everything under a folder) the mode the umask gives new entries."""
+    mask = _umask()
+    entries = [Path(path), *Path(path).rglob("*")] if Path(path).is_dir() else [Path(path)]
+    for entry in entries:
+        os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~mask)
 
 
 def fsync_file(path: Path) -> None:
@@ -57,6 +84,7 @@ def write_file(path: Path, write: Callable[[BinaryIO], Any]) -> None:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        follow_umask(scratch)  # open() already did, unless the file existed: set it all the same
         os.replace(scratch, path)
     except BaseException:
         scratch.unlink(missing_ok=True)
@@ -78,6 +106,7 @@ def publish_files(scratch: Path, folder: Path, order: Callable[[Path], Any] = la
     touched = {folder}
     for relative in files:
         fsync_file(scratch / relative)
+        follow_umask(scratch / relative)
         (folder / relative).parent.mkdir(parents=True, exist_ok=True)
         os.replace(scratch / relative, folder / relative)
         touched.add((folder / relative).parent)
@@ -90,6 +119,7 @@ def publish_folder(scratch: Path, final: Path) -> None:
     for path in scratch.rglob("*"):
         if path.is_file():
             fsync_file(path)
+    follow_umask(scratch)
     fsync_dir(scratch)
     os.rename(scratch, final)
     fsync_dir(final.parent)

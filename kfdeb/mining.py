@@ -7,9 +7,10 @@ the corpus with the document prompt), and s(q, d) = cos(q, d):
 1. Queries are the distinct anchors; a query's positives are the distinct positives of its rows.
    P = the largest number of rows an anchor has (its duplicates counted, as the reference counts).
 2. range_max, when not given: range_min + num_negatives + P, or range_min + 10 * num_negatives + P
-   with a margin or max_score. Each query keeps its top range_max + P documents (exact search,
-   search.top_k), fewer when the corpus is smaller.
-3. Its own positives are never candidates. With absolute_margin m, a candidate d is dropped when
+   with a margin or max_score. Each query keeps its top range_max + P + 1 documents (exact search,
+   search.top_k), fewer when the corpus is smaller: P + 1 extra for the candidates step 3 excludes.
+3. Its own positives are never candidates, nor the query's own text when the corpus holds it (an
+   anchor is never its own negative: sentence-transformers 6.3's rule; 6.2 could offer it). With absolute_margin m, a candidate d is dropped when
    s(q, d) + m > s_min, with relative_margin r when s(q, d) > s_min - |s_min| r, s_min the query's
    lowest positive score (its hardest positive); then max_score drops s > max, min_score s < min.
 4. The top range_max survivors (by score); the first range_min of them are skipped; then "top" keeps
@@ -95,6 +96,7 @@ class Mined:
     possible: int = 0  # rows the output would have with every negative found
     queries: int = 0
     corpus: int = 0
+    skipped_shares: dict[str, float] = field(default_factory=dict)  # filter -> share of the candidates it saw
 
 
 def mine_hard_negatives(encoder: Any, pairs: Sequence[tuple[str, str]], corpus: Sequence[str] | None = None,
@@ -123,28 +125,35 @@ def mine_hard_negatives(encoder: Any, pairs: Sequence[tuple[str, str]], corpus: 
         return torch.nn.functional.normalize(torch.as_tensor(np.asarray(vectors, dtype=np.float32)), dim=-1)
 
     document_vectors, query_vectors = embed(documents, corpus_prompt), embed(queries, query_prompt)
-    k = min(range_max + max_positives, len(documents))
+    candidates = range_max + max_positives + 1  # the +1: room for the query's own text (module docstring, 3)
+    k = min(candidates, len(documents))
     scores, indices = top_k(query_vectors, document_vectors, k=k, normalized=True)
-    if k < range_max + max_positives:  # pad to the reference's width with nothing
-        missing = range_max + max_positives - k
+    if k < candidates:  # pad to the reference's width with nothing
+        missing = candidates - k
         scores = torch.cat([scores, scores.new_full((len(queries), missing), -math.inf)], dim=1)
         indices = torch.cat([indices, indices.new_full((len(queries), missing), -1)], dim=1)
     positive_scores = [[float(query_vectors[q] @ document_vectors[d]) for d in positives[q]] for q in range(len(queries))]
     for q, own in enumerate(positives):
         scores[q, torch.isin(indices[q], torch.tensor(own))] = -math.inf  # a query's positives are not negatives
+        if queries[q] in document_row:  # nor is the query's own text
+            scores[q, indices[q] == document_row[queries[q]]] = -math.inf
     scores[indices == -1] = -math.inf
     skipped: dict[str, int] = {}
+    shares: dict[str, float] = {}
     lowest = torch.tensor([min(p) for p in positive_scores], dtype=scores.dtype)[:, None]  # the hardest positive
     filters = [("absolute_margin", settings.absolute_margin, lambda m: scores + m > lowest),
                ("relative_margin", settings.relative_margin, lambda m: scores > lowest - lowest.abs() * m),
                ("max_score", settings.max_score, lambda m: scores > m),
                ("min_score", settings.min_score, lambda m: scores < m)]
+    considered = scores.numel()  # the reference's denominator of each filter's share: the margins reduce it
     for name, value, removes in filters:
         if value is not None:
             removed = removes(value) & torch.isfinite(scores)
             scores[removed] = -math.inf
             if int(removed.sum()):
                 skipped[name] = int(removed.sum())
+                shares[name] = skipped[name] / considered
+                considered -= skipped[name] if name.endswith("margin") else 0
     # the top range_max survivors, best first (a stable sort: equal scores keep the search's order)
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :range_max]
     scores, indices = scores.gather(1, order)[:, settings.range_min:], indices.gather(1, order)[:, settings.range_min:]
@@ -155,7 +164,9 @@ def mine_hard_negatives(encoder: Any, pairs: Sequence[tuple[str, str]], corpus: 
         options = torch.isfinite(scores).sum(1).clamp(min=settings.num_negatives).tolist()
         picked = torch.tensor([sorted(rng.sample(range(n), k=settings.num_negatives)) for n in options])
         scores, indices = scores.gather(1, picked), indices.gather(1, picked)
-    return _rows(queries, documents, positives, positive_scores, scores, indices, settings, skipped)
+    mined = _rows(queries, documents, positives, positive_scores, scores, indices, settings, skipped)
+    mined.skipped_shares = shares
+    return mined
 
 
 def _rows(queries: list[str], documents: list[str], positives: list[list[int]], positive_scores: list[list[float]],
@@ -198,7 +209,8 @@ def summary(mined: Mined, settings: MiningSettings) -> str:
     for i, name in enumerate(("Count", "Mean", "Median", "Std", "Min", "25%", "50%", "75%", "Max")):
         lines.append(f"{name:<6} {columns[0][i]:>14} {columns[1][i]:>14} {'' if i == 0 else columns[2][i]:>14}")
     for name, count in mined.skipped.items():
-        lines.append(f"Skipped {count:,} potential negatives due to the {name} of {getattr(settings, name)}.")
+        share = mined.skipped_shares.get(name, 0.0)
+        lines.append(f"Skipped {count:,} potential negatives ({share:.2%}) due to the {name} of {getattr(settings, name)}.")
     if mined.missing:
         lines.append(f"Could not find enough negatives for {mined.missing} samples "
                      f"({mined.missing / mined.possible:.2%}): the output has {len(mined.rows):,} rows.")

@@ -72,7 +72,10 @@ class OnnxEncoder(Prompts):
         """Open a graph written by export.py; its tokenizer and kfdeb_onnx.json lie beside it."""
         path = Path(path).expanduser()
         if not path.is_file():
-            raise UserInputError(f"{path}: no such ONNX file")
+            # export.py on a run folder writes into its best/ (the model): point there when that is where it is
+            beside_best = path.parent.parent / "best" / path.parent.name / path.name
+            hint = f"; export.py writes a run's graph into its best/ folder: {beside_best}" if beside_best.is_file() else ""
+            raise UserInputError(f"{path}: no such ONNX file{hint}")
         if not (path.parent / METADATA_FILE).is_file():
             raise UserInputError(
                 f"{path}: no {METADATA_FILE} beside it; kfdeb reads graphs written by export.py "

@@ -30,6 +30,20 @@ atexit.register(shutil.rmtree, TEST_CACHE_HOME, ignore_errors=True)
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_report_header(config):
+    """The reference releases this run compares kfdeb with, named at the top of every run's output: when a new
+    release inside pyproject's [test] ranges changes behaviour, the failing run says which release it had."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("sentence-transformers", "transformers", "torch", "pytrec-eval-terrier", "onnxruntime"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} (not installed)")
+    return "references: " + ", ".join(found)
+
+
 @pytest.fixture(scope="session")
 def tiny_deberta(tmp_path_factory) -> Path:
     """A random-weight tiny DeBERTa-v2 (kf-deberta options, small sizes, no dropout) + WordPiece tokenizer."""

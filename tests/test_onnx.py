@@ -305,3 +305,15 @@ def test_cls_pooling_is_inside_the_graph(tiny_deberta, tmp_path):
     np.testing.assert_allclose(graph.encode(SENTENCES, convert_to_numpy=True),
                                encoder.encode(SENTENCES, convert_to_numpy=True), rtol=0, atol=1e-5)
     assert json.loads((folder / "onnx" / kfdeb_onnx.METADATA_FILE).read_text())["pooling"] == "cls"
+
+
+def test_a_graph_looked_for_beside_best_names_where_export_wrote_it(tmp_path):
+    """`export.py output/` writes output/best/onnx/model.onnx; asking for output/onnx/model.onnx says so."""
+    (tmp_path / "best" / "onnx").mkdir(parents=True)
+    (tmp_path / "best" / "onnx" / "model.onnx").write_bytes(b"")
+    with pytest.raises(UserInputError) as raised:
+        OnnxEncoder.load(tmp_path / "onnx" / "model.onnx")
+    assert str(raised.value) == (f"{tmp_path / 'onnx' / 'model.onnx'}: no such ONNX file; export.py writes a run's graph "
+                                 f"into its best/ folder: {tmp_path / 'best' / 'onnx' / 'model.onnx'}")
+    with pytest.raises(UserInputError, match=r"model.onnx: no such ONNX file$"):
+        OnnxEncoder.load(tmp_path / "elsewhere" / "model.onnx")
