@@ -44,7 +44,7 @@ def encode_in_length_order(
 
     engine: has tokenize(sentences) -> id lists, pad_id and dimension (SentenceEncoder, OnnxEncoder);
     embed(input_ids, attention_mask) -> B x H. The sentences stream through in windows of `window`:
-    each window is tokenized, grouped by length into batches that pad little (data.length_sorted_chunks,
+    each window is tokenized, grouped by length into batches that pad little (batching.length_sorted_chunks,
     longest first so that a batch too big for memory fails at once), embedded, and written into the
     output at its sentences' places. Memory: the N x H output plus one window's token ids, so a
     million-sentence corpus never exists as token lists. A sentence's embedding does not depend on

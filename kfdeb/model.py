@@ -145,7 +145,7 @@ class SentenceEncoder(torch.nn.Module, Prompts):
         """Sentence embeddings of one padded batch, or of several (lists of tensors), rows concatenated.
 
         Several batches in one call let DDP see one forward per objective while each length
-        group is padded on its own (data.length_sorted_chunks).
+        group is padded on its own (batching.length_sorted_chunks).
         """
         if isinstance(input_ids, (list, tuple)):
             return torch.cat([self(ids, mask) for ids, mask in zip(input_ids, attention_mask)])
