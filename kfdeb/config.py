@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from kfdeb.batching import NLI_TRIPLET_SCOPES
 from kfdeb.errors import UserInputError, first_line
-from kfdeb.flags import PROGRESS_CHOICES, PROGRESS_HELP, FlagParser, progress_setting
+from kfdeb.flags import PROGRESS_CHOICES, PROGRESS_HELP, FlagParser, add_field_flags, presets_help, progress_value
 from kfdeb.ir_metrics import IR_KEYS
 from kfdeb.losses import STS_LOSSES
 
@@ -33,16 +33,9 @@ METRICS_FOR_BEST = (
 
 
 # --help's sections, in this order; every field names one of them (tests/test_config.py checks)
-GROUPS = {
-    "recipe": "preset and config file",
-    "model": "model",
-    "data": "data",
-    "objectives": "objectives",
-    "schedule": "schedule",
-    "evaluation": "evaluation and selection",
-    "distributed": "device and distributed",
-    "output": "output and logging",
-}
+GROUPS = {"recipe": "preset and config file", "model": "model", "data": "data", "objectives": "objectives",
+          "schedule": "schedule", "evaluation": "evaluation and selection", "distributed": "device and distributed",
+          "output": "output and logging"}
 
 
 def knob(default: Any, help: str, resumable: bool = False, choices: Sequence[str] = (), group: str = "") -> Any:
@@ -237,69 +230,22 @@ PRESET_SUMMARIES = {  # what --help says of each preset, before the values it se
 assert set(PRESET_SUMMARIES) == set(PRESETS), "every preset has its summary"
 
 
-def _parse_bool(text: str) -> bool:
-    lowered = str(text).lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _default_shown(spec: dataclasses.Field) -> str:
-    """` (default: X)` for --help, unless the help already says what the default means or there is none ("")."""
-    value = spec.default
-    if value == "" or "default:" in spec.metadata["help"]:
-        return ""
-    return f" (default: {str(value).lower() if isinstance(value, bool) else value})"
-
-
-def presets_help(width: int = 100) -> str:
-    """--help's closing section: each preset, what it is for and the flags it sets (from PRESETS)."""
-    lines = ["presets (--preset NAME sets these; --config and flags override them):"]
-    for name, values in PRESETS.items():
-        lines.append(textwrap.fill(f"{name}: {PRESET_SUMMARIES[name]}", width, initial_indent="  ",
-                                   subsequent_indent="    ", break_on_hyphens=False))
-        # "\0" holds each flag and its value together on one line
-        flags = " ".join(f"--{key}\0{str(value).lower() if isinstance(value, bool) else value}"
-                         for key, value in values.items())
-        lines.append(textwrap.fill(flags, width, initial_indent="    ", subsequent_indent="    ",
-                                   break_on_hyphens=False, break_long_words=False).replace("\0", " "))
-    return "\n".join(lines)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """train.py's flags, one per TrainConfig field, in --help sections by the field's group (GROUPS)."""
     width = min(shutil.get_terminal_size().columns, 120) - 2
     parser = FlagParser(
-        prog="train.py",
-        usage="train.py [--preset NAME] [--config FILE] [--FLAG VALUE ...]",
+        prog="train.py", usage="train.py [--preset NAME] [--config FILE] [--FLAG VALUE ...]",
         description=textwrap.fill(
             "Multitask fine-tuning of a sentence encoder on KorNLI + KorSTS (kfdeb). Precedence: defaults < --preset "
             "< --config FILE < flags; a flag may be spelled with dashes (--learning-rate).", width),
-        epilog=presets_help(width),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sections = {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
-    for name, spec in _FIELDS.items():
-        # a field without a known group: shown apart, and tests/test_config.py fails naming it
-        section = sections.get(spec.metadata["group"]) or parser.add_argument_group(f"{name}: no group (config.py)")
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": spec.metadata["help"] + _default_shown(spec)}
-        if name == "progress":
-            kwargs.update(nargs="?", const="true", type=progress_setting)
-        elif isinstance(spec.default, bool):
-            kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
-        else:
-            kwargs.update(type=type(spec.default), metavar={int: "N", float: "X"}.get(type(spec.default), "TEXT"))
-        if spec.metadata["choices"]:
-            kwargs.update(choices=list(spec.metadata["choices"]), metavar="{" + ",".join(spec.metadata["choices"]) + "}")
-        section.add_argument(f"--{name}", **kwargs)
+        epilog=presets_help(PRESETS, PRESET_SUMMARIES, width), formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_field_flags(parser, _FIELDS.values(), GROUPS)
     return parser
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
     if name == "progress":  # auto, true or false; a bool (what --progress was) means true or false
-        return _progress(value, f"{source}: progress")
+        return progress_value(value, f"{source}: progress")
     expected = type(getattr(TrainConfig(), name))
     if expected is bool and isinstance(value, bool):
         return value
@@ -312,13 +258,6 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     if name in ("matryoshka_dims", "matryoshka_weights") and isinstance(value, list):  # YAML/JSON lists
         return ",".join(str(item) for item in value)
     raise UserInputError(f"{source}: {name}: expected {expected.__name__}, got {value!r}")
-
-
-def _progress(value: Any, source: str) -> str:
-    try:
-        return progress_setting(value)
-    except argparse.ArgumentTypeError as err:
-        raise UserInputError(f"{source}: {err}") from None
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -356,7 +295,7 @@ def resolve(overrides: dict[str, Any]) -> TrainConfig:
     if values.get("batch_size"):
         values.update(_single_objective_batch_size(values, {**file_values, **overrides}))
     if "progress" in values:
-        values["progress"] = _progress(values["progress"], "--progress")
+        values["progress"] = progress_value(values["progress"], "--progress")
     config = TrainConfig(**values)
     validate(config)
     return config

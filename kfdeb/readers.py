@@ -2,8 +2,8 @@
 
 Every problem stops the run with `file:line: field: problem` (UserInputError, exit status 2);
 nothing is skipped silently. All files: UTF-8 (a leading BOM is accepted; a bad byte is reported
-with its line and its offset in that line, by `decode`; a CP949/EUC-KR file, Korean saved on Windows,
-is named as such with the iconv command that converts it), LF or CRLF line ends.
+with its line and its offset in that line; a CP949/EUC-KR file, Korean saved on Windows, is named as
+such with the iconv command that converts it: decoding.py), LF or CRLF line ends.
 
 KorNLU files (github.com/kakaobrain/kor-nlu-datasets, CC BY-SA 4.0) are tab-separated with a
 header row and no quoting: a `"` is an ordinary character (csv.QUOTE_NONE), and they are read line
@@ -35,11 +35,11 @@ import itertools
 import json
 import os
 import re
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
+from kfdeb.decoding import decode
 from kfdeb.errors import UserInputError
 
 BUNDLED_DATA_DIR = Path(__file__).resolve().parent / "bundled" / "kor-nlu"
@@ -61,57 +61,6 @@ class Triplet(NamedTuple):
     anchor: str
     positive: str
     negative: str
-
-
-def decode(data: bytes, path: str, first_line: int = 1) -> str:
-    """`data` (a whole file, or one line of it starting at line `first_line`) as text: UTF-8, a BOM at the
-    start of the file removed; a bad byte is reported with its line and its offset in that line, and
-    what the file looks like instead (`not_utf8`)."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line_no = first_line + data.count(b"\n", 0, err.start)
-        line_start = data.rfind(b"\n", 0, err.start) + 1
-        bad_byte = f"byte {err.start - line_start}: {data[err.start:err.start + 1]!r}"
-        raise UserInputError(f"{path}:{line_no}: {not_utf8(path, data, bad_byte)}") from None
-    return text.removeprefix("\ufeff") if first_line == 1 else text
-
-
-def not_utf8(path: str, data: bytes, bad_byte: str) -> str:
-    """Why a file that is not UTF-8 is refused, from all its lines (`data` when the file cannot be read again).
-
-    Korean text saved on Windows is often CP949 (EUC-KR and its extension): when every line that is not
-    UTF-8 decodes as CP949 and no line with non-ASCII text is UTF-8, the file is CP949 and the message
-    gives the command that converts it. A file with both UTF-8 and CP949 lines (lines appended by another
-    program) is refused as mixed: converting it would garble its UTF-8 lines. Otherwise: the bad byte.
-    Hangul in CP949 is two bytes from 0x81-0xFE, rarely valid UTF-8, so a CP949 line is seldom taken for UTF-8.
-    """
-    utf8_line = cp949_line = None
-    try:
-        with open(path, "rb") as handle:
-            for line_no, raw in enumerate(handle, start=1):
-                if raw.isascii():
-                    continue
-                try:
-                    raw.decode("utf-8")
-                    utf8_line = utf8_line or line_no
-                except UnicodeDecodeError:
-                    try:
-                        raw.decode("cp949")
-                    except UnicodeDecodeError:
-                        return f"not valid UTF-8 ({bad_byte})"
-                    cp949_line = cp949_line or line_no
-                if utf8_line and cp949_line:
-                    return (f"not valid UTF-8 ({bad_byte}): the file mixes encodings (line {utf8_line} is UTF-8, "
-                            f"line {cp949_line} CP949/EUC-KR); save every line as UTF-8")
-    except OSError:
-        return f"not valid UTF-8 ({bad_byte})"
-    if cp949_line is None:  # the file changed since it was read
-        return f"not valid UTF-8 ({bad_byte})"
-    file = Path(path)
-    converted = file.with_name(f"{file.stem}.utf8{file.suffix}")
-    return (f"not UTF-8: the file looks CP949/EUC-KR encoded (Windows Korean); convert it: "
-            f"iconv -f cp949 -t utf-8 {shlex.quote(path)} > {shlex.quote(str(converted))}")
 
 
 def read_tsv(path: str | os.PathLike, required: Sequence[str]) -> Iterator[tuple[int, dict[str, str]]]:
