@@ -84,7 +84,7 @@ def evaluate_split(encoder: Encoder, data_dir: str | os.PathLike, split: str, ba
 
 
 def sts_set_line(name: str, pairs: Sequence[StsPair]) -> str:
-    """What an STS evaluation is about to encode, for the line announcing it: `KorSTS dev, 2,917 sentences`."""
+    """What an STS evaluation is about to encode, for the line announcing it: `KorSTS dev, 2,888 sentences`."""
     return f"{name}, {len(distinct_sentences(pairs)):,} sentences"
 
 

@@ -282,7 +282,7 @@ def _by_dim(result: StsResult) -> dict[str, dict[str, float]]:
 
 
 def announce_evaluation(run: Run, split: str, pairs: list, ir: IrData | None) -> bool:
-    """One line before an evaluation starts (`evaluating dev: KorSTS dev, 2,917 sentences; ...`); returns
+    """One line before an evaluation starts (`evaluating dev: KorSTS dev, 2,888 sentences; ...`); returns
     whether its encodes draw progress bars (--progress)."""
     own_file = getattr(run.config, f"sts_{split}_file")
     sets = [sts_set_line(Path(own_file).name if own_file else f"KorSTS {split}", pairs)]
