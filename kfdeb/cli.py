@@ -13,6 +13,7 @@ import warnings
 from typing import Callable
 
 from kfdeb.errors import TrainingStopped, UserInputError
+from kfdeb.flags import FlagParser, add_progress_flag, progress_shown
 
 
 def quiet_third_party() -> None:
@@ -90,13 +91,13 @@ def evaluate_main(argv: list[str] | None = None) -> int:
 
     import kfdeb
     from kfdeb.config import positive_numbers
-    from kfdeb.evaluation import TABLE_HEADER, evaluate_sts, table_row
+    from kfdeb.evaluation import TABLE_HEADER, evaluate_sts, sts_set_line, table_row
     from kfdeb.ir_data import read_ir_data
     from kfdeb.readers import BUNDLED_DATA_DIR, read_scored_file, read_sts, sts_path
     from kfdeb.retrieval import TABLE_HEADER as IR_TABLE_HEADER
-    from kfdeb.retrieval import evaluate_retrieval, ir_table_row
+    from kfdeb.retrieval import evaluate_retrieval, ir_set_line, ir_table_row
 
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         prog="evaluate.py",
         description="KorSTS figures (Pearson/Spearman x100 of cosine, euclidean, manhattan, dot) of a model, "
                     "the same figures on your own scored pairs (--data_file), or retrieval figures (nDCG@10, MRR@10, "
@@ -123,6 +124,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dims", default=None, metavar="D1,D2,...",
                         help="Matryoshka: one row per width, the embeddings truncated to their first D coordinates "
                              "(as sentence-transformers' truncate_dim), e.g. 768,256,64")
+    add_progress_flag(parser)
     args = parser.parse_args(argv)
     dims: list[int] = positive_numbers("dims", args.dims or "")
     if args.dims is not None and not dims:
@@ -151,12 +153,18 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         pairs = read_sts(sts_path(args.data_dir or BUNDLED_DATA_DIR, split))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     encoder = kfdeb.load(args.ckpt, device=device, max_seq_length=args.max_seq_length)
+    progress = progress_shown(args.progress)
+    # stderr, with the bars: stdout is the table
+    sts_name = split if args.data_file is not None else f"KorSTS {split}"
+    print(f"evaluating {ir_set_line(ir_data) if args.ir_data is not None else sts_set_line(sts_name, pairs)}",
+          file=sys.stderr)
     if args.ir_data is not None:
-        result, header, row = evaluate_retrieval(encoder, ir_data, args.batch_size, dims), IR_TABLE_HEADER, ir_table_row
+        result = evaluate_retrieval(encoder, ir_data, args.batch_size, dims, show_progress=progress)
+        header, row = IR_TABLE_HEADER, ir_table_row
         speed = (f"{result.queries} queries over {result.documents} documents ({result.texts_encoded} distinct texts "
                  f"encoded) in {result.seconds:.2f} s")
     else:
-        result, header, row = evaluate_sts(encoder, pairs, args.batch_size, dims), TABLE_HEADER, table_row
+        result, header, row = evaluate_sts(encoder, pairs, args.batch_size, dims, progress), TABLE_HEADER, table_row
         speed = f"encoded {result.sentences} sentences in {result.seconds:.2f} s: {result.sentences_per_second:.1f} sentences/s"
     ckpt = Path(args.ckpt)
     name = args.name or (f"{ckpt.parent.name}/{ckpt.name}" if ckpt.suffix == ".onnx" else ckpt.resolve().name)
@@ -183,7 +191,7 @@ def mine_main(argv: list[str] | None = None) -> int:
     from kfdeb.mining import MiningSettings, mine_hard_negatives, summary, write_rows
     from kfdeb.readers import RELEVANT_PAIR_KINDS, read_own_file
 
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         prog="mine.py",
         description="Hard negatives for (anchor, positive) pairs, as sentence-transformers' mine_hard_negatives "
                     "finds them (same options): exact search of a corpus by the model's cosine similarity, the "
@@ -218,7 +226,7 @@ def mine_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seeds the random sampling strategy")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--progress", default="true", choices=["true", "false"], help="progress bars while encoding")
+    add_progress_flag(parser)
     args = parser.parse_args(argv)
     settings = MiningSettings(args.range_min, args.range_max, args.max_score, args.min_score, args.absolute_margin,
                               args.relative_margin, args.num_negatives, args.sampling_strategy, args.output_format,
@@ -240,7 +248,7 @@ def mine_main(argv: list[str] | None = None) -> int:
     corpus_prompt = encoder.role_prompt("document") if args.corpus_prompt is None else args.corpus_prompt
     started = time.perf_counter()
     mined = mine_hard_negatives(encoder, pairs, corpus, settings, query_prompt, corpus_prompt, args.batch_size,
-                                show_progress=args.progress == "true")
+                                show_progress=progress_shown(args.progress))
     seconds = time.perf_counter() - started
     write_rows(output, mined.columns, mined.rows)
     print(summary(mined, settings))
@@ -255,7 +263,7 @@ def export_main(argv: list[str] | None = None) -> int:
 
     from kfdeb.onnx import DEFAULT_OPSET, FP16_RELATIVE_TOLERANCE, FP32_TOLERANCE, METADATA_FILE
 
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         prog="export.py",
         description="Export a sentence encoder (encoder + its pooling, mean or CLS [+ normalize]) as one ONNX graph with "
                     "inputs input_ids, attention_mask (and token_type_ids for models with segments) and outputs "
@@ -275,7 +283,7 @@ def export_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp16", action="store_true", help="also write MODEL.fp16.onnx (fp16 inside, float32 in/out)")
     parser.add_argument("--max_seq_length", type=int, default=None,
                         help="truncation length recorded for the ONNX encoder (default: the model's own)")
-    parser.add_argument("--no-check", dest="check", action="store_false",
+    parser.add_argument("--no_check", dest="check", action="store_false",
                         help="skip the onnxruntime-vs-PyTorch comparison (on by default)")
     args = parser.parse_args(argv)
     quiet_third_party()
@@ -307,7 +315,7 @@ def export_main(argv: list[str] | None = None) -> int:
         print(f"check {variant}: max abs diff to PyTorch on onnxruntime (batches of 1, 3, 5 sentences, padded): "
               + ", ".join(f"{name} {diff:.2e}" for name, diff in diffs.items()) + f" (tolerance {limit}): ok")
     if not args.check:
-        print("check skipped (--no-check)")
+        print("check skipped (--no_check)")
     for variant, path in result.paths.items():
         what = (f"opset {args.opset}; inputs {', '.join(kfdeb_onnx.input_names(encoder))}; "
                 f"outputs {', '.join(kfdeb_onnx.OUTPUT_NAMES)}")

@@ -10,12 +10,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from kfdeb.batching import NLI_TRIPLET_SCOPES
 from kfdeb.errors import UserInputError, first_line
+from kfdeb.flags import PROGRESS_CHOICES, PROGRESS_HELP, FlagParser, add_field_flags, presets_help, progress_value
 from kfdeb.ir_metrics import IR_KEYS
 from kfdeb.losses import STS_LOSSES
 
@@ -29,124 +32,146 @@ METRICS_FOR_BEST = (
 )
 
 
-def knob(default: Any, help: str, resumable: bool = False, choices: Sequence[str] = ()) -> Any:
+# --help's sections, in this order; every field names one of them (tests/test_config.py checks)
+GROUPS = {"recipe": "preset and config file", "model": "model", "data": "data", "objectives": "objectives",
+          "schedule": "schedule", "evaluation": "evaluation and selection", "distributed": "device and distributed",
+          "output": "output and logging"}
+
+
+def knob(default: Any, help: str, resumable: bool = False, choices: Sequence[str] = (), group: str = "") -> Any:
     """A TrainConfig field with everything about it in one place: its default, its --help text, whether
-    it may change between a run and its --resume (how a run goes, not what it computes), its choices."""
-    return field(default=default, metadata={"help": help, "resumable": resumable, "choices": tuple(choices)})
+    it may change between a run and its --resume (how a run goes, not what it computes), its choices,
+    and its section of --help (a key of GROUPS)."""
+    return field(default=default, metadata={"help": help, "resumable": resumable, "choices": tuple(choices),
+                                            "group": group})
 
 
 @dataclass
 class TrainConfig:
     # what to train (flag names as in the reference training scripts)
     model_name_or_path: str = knob(
-        "kakaobank/kf-deberta-base", f"encoder to fine-tune: local folder or hub id ({TINY_MODEL}: tiny random DeBERTa-v2)")
-    data_dir: str = knob("kor-nlu-datasets", f"kor-nlu-datasets clone ({BUNDLED}: the files shipped with kfdeb)")
-    nli_train_glob: str = knob("KorNLI/*train.ko.tsv", "KorNLI training files, relative to data_dir")
+        "kakaobank/kf-deberta-base", f"encoder to fine-tune: local folder or hub id ({TINY_MODEL}: tiny random DeBERTa-v2)",
+        group="model")
+    data_dir: str = knob("kor-nlu-datasets", f"kor-nlu-datasets clone ({BUNDLED}: the files shipped with kfdeb)",
+                         group="data")
+    nli_train_glob: str = knob("KorNLI/*train.ko.tsv", "KorNLI training files, relative to data_dir", group="data")
     # your own files (.tsv, .csv, .jsonl; readers.py): each one given replaces what data_dir would give
     nli_train_files: str = knob(
         "", "your own training files for the in-batch negatives (nli) objective instead of data_dir/nli_train_glob: "
             "comma-separated paths or globs, .tsv/.csv/.jsonl, each of NLI pairs (sentence1, sentence2, gold_label), "
-            "triplets (anchor, positive, negative) or pairs (anchor, positive); pairs cannot be mixed with the others")
+            "triplets (anchor, positive, negative) or pairs (anchor, positive); pairs cannot be mixed with the others",
+            group="data")
     sts_train_file: str = knob("", "your own scored pairs (sentence1, sentence2, score; .tsv/.csv/.jsonl) for the sts "
-                                   "objective instead of data_dir's KorSTS train")
-    sts_dev_file: str = knob("", "your own scored pairs for dev evaluation (best checkpoint) instead of KorSTS dev")
-    sts_test_file: str = knob("", "your own scored pairs for the final test evaluation instead of KorSTS test")
+                                   "objective instead of data_dir's KorSTS train", group="data")
+    sts_dev_file: str = knob("", "your own scored pairs for dev evaluation (best checkpoint) instead of KorSTS dev",
+                             group="evaluation")
+    sts_test_file: str = knob("", "your own scored pairs for the final test evaluation instead of KorSTS test",
+                              group="evaluation")
     score_max: float = knob(5.0, "the highest score of the --sts_*_file files: label = score / score_max, a score "
-                                 "outside 0..score_max is an error (KorSTS files under data_dir are always 0..5)")
-    tasks: str = knob("nli,sts", "comma-separated objectives: nli, sts or nli,sts")
+                                 "outside 0..score_max is an error (KorSTS files under data_dir are always 0..5)",
+                                 group="data")
+    tasks: str = knob("nli,sts", "comma-separated objectives: nli, sts or nli,sts", group="objectives")
     nli_triplet_scope: str = knob(
         "per_file", "per_file (reference: triplets built file by file, then concatenated) or union (one partner "
-                    "table over all files: a sentence in several files is an anchor once)", choices=NLI_TRIPLET_SCOPES)
-    max_seq_length: int = knob(256, "tokens per sentence, [CLS]/[SEP] included")
-    nli_batch_size: int = knob(64, "global batch of the in-batch negatives (nli) objective, whatever the number of GPUs")
-    sts_batch_size: int = knob(8, "global batch of the sts objective, whatever the number of GPUs")
+                    "table over all files: a sentence in several files is an anchor once)", choices=NLI_TRIPLET_SCOPES,
+                    group="data")
+    max_seq_length: int = knob(256, "tokens per sentence, [CLS]/[SEP] included", group="model")
+    nli_batch_size: int = knob(64, "global batch of the in-batch negatives (nli) objective, whatever the number of GPUs",
+                               group="objectives")
+    sts_batch_size: int = knob(8, "global batch of the sts objective, whatever the number of GPUs", group="objectives")
     batch_size: int = knob(
         0, "the flag of the reference's single-objective scripts (training_nli.py, training_sts.py): the global batch "
            "size of the one objective of --tasks (with --preset nli: --nli_batch_size; with --preset sts: "
-           "--sts_batch_size); refused with both objectives (0: unset)", resumable=True)
+           "--sts_batch_size); refused with both objectives (0: unset)", resumable=True, group="objectives")
     nli_mini_batch_size: int = knob(
         0, "GradCache: embed each rank's NLI batch this many triplets at a time, for the exact gradient of a large "
-           "--nli_batch_size at the memory of a small one (0: off)")
-    num_epochs: int = knob(10, "epochs; an epoch is the shorter objective's batch count")
-    max_steps: int = knob(0, "stop after this many steps (0: num_epochs); the schedule spans them")
-    learning_rate: float = knob(2e-5, "AdamW's learning rate, after linear warmup, then linear decay to 0")
-    warmup_ratio: float = knob(0.1, "warmup over ceil(ratio x steps) steps")
-    weight_decay: float = knob(0.01, "AdamW weight decay, except bias and LayerNorm parameters")
-    max_grad_norm: float = knob(1.0, "gradient-norm clipping")
+           "--nli_batch_size at the memory of a small one (0: off)", group="objectives")
+    num_epochs: int = knob(10, "epochs; an epoch is the shorter objective's batch count", group="schedule")
+    max_steps: int = knob(0, "stop after this many steps (0: num_epochs); the schedule spans them", group="schedule")
+    learning_rate: float = knob(2e-5, "AdamW's learning rate, after linear warmup, then linear decay to 0", group="schedule")
+    warmup_ratio: float = knob(0.1, "warmup over ceil(ratio x steps) steps", group="schedule")
+    weight_decay: float = knob(0.01, "AdamW weight decay, except bias and LayerNorm parameters", group="schedule")
+    max_grad_norm: float = knob(1.0, "gradient-norm clipping", group="schedule")
     optimizer: str = knob("per_task", "per_task (reference: one AdamW + schedule per objective, 2 updates a step) "
-                                      "or joint (one AdamW over the summed losses)", choices=("per_task", "joint"))
-    seed: int = knob(42, "seeds the triplets, every sampler pass and dropout (each rank: seed + rank)")
+                                      "or joint (one AdamW over the summed losses)", choices=("per_task", "joint"),
+                                      group="schedule")
+    seed: int = knob(42, "seeds the triplets, every sampler pass and dropout (each rank: seed + rank)", group="schedule")
     query_prompt: str = knob(
         "auto", "text prepended to the anchors of the in-batch negatives (nli) objective and to the queries of "
                 "retrieval evaluation (auto: the model's own prompt named query, as e5's 'query: '; \"\": none); "
                 "the trained model keeps it, for encode_query. KorSTS pairs get no prompt, in training and evaluation, "
-                "as sentence-transformers' STS evaluator encodes them")
+                "as sentence-transformers' STS evaluator encodes them", group="model")
     document_prompt: str = knob(
         "auto", "text prepended to the positives and negatives of the in-batch objective and to the documents of "
-                "retrieval evaluation (auto: the model's own prompt named document or passage; \"\": none)")
+                "retrieval evaluation (auto: the model's own prompt named document or passage; \"\": none)", group="model")
     pooling: str = knob("auto", "mean or cls: the pooling of a plain Hugging Face model (auto: mean, the reference's); "
                                 "a sentence-transformers folder pools as its Pooling module says",
-                        choices=("auto", "mean", "cls"))
+                        choices=("auto", "mean", "cls"), group="model")
     # what the objectives optimise beyond the reference recipe (losses.py)
     sts_loss: str = knob(
         "cosine", "loss of the sts objective: cosine (MSE between cosine and score / 5, the reference), cosent "
                   "(CoSENT ranking loss, scale 20) or angle (AnglE: the same ranking loss on the angle similarity)",
-        choices=STS_LOSSES)
+        choices=STS_LOSSES, group="objectives")
     matryoshka_dims: str = knob(
         "", "Matryoshka (MRL): comma-separated embedding widths, largest first, e.g. 768,512,256,128,64,32; both "
             "objectives sum their loss over these prefixes of the embedding (one forward); dev evaluation reports "
-            "every width and selects the best checkpoint at the first")
-    matryoshka_weights: str = knob("", "comma-separated weight of each --matryoshka_dims width (default: 1 each)")
+            "every width and selects the best checkpoint at the first", group="objectives")
+    matryoshka_weights: str = knob("", "comma-separated weight of each --matryoshka_dims width (default: 1 each)",
+                                   group="objectives")
     # evaluation and outputs
-    eval_steps: int = knob(1000, "dev evaluation every N steps (and at each epoch end)")
-    eval_batch_size: int = knob(64, "sentences per batch when evaluating", resumable=True)
+    eval_steps: int = knob(1000, "dev evaluation every N steps (and at each epoch end)", group="evaluation")
+    eval_batch_size: int = knob(64, "sentences per batch when evaluating", resumable=True, group="evaluation")
     metric_for_best: str = knob(
         "max_spearman", "dev figure that selects the best checkpoint (with --matryoshka_dims: at the first width): "
                         f"{', '.join(METRICS_FOR_BEST)}; with --ir_dev_data a retrieval figure ({', '.join(IR_KEYS)}) "
-                        "or the mean of a KorSTS and a retrieval figure, e.g. cosine_spearman+ndcg@10")
+                        "or the mean of a KorSTS and a retrieval figure, e.g. cosine_spearman+ndcg@10", group="evaluation")
     ir_dev_data: str = knob(
         "", "retrieval evaluated beside KorSTS at every dev evaluation: a BEIR folder (corpus.jsonl, queries.jsonl, "
             "qrels/SPLIT.tsv) or a .tsv/.csv/.jsonl file of anchor, positive pairs; kfdeb:korsts-dev is the bundled "
-            "KorSTS dev paraphrase set")
-    ir_dev_split: str = knob("dev", "the qrels split of a BEIR --ir_dev_data")
+            "KorSTS dev paraphrase set", group="evaluation")
+    ir_dev_split: str = knob("dev", "the qrels split of a BEIR --ir_dev_data", group="evaluation")
     ir_test_data: str = knob("", "retrieval evaluated beside KorSTS on the best model at the end (kfdeb:korsts-test: "
-                                 "the bundled KorSTS test paraphrase set)")
-    ir_test_split: str = knob("test", "the qrels split of a BEIR --ir_test_data")
+                                 "the bundled KorSTS test paraphrase set)", group="evaluation")
+    ir_test_split: str = knob("test", "the qrels split of a BEIR --ir_test_data", group="evaluation")
     output_dir: str = knob("output", "where the run's folder is (best/, state/, metrics.jsonl, curves.png)",
-                           resumable=True)
+                           resumable=True, group="output")
     output_prefix: str = knob(
         "", "as the reference training scripts: the run's folder becomes output_dir/<prefix><model_name_or_path "
             "with / as ->, e.g. --output_prefix kor_multi_ with the default model gives "
             "output/kor_multi_kakaobank-kf-deberta-base. The reference also appended a timestamp; kfdeb does not, "
             "so the same command line finds its own run again with --resume (\"\": the run's folder is output_dir "
-            "itself)", resumable=True)
+            "itself)", resumable=True, group="output")
     hub_model_id: str = knob("", "name of the model in its model card's usage snippets, e.g. "
-                                 "user/kf-deberta-multitask (default: the output folder's name)", resumable=True)
-    save_steps: int = knob(1000, "write resumable state every N steps (and at each epoch end)", resumable=True)
+                                 "user/kf-deberta-multitask (default: the output folder's name)", resumable=True,
+                                 group="output")
+    save_steps: int = knob(1000, "write resumable state every N steps (and at each epoch end)", resumable=True,
+                           group="output")
     logging_steps: int = knob(10, "log losses every N steps; also the most steps a SIGTERM waits before the run "
-                                  "saves and stops", resumable=True)
+                                  "saves and stops", resumable=True, group="output")
     resume: bool = knob(False, "continue from the run folder's state/ (starts at step 0 when there is none)",
-                        resumable=True)
-    overwrite_output_dir: bool = knob(False, "start over in an output_dir that holds a previous run", resumable=True)
+                        resumable=True, group="output")
+    overwrite_output_dir: bool = knob(False, "start over in an output_dir that holds a previous run", resumable=True,
+                                      group="output")
     # how it runs (not part of the maths)
     device: str = knob("auto", "auto (cuda:LOCAL_RANK if CUDA is available, else cpu), cpu, cuda (this rank's GPU), "
-                               "cuda:N (one process)", resumable=True)
+                               "cuda:N (one process)", resumable=True, group="distributed")
     amp: str = knob("auto", "autocast dtype: auto (bf16 on GPUs with native bf16, fp16 + GradScaler on older GPUs, "
-                            "none on CPU), none, bf16, fp16 (GradScaler)", choices=("auto", "none", "bf16", "fp16"))
-    pad_to_multiple_of: int = knob(0, "pad batches to a multiple of N tokens (0: 8 on GPU, 1 on CPU)")
+                            "none on CPU), none, bf16, fp16 (GradScaler)", choices=("auto", "none", "bf16", "fp16"),
+                            group="distributed")
+    pad_to_multiple_of: int = knob(0, "pad batches to a multiple of N tokens (0: 8 on GPU, 1 on CPU)", group="distributed")
     dist_timeout: int = knob(
         1800, "seconds a rank waits in a collective (e.g. while rank 0 saves a checkpoint) before the job fails; a "
-              "rank that dies ends the job within seconds whatever this is", resumable=True)
+              "rank that dies ends the job within seconds whatever this is", resumable=True, group="distributed")
     cache_dir: str = knob(
         "", "token cache folder: each objective's examples and token ids, built by the first run (one process per "
             "node) and memory-mapped by later runs and every rank; delete it to clear it (\"\": "
-            "$XDG_CACHE_HOME/kfdeb, else ~/.cache/kfdeb)", resumable=True)
+            "$XDG_CACHE_HOME/kfdeb, else ~/.cache/kfdeb)", resumable=True, group="data")
     no_cache: bool = knob(False, "no token cache: read and tokenize the training files in memory, in every run and rank",
-                          resumable=True)
-    progress: bool = knob(True, "show a progress bar", resumable=True)
-    preset: str = knob("", "named defaults: multitask, nli, sts, smoke", resumable=True,
-                       choices=("multitask", "nli", "sts", "smoke"))
-    config: str = knob("", "JSON or YAML file of the same keys (command-line flags win)", resumable=True)
+                          resumable=True, group="data")
+    progress: str = knob("auto", PROGRESS_HELP, resumable=True, choices=PROGRESS_CHOICES, group="output")
+    preset: str = knob("", "named defaults (what each sets: the end of --help)", resumable=True,
+                       choices=("multitask", "nli", "sts", "smoke"), group="recipe")
+    config: str = knob("", "JSON or YAML file of the same keys (command-line flags win)", resumable=True, group="recipe")
 
     @property
     def run_dir(self) -> Path:
@@ -196,36 +221,31 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # what may change between a run and its --resume: how it goes, not what it computes (train_state.py checks)
 RESUMABLE = frozenset(name for name, spec in _FIELDS.items() if spec.metadata["resumable"])
 assert set(_FIELDS["preset"].metadata["choices"]) == set(PRESETS), "--preset's choices are the presets"
-
-
-def _parse_bool(text: str) -> bool:
-    lowered = str(text).lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+PRESET_SUMMARIES = {  # what --help says of each preset, before the values it sets (listed from PRESETS)
+    "multitask": "the published multitask recipe (kf-deberta-multitask, ko-sroberta-multitask)",
+    "nli": "the reference's training_nli.py: the in-batch negatives objective alone",
+    "sts": "the reference's training_sts.py: the sts objective alone",
+    "smoke": "offline pipeline check (not model quality): a tiny random DeBERTa-v2 on the bundled files",
+}
+assert set(PRESET_SUMMARIES) == set(PRESETS), "every preset has its summary"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="train.py",
-        description="Multitask fine-tuning of a sentence encoder on KorNLI + KorSTS (kfdeb).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    for name, spec in _FIELDS.items():
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{spec.metadata['help']} (default: {spec.default!r})"}
-        if isinstance(spec.default, bool):
-            kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
-        else:
-            kwargs["type"] = type(spec.default)
-        if spec.metadata["choices"]:
-            kwargs["choices"] = list(spec.metadata["choices"])
-        parser.add_argument(f"--{name}", **kwargs)
+    """train.py's flags, one per TrainConfig field, in --help sections by the field's group (GROUPS)."""
+    width = min(shutil.get_terminal_size().columns, 120) - 2
+    parser = FlagParser(
+        prog="train.py", usage="train.py [--preset NAME] [--config FILE] [--FLAG VALUE ...]",
+        description=textwrap.fill(
+            "Multitask fine-tuning of a sentence encoder on KorNLI + KorSTS (kfdeb). Precedence: defaults < --preset "
+            "< --config FILE < flags; a flag may be spelled with dashes (--learning-rate).", width),
+        epilog=presets_help(PRESETS, PRESET_SUMMARIES, width), formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_field_flags(parser, _FIELDS.values(), GROUPS)
     return parser
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
+    if name == "progress":  # auto, true or false; a bool (what --progress was) means true or false
+        return progress_value(value, f"{source}: progress")
     expected = type(getattr(TrainConfig(), name))
     if expected is bool and isinstance(value, bool):
         return value
@@ -274,6 +294,8 @@ def resolve(overrides: dict[str, Any]) -> TrainConfig:
         raise UserInputError(f"{unknown[0]}: unknown config key")
     if values.get("batch_size"):
         values.update(_single_objective_batch_size(values, {**file_values, **overrides}))
+    if "progress" in values:
+        values["progress"] = progress_value(values["progress"], "--progress")
     config = TrainConfig(**values)
     validate(config)
     return config

@@ -70,14 +70,16 @@ def encode_in_length_order(
     if show_progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(sentences), desc="encode", unit="sentence")
+        bar = tqdm(total=len(sentences), desc="encode", unit="sentence", leave=False)  # gone once done
     for start in range(0, len(sentences), window):
         part = sentences[start : start + window]
         chunk_ids, chunk_masks, restore = length_sorted_chunks(engine.tokenize(part), batch_size, engine.pad_id)
-        sorted_rows = torch.cat([embed(ids, mask)[:, :width].float().cpu() for ids, mask in zip(chunk_ids, chunk_masks)])
-        embeddings[start : start + len(part)] = sorted_rows[restore]
-        if bar is not None:
-            bar.update(len(part))
+        sorted_rows = []
+        for ids, mask in zip(chunk_ids, chunk_masks):
+            sorted_rows.append(embed(ids, mask)[:, :width].float().cpu())
+            if bar is not None:  # batch by batch: a window can take minutes
+                bar.update(len(ids))
+        embeddings[start : start + len(part)] = torch.cat(sorted_rows)[restore]
     if bar is not None:
         bar.close()
     if normalize:

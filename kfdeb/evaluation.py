@@ -50,20 +50,25 @@ def distinct_sentences(pairs: Sequence[StsPair]) -> list[str]:
     return list(dict.fromkeys(s for pair in pairs for s in (pair.sentence1, pair.sentence2)))
 
 
-def pair_embeddings(encoder: Encoder, pairs: Sequence[StsPair], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, int]:
+def pair_embeddings(encoder: Encoder, pairs: Sequence[StsPair], batch_size: int = 64,
+                    show_progress: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
     """(embeddings of each pair's sentence1, of its sentence2, the number of sentences encoded):
     every distinct sentence is encoded once, in float32."""
     distinct = distinct_sentences(pairs)
-    embeddings = np.asarray(encoder.encode(distinct, batch_size=batch_size, convert_to_numpy=True), dtype=np.float32)
+    progress = {"show_progress": True} if show_progress else {}  # asked of the encoder only when wanted
+    embeddings = np.asarray(encoder.encode(distinct, batch_size=batch_size, convert_to_numpy=True, **progress),
+                            dtype=np.float32)
     row = {sentence: i for i, sentence in enumerate(distinct)}
     return embeddings[[row[p.sentence1] for p in pairs]], embeddings[[row[p.sentence2] for p in pairs]], len(distinct)
 
 
-def evaluate_sts(encoder: Encoder, pairs: Sequence[StsPair], batch_size: int = 64, dims: Sequence[int] = ()) -> StsResult:
+def evaluate_sts(encoder: Encoder, pairs: Sequence[StsPair], batch_size: int = 64, dims: Sequence[int] = (),
+                 show_progress: bool = False) -> StsResult:
     """The 8 figures of the embeddings, and of their first d coordinates for each d of `dims`
-    (Matryoshka: the sentences are encoded once; truncation as sentence-transformers' truncate_dim)."""
+    (Matryoshka: the sentences are encoded once; truncation as sentence-transformers' truncate_dim);
+    show_progress: the encoder draws its progress bar."""
     start = time.perf_counter()
-    first, second, encoded = pair_embeddings(encoder, pairs, batch_size)
+    first, second, encoded = pair_embeddings(encoder, pairs, batch_size, show_progress)
     seconds = time.perf_counter() - start
     too_wide = [d for d in dims if d > first.shape[1]]
     if too_wide:
@@ -76,6 +81,11 @@ def evaluate_sts(encoder: Encoder, pairs: Sequence[StsPair], batch_size: int = 6
 def evaluate_split(encoder: Encoder, data_dir: str | os.PathLike, split: str, batch_size: int = 64,
                    dims: Sequence[int] = ()) -> StsResult:
     return evaluate_sts(encoder, read_sts(sts_path(data_dir, split)), batch_size, dims)
+
+
+def sts_set_line(name: str, pairs: Sequence[StsPair]) -> str:
+    """What an STS evaluation is about to encode, for the line announcing it: `KorSTS dev, 2,888 sentences`."""
+    return f"{name}, {len(distinct_sentences(pairs)):,} sentences"
 
 
 def table_row(name: str, figures: dict[str, float]) -> str:

@@ -38,6 +38,7 @@ from kfdeb import distributed, train_state
 from kfdeb.batching import length_sorted_chunks, shard
 from kfdeb.config import TrainConfig
 from kfdeb.errors import TrainingStopped
+from kfdeb.flags import progress_shown
 from kfdeb.gradcache import cached_backward
 from kfdeb.losses import Objective, nli_loss, sts_loss
 from kfdeb.run import Run, evaluate_and_keep_best, finish, setup
@@ -191,7 +192,7 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
     position = train_state.resume(run)
     meter = StepMeter(run)
     bar = None
-    if config.progress and ctx.is_main:
+    if ctx.is_main and progress_shown(config.progress):
         from tqdm.auto import tqdm
 
         bar = tqdm(total=run.total_steps, initial=position.step, desc="train", unit="step", mininterval=1.0)

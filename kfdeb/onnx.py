@@ -211,7 +211,7 @@ def verify(path: str | os.PathLike, encoder: SentenceEncoder, relative: bool = F
         if not worst[name] <= allowed:  # also catches nan
             raise UserInputError(
                 f"{Path(path).name}: {name} differs from PyTorch by up to {worst[name]:.3g} on onnxruntime "
-                f"(tolerance {allowed:.3g}); nothing was written (--no-check skips this check)"
+                f"(tolerance {allowed:.3g}); nothing was written (--no_check skips this check)"
             )
     return worst
 

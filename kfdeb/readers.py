@@ -2,7 +2,8 @@
 
 Every problem stops the run with `file:line: field: problem` (UserInputError, exit status 2);
 nothing is skipped silently. All files: UTF-8 (a leading BOM is accepted; a bad byte is reported
-with its line and its offset in that line, by `decode`), LF or CRLF line ends.
+with its line and its offset in that line; a CP949/EUC-KR file, Korean saved on Windows, is named as
+such with the iconv command that converts it: decoding.py), LF or CRLF line ends.
 
 KorNLU files (github.com/kakaobrain/kor-nlu-datasets, CC BY-SA 4.0) are tab-separated with a
 header row and no quoting: a `"` is an ordinary character (csv.QUOTE_NONE), and they are read line
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
+from kfdeb.decoding import decode
 from kfdeb.errors import UserInputError
 
 BUNDLED_DATA_DIR = Path(__file__).resolve().parent / "bundled" / "kor-nlu"
@@ -59,20 +61,6 @@ class Triplet(NamedTuple):
     anchor: str
     positive: str
     negative: str
-
-
-def decode(data: bytes, path: str, first_line: int = 1) -> str:
-    """`data` (a whole file, or one line of it starting at line `first_line`) as text: UTF-8, a BOM at the
-    start of the file removed; a bad byte is reported with its line and its offset in that line."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line_no = first_line + data.count(b"\n", 0, err.start)
-        line_start = data.rfind(b"\n", 0, err.start) + 1
-        raise UserInputError(
-            f"{path}:{line_no}: not valid UTF-8 (byte {err.start - line_start}: {data[err.start:err.start + 1]!r})"
-        ) from None
-    return text.removeprefix("\ufeff") if first_line == 1 else text
 
 
 def read_tsv(path: str | os.PathLike, required: Sequence[str]) -> Iterator[tuple[int, dict[str, str]]]:

@@ -41,9 +41,10 @@ class IrResult:
     by_dim: dict[int, dict[str, float]] = field(default_factory=dict)  # the figures of each truncated width asked for
 
 
-def encode_texts(encoder: Encoder, texts: Sequence[str], batch_size: int) -> np.ndarray:
+def encode_texts(encoder: Encoder, texts: Sequence[str], batch_size: int, show_progress: bool = False) -> np.ndarray:
     """The texts as they are: prompt="" keeps a model's default_prompt_name out (the caller prepended its own)."""
-    return np.asarray(encoder.encode(list(texts), batch_size=batch_size, convert_to_numpy=True, prompt=""),
+    progress = {"show_progress": True} if show_progress else {}  # asked of the encoder only when wanted
+    return np.asarray(encoder.encode(list(texts), batch_size=batch_size, convert_to_numpy=True, prompt="", **progress),
                       dtype=np.float32)
 
 
@@ -69,20 +70,21 @@ def model_prompts(encoder: Any) -> tuple[str, str]:
 
 
 def evaluate_retrieval(encoder: Encoder, data: IrData, batch_size: int = 64, dims: Sequence[int] = (),
-                       query_prompt: str | None = None, document_prompt: str | None = None) -> IrResult:
+                       query_prompt: str | None = None, document_prompt: str | None = None,
+                       show_progress: bool = False) -> IrResult:
     """The retrieval figures of `encoder` on `data` (module docstring), and of the embeddings' first d
     coordinates for each d of `dims` (Matryoshka: encoded once, as evaluation.evaluate_sts does).
 
     Queries get `query_prompt` and documents `document_prompt` prepended (None: the model's own prompts,
-    as sentence-transformers' encode_query / encode_document apply them)."""
+    as sentence-transformers' encode_query / encode_document apply them); show_progress: the encoder draws its bars."""
     started = time.perf_counter()
     own_query, own_document = model_prompts(encoder)
     query_prompt = own_query if query_prompt is None else query_prompt
     document_prompt = own_document if document_prompt is None else document_prompt
     distinct = list(dict.fromkeys(data.corpus.values()))
     query_texts = list(dict.fromkeys(data.queries.values()))
-    corpus = encode_texts(encoder, [document_prompt + text for text in distinct], batch_size)
-    queries = encode_texts(encoder, [query_prompt + text for text in query_texts], batch_size)
+    corpus = encode_texts(encoder, [document_prompt + text for text in distinct], batch_size, show_progress)
+    queries = encode_texts(encoder, [query_prompt + text for text in query_texts], batch_size, show_progress)
     if len(distinct) < len(data.corpus):  # a text under several ids: each id gets its row
         row = {text: i for i, text in enumerate(distinct)}
         corpus = corpus[np.fromiter((row[text] for text in data.corpus.values()), dtype=np.int64, count=len(data.corpus))]
@@ -96,6 +98,11 @@ def evaluate_retrieval(encoder: Encoder, data: IrData, batch_size: int = 64, dim
     figures = ir_figures(search(data, unit_rows(corpus), unit_rows(queries)), data.relevant)  # last: in place
     return IrResult(figures, len(data.queries), len(data.corpus), len(distinct) + len(query_texts),
                     time.perf_counter() - started, by_dim)
+
+
+def ir_set_line(data: IrData) -> str:
+    """What a retrieval evaluation is about to search, for the line announcing it."""
+    return f"{data.name}, {len(data.queries):,} queries over {len(data.corpus):,} documents"
 
 
 def ir_table_row(name: str, figures: dict[str, float]) -> str:

@@ -39,14 +39,15 @@ import torch
 from kfdeb import distributed, train_state
 from kfdeb.config import BUNDLED, TINY_MODEL, TrainConfig
 from kfdeb.errors import UserInputError
-from kfdeb.evaluation import TABLE_HEADER, StsResult, best_score, evaluate_sts, table_row
+from kfdeb.evaluation import TABLE_HEADER, StsResult, best_score, evaluate_sts, sts_set_line, table_row
+from kfdeb.flags import progress_shown
 from kfdeb.ir_data import IrData, read_ir_data, trained_on
 from kfdeb.losses import Objective
 from kfdeb.model import SentenceEncoder, load_encoder
 from kfdeb.optim import build_adamw, build_scheduler, warmup_steps_for
 from kfdeb.readers import BUNDLED_DATA_DIR
 from kfdeb.retrieval import TABLE_HEADER as IR_TABLE_HEADER
-from kfdeb.retrieval import evaluate_retrieval, ir_table_row
+from kfdeb.retrieval import evaluate_retrieval, ir_set_line, ir_table_row
 from kfdeb.report import plot_curves, public_config, write_model_card
 from kfdeb.tasks import Task, build_tasks, check_nodes_agree, data_fingerprint, examples_key, read_sts_split, task_examples
 from kfdeb.weights import BEST_DIR
@@ -254,20 +255,22 @@ def seed_everything(seed: int) -> None:
 
 
 def evaluate(encoder: SentenceEncoder, pairs: list, ctx: distributed.Context, batch_size: int,
-             dims: Sequence[int] = (), ir: IrData | None = None, prompts: tuple[str, str] = ("", "")) -> StsResult:
+             dims: Sequence[int] = (), ir: IrData | None = None, prompts: tuple[str, str] = ("", ""),
+             progress: bool = False) -> StsResult:
     """KorSTS figures, with `ir` the retrieval figures too (one dict: their keys differ), and those of each
-    width in `dims`; with several ranks each encodes every W-th text and all get all figures."""
+    width in `dims`; with several ranks each encodes every W-th text and all get all figures.
+    progress: rank 0 draws a bar for each encode."""
 
     class Sharded:
         def encode(self, sentences: Sequence[str], batch_size: int = 64, convert_to_numpy: bool = True,
-                   prompt: str | None = None) -> np.ndarray:
+                   prompt: str | None = None, show_progress: bool = False) -> np.ndarray:
             mine = encoder.encode(list(sentences)[ctx.rank :: ctx.world_size], batch_size=batch_size,
-                                  convert_to_numpy=True, prompt=prompt)
+                                  convert_to_numpy=True, prompt=prompt, show_progress=show_progress and ctx.is_main)
             return distributed.gather_strided(ctx, mine, len(sentences))
 
-    result = evaluate_sts(Sharded(), pairs, batch_size, dims)
+    result = evaluate_sts(Sharded(), pairs, batch_size, dims, show_progress=progress)
     if ir is not None:  # queries and documents with the run's prompts (the model's own by default)
-        retrieval = evaluate_retrieval(Sharded(), ir, batch_size, dims, *prompts)
+        retrieval = evaluate_retrieval(Sharded(), ir, batch_size, dims, *prompts, show_progress=progress)
         result.figures.update(retrieval.figures)
         for dim in dims:
             result.by_dim[dim].update(retrieval.by_dim[dim])
@@ -276,6 +279,16 @@ def evaluate(encoder: SentenceEncoder, pairs: list, ctx: distributed.Context, ba
 
 def _by_dim(result: StsResult) -> dict[str, dict[str, float]]:
     return {str(dim): figures for dim, figures in result.by_dim.items()}  # JSON keys are strings
+
+
+def announce_evaluation(run: Run, split: str, pairs: list, ir: IrData | None) -> bool:
+    """One line before an evaluation starts (`evaluating dev: KorSTS dev, 2,888 sentences; ...`); returns
+    whether its encodes draw progress bars (--progress)."""
+    own_file = getattr(run.config, f"sts_{split}_file")
+    sets = [sts_set_line(Path(own_file).name if own_file else f"KorSTS {split}", pairs)]
+    sets += [ir_set_line(ir)] if ir is not None else []
+    say(run, f"evaluating {split}: " + "; ".join(sets))
+    return progress_shown(run.config.progress)
 
 
 def say(run: Run, message: str) -> None:
@@ -295,7 +308,9 @@ def best_metadata(config: TrainConfig, step: int, **figures: Any) -> dict[str, A
 def evaluate_and_keep_best(run: Run, position: train_state.Position, epoch: int) -> None:
     started = time.perf_counter()
     dims = run.objective.matryoshka_dims
-    result = evaluate(run.encoder, run.dev_pairs, run.ctx, run.config.eval_batch_size, dims, run.dev_ir, run.prompts)
+    progress = announce_evaluation(run, "dev", run.dev_pairs, run.dev_ir)
+    result = evaluate(run.encoder, run.dev_pairs, run.ctx, run.config.eval_batch_size, dims, run.dev_ir, run.prompts,
+                      progress)
     # Matryoshka: selected at the first width listed (jhgan00's choice), the full one when it is listed first
     score = best_score(result.figures_at(dims[0] if dims else None), run.config.metric_for_best)
     improved = score > position.best_score  # NaN never improves; every rank has the same figures
@@ -336,8 +351,11 @@ def finish(run: Run, position: train_state.Position, train_seconds: float) -> di
     elif ctx.is_main:  # every evaluation was NaN: keep the last weights
         run.encoder.save(run.best_dir, best_metadata(run.config, position.step))
     dims = run.objective.matryoshka_dims
-    dev = evaluate(run.encoder, run.dev_pairs, ctx, run.config.eval_batch_size, dims, run.dev_ir, run.prompts)
-    test = evaluate(run.encoder, run.test_pairs, ctx, run.config.eval_batch_size, dims, run.test_ir, run.prompts)
+    progress = announce_evaluation(run, "dev", run.dev_pairs, run.dev_ir)
+    dev = evaluate(run.encoder, run.dev_pairs, ctx, run.config.eval_batch_size, dims, run.dev_ir, run.prompts, progress)
+    announce_evaluation(run, "test", run.test_pairs, run.test_ir)
+    test = evaluate(run.encoder, run.test_pairs, ctx, run.config.eval_batch_size, dims, run.test_ir, run.prompts,
+                    progress)
     summary = {"best_step": position.best_step, "total_steps": run.total_steps, "dimension": run.encoder.dimension,
                "train_seconds": train_seconds, "eval_seconds": run.eval_seconds, "dev": dev.figures, "test": test.figures}
     if dims:

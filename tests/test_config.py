@@ -121,3 +121,79 @@ def test_the_reference_scripts_flags_keep_their_meaning(script):
 def test_seed_flags_refuse_what_has_no_meaning(args, message):
     with pytest.raises(UserInputError, match=message):
         parse_args(args)
+
+
+def help_sections(monkeypatch) -> dict[str, str]:
+    """train.py --help (wide, so no flag wraps) as {section title: its text}."""
+    from kfdeb.config import build_parser
+
+    monkeypatch.setenv("COLUMNS", "250")
+    sections = {}
+    for block in build_parser().format_help().split("\n\n"):
+        title, _, body = block.partition(":\n")
+        sections[title] = body
+    return sections
+
+
+def test_every_field_names_its_help_section():
+    """A new TrainConfig field needs its group= (one of GROUPS): a field without one fails here, by name."""
+    import dataclasses
+
+    from kfdeb.config import GROUPS, TrainConfig
+
+    ungrouped = [f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("group") not in GROUPS]
+    assert not ungrouped, f"give these TrainConfig fields a group= (one of {', '.join(GROUPS)}): {ungrouped}"
+
+
+def test_help_is_sectioned_by_concern_with_one_default_each(monkeypatch):
+    import dataclasses
+
+    from kfdeb.config import GROUPS, TrainConfig
+
+    sections = help_sections(monkeypatch)
+    assert [title for title in sections if title in GROUPS.values()] == list(GROUPS.values())  # in this order
+    assert sections["options"].strip().startswith("-h, --help") and "\n  --" not in sections["options"]
+    for spec in dataclasses.fields(TrainConfig):
+        text = sections[GROUPS[spec.metadata["group"]]]
+        entries = (" ".join(entry.split()) for entry in ("\n" + text).split("\n  --"))  # a flag's lines, joined
+        [line] = [entry for entry in entries if entry.startswith(f"{spec.name} ")]
+        assert line.count("(default:") <= 1, line
+        if spec.default == "":
+            assert "(default: )" not in line and "(default: '')" not in line, line
+        elif "default:" not in spec.metadata["help"]:
+            shown = str(spec.default).lower() if isinstance(spec.default, bool) else str(spec.default)
+            assert line.endswith(f"(default: {shown})"), line
+    assert "(default: '')" not in "".join(sections.values())
+
+
+def test_help_lists_what_each_preset_sets(monkeypatch):
+    from kfdeb.config import PRESETS
+
+    text = help_sections(monkeypatch)["presets (--preset NAME sets these; --config and flags override them)"]
+    blocks: dict[str, str] = {}
+    for line in text.splitlines():  # a preset's first line is indented by 2, what follows by 4
+        if line.startswith("  ") and not line.startswith("    "):
+            name = line.split(":")[0].strip()
+        blocks[name] = blocks.get(name, "") + line
+    assert set(blocks) == set(PRESETS)
+    for name, values in PRESETS.items():
+        flags = " ".join(blocks[name].split())
+        for key, value in values.items():
+            assert f"--{key} {str(value).lower() if isinstance(value, bool) else value}" in flags, (name, key)
+
+
+def test_flags_spelled_with_dashes_are_the_underscore_flags():
+    spelled = parse_args(["--learning-rate", "1e-4", "--max-seq-length=32", "--overwrite-output-dir",
+                          "--metric-for-best", "cosine_spearman", "--nli-batch-size", "16"])
+    assert spelled == parse_args(["--learning_rate", "1e-4", "--max_seq_length", "32", "--overwrite_output_dir",
+                                  "--metric_for_best", "cosine_spearman", "--nli_batch_size", "16"])
+    assert (spelled.learning_rate, spelled.max_seq_length, spelled.overwrite_output_dir) == (1e-4, 32, True)
+
+
+@pytest.mark.parametrize("given,expected", [([], "auto"), (["--progress"], "true"), (["--progress", "false"], "false"),
+                                            (["--progress", "auto"], "auto"), (["--progress=no"], "false")])
+def test_progress_takes_auto_true_false(given, expected, tmp_path):
+    assert parse_args(given).progress == expected
+    (tmp_path / "run.yaml").write_text("progress: false\n")  # the bool config files held before
+    assert parse_args(["--config", str(tmp_path / "run.yaml"), *given]).progress == (expected if given else "false")
+    assert resolve({"progress": True}).progress == "true"

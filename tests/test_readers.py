@@ -289,3 +289,72 @@ def test_file_lists_keep_their_order_expand_globs_and_read_a_file_once(tmp_path)
         expand_file_list(f"{tmp_path}/own/*.xls", "--nli_train_files")
     with pytest.raises(UserInputError, match="--nli_train_files ' , ': names no file"):
         expand_file_list(" , ", "--nli_train_files")
+
+
+# Korean text as Windows saves it: CP949 (EUC-KR's superset) bytes, made by Python's codec
+CP949_FILES = {
+    "tsv": ("pairs.tsv", "anchor\tpositive\n고양이가 잔다\t고양이가 자고 있다\n개가 짖는다\t개가 소리친다\n", 2),
+    "csv": ("pairs.csv", 'anchor,positive\n고양이가 잔다,"고양이가 자고, 있다"\n', 2),
+    "jsonl": ("pairs.jsonl", '{"anchor": "a", "positive": "b"}\n{"anchor": "고양이가 잔다", "positive": "자고 있다"}\n', 2),
+    "txt corpus": ("corpus.txt", "first line in ASCII\n고양이가 잔다\n개가 짖는다\n", 2),
+    "korsts": ("KorSTS/sts-test.tsv", f"{STS_HEADER}\nx\ty\t2012\t1\t3.5\t비행기가 이륙한다\t비행기가 뜬다\n", 2),
+}
+
+
+def read_any(path: Path) -> None:
+    from kfdeb.ir_data import read_texts
+    from kfdeb.readers import IN_BATCH_KINDS, read_own_file
+
+    if path.suffix == ".txt":
+        read_texts(path)
+    elif path.parent.name == "KorSTS":
+        read_sts(path)
+    else:
+        read_own_file(path, IN_BATCH_KINDS, "--nli_train_files")
+
+
+@pytest.mark.parametrize("case", sorted(CP949_FILES))
+def test_a_cp949_file_is_named_with_the_command_that_converts_it(tmp_path, case):
+    name, text, bad_line = CP949_FILES[case]
+    path = write(tmp_path / name, text.encode("cp949"))
+    with pytest.raises(UserInputError) as err:
+        read_any(path)
+    converted = path.with_name(f"{path.stem}.utf8{path.suffix}")
+    assert str(err.value) == (f"{path}:{bad_line}: not UTF-8: the file looks CP949/EUC-KR encoded (Windows Korean); "
+                              f"convert it: iconv -f cp949 -t utf-8 {path} > {converted}")
+    # the command's result, as Python's codec converts it, reads
+    converted.write_bytes(path.read_bytes().decode("cp949").encode("utf-8"))
+    read_any(converted)
+
+
+def test_a_file_mixing_utf8_and_cp949_lines_is_refused_at_its_first_cp949_line(tmp_path):
+    utf8 = "anchor\tpositive\n고양이가 잔다\t고양이가 자고 있다\n".encode("utf-8")
+    cp949 = "개가 짖는다\t개가 소리친다\n".encode("cp949")
+    path = write(tmp_path / "mixed.tsv", utf8 + cp949 + "새가 난다\t새가 날아간다\n".encode("utf-8"))
+    with pytest.raises(UserInputError) as err:
+        read_any(path)
+    assert str(err.value) == (f"{path}:3: not valid UTF-8 (byte 0: {cp949[:1]!r}): the file mixes encodings "
+                              "(line 2 is UTF-8, line 3 CP949/EUC-KR); save every line as UTF-8")
+    first_cp949 = write(tmp_path / "mixed.jsonl", '{"anchor": "개가 짖는다", "positive": "짖는다"}\n'.encode("cp949")
+                        + '{"anchor": "고양이", "positive": "잔다"}\n'.encode("utf-8"))
+    with pytest.raises(UserInputError, match=r"mixed\.jsonl:1: not valid UTF-8 .*: the file mixes encodings "
+                                             r"\(line 2 is UTF-8, line 1 CP949/EUC-KR\)"):
+        read_any(first_cp949)
+
+
+def test_bytes_neither_utf8_nor_cp949_keep_the_bad_byte_message(tmp_path):
+    latin1 = "anchor\tpositive\ncafé\tcrème brûlée\n".encode("latin-1")
+    with pytest.raises(UnicodeDecodeError):
+        latin1.decode("cp949")
+    path = write(tmp_path / "latin1.tsv", latin1)
+    with pytest.raises(UserInputError) as err:
+        read_any(path)
+    assert str(err.value) == f"{path}:2: not valid UTF-8 (byte 3: b'\\xe9')"
+
+
+def test_evaluate_cli_names_a_cp949_file_in_one_line(tmp_path):
+    path = write(tmp_path / "scored.csv", "sentence1,sentence2,score\n비행기가 이륙한다,비행기가 뜬다,4.2\n".encode("cp949"))
+    result = run_main("evaluate.py", "unused-model", "--data_file", path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (f"error: {path}:2: not UTF-8: the file looks CP949/EUC-KR encoded (Windows Korean); "
+                             f"convert it: iconv -f cp949 -t utf-8 {path} > {tmp_path / 'scored.utf8.csv'}\n")
