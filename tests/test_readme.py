@@ -82,15 +82,17 @@ class Parsed(Exception):
 def parse_only(script: str, args: list[str], monkeypatch) -> None:
     """The script's main up to its argument parser: unknown flags and bad choices raise as they would for a user."""
     from kfdeb import cli
-
-    original = argparse.ArgumentParser.parse_args
-
-    def parse_then_stop(self, args=None, namespace=None):
-        original(self, args, namespace)
-        raise Parsed
+    from kfdeb.flags import FlagParser  # the scripts' parser (argparse with kfdeb's spellings and errors)
 
     with monkeypatch.context() as patched:
-        patched.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+        for parser_class in (argparse.ArgumentParser, FlagParser):
+            original = parser_class.parse_args
+
+            def parse_then_stop(self, args=None, namespace=None, original=original):
+                original(self, args, namespace)
+                raise Parsed
+
+            patched.setattr(parser_class, "parse_args", parse_then_stop)
         with pytest.raises(Parsed):
             getattr(cli, SCRIPT_MAINS[script])(args)
 
