@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_main, run_script
+from conftest import REPO, run_main, run_script, sigterm_during_step
 from kfdeb import distributed, train_state
 from kfdeb.config import resolve
 from kfdeb.batching import nli_triplets
@@ -265,42 +265,47 @@ def test_sigkill_and_resume_give_the_uninterrupted_result(tiny_deberta_dropout, 
     assert (out / "best" / "model.safetensors").read_bytes() == (straight_run / "best" / "model.safetensors").read_bytes()
 
 
-def test_sigterm_saves_and_stops_and_resume_gives_the_uninterrupted_run_bit_for_bit(tiny_deberta_dropout, small_data,
-                                                                                    straight_run, tmp_path):
-    """SIGTERM mid-run: the run saves the state of its next flush (a logging step), exits 143 naming the state and
-    the --resume command; resumed, it ends with the uninterrupted run's weights, metrics and best/kfdeb.json keys."""
+SIGTERM_FLAGS = ("--logging_steps", "1000", "--save_steps", "1000")  # log lines and saves only at evaluations (10, 20) and the end
+
+
+def test_sigterm_stops_at_the_end_of_its_step_and_resume_gives_the_uninterrupted_run_bit_for_bit(
+        tiny_deberta_dropout, small_data, tmp_path):
+    """--logging_steps 1000 (longer than the run), SIGTERM in step 5: the process stops at the end of step 5, not
+    at a log line, saves that step's state (its half-open logging window in it), exits 143 naming the state and
+    the --resume command; resumed, it ends with the uninterrupted run's weights, metrics and best/kfdeb.json."""
+    straight = tmp_path / "straight"
+    reference = subprocess.run(train_command(tiny_deberta_dropout, small_data, straight, *SIGTERM_FLAGS),
+                               capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr
     out = tmp_path / "terminated"
-    process = subprocess.Popen(train_command(tiny_deberta_dropout, small_data, out), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline, metrics = time.time() + 120, out / "metrics.jsonl"
-    while time.time() < deadline and process.poll() is None:
-        if metrics.exists() and metrics.read_text().count("\n") >= 4:  # training, a few log rows written
+    command = train_command(tiny_deberta_dropout, small_data, out, *SIGTERM_FLAGS)
+    process = subprocess.Popen([sys.executable, str(REPO / "tests" / "pause_for_sigterm.py"), "5", *command[1:]],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in process.stdout:  # run's own lines, then the pause in step 5
+        if line.startswith("paused in step 5"):
             break
-        time.sleep(0.002)
     process.send_signal(signal.SIGTERM)
-    signalled = time.time()
-    _, stderr = process.communicate(timeout=60)
-    stop_seconds = time.time() - signalled
+    _, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stderr
     step = int(train_state.latest(out).name.split("-")[1])
-    assert 0 < step < 24 and step % 2 == 0  # a logging step (--logging_steps 2): where the ranks agree
+    assert step == 5  # the step the signal arrived in: one process stops at its end
+    logged = [json.loads(line).get("step") for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert 5 not in logged  # not a log line: the state carries the open window
     assert stderr.strip().splitlines()[-1] == (
         f"error: stopped by SIGTERM at step {step} of 24: the training state is saved in {out}/state/"
-        f"step-{step:08d}; continue with: python {shlex.join(train_command(tiny_deberta_dropout, small_data, out)[1:])}"
-        " --resume")
-    print(f"SIGTERM to exit: {stop_seconds:.2f} s (stopped at step {step})")
-    resumed = subprocess.run(train_command(tiny_deberta_dropout, small_data, out, "--resume"),
-                             capture_output=True, text=True, timeout=300)
+        f"step-{step:08d}; continue with: python {shlex.join(command[1:])} --resume")
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {out}/state/step-{step:08d} at step {step}" in resumed.stdout
-    expected, expected_rows = final_state(straight_run)
+    expected, expected_rows = final_state(straight)
     got, got_rows = final_state(out)
     assert got["progress"]["step"] == 24
     for name, tensor in expected["model"].items():
         assert torch.equal(got["model"][name], tensor), name
-    assert got_rows == expected_rows
-    assert (out / "best" / "model.safetensors").read_bytes() == (straight_run / "best" / "model.safetensors").read_bytes()
-    metadata = [json.loads((folder / "best" / "kfdeb.json").read_text()) for folder in (straight_run, out)]
+    assert got_rows == expected_rows and [r["step"] for r in got_rows if "task" in r][:2] == [10, 10]
+    assert (out / "best" / "model.safetensors").read_bytes() == (straight / "best" / "model.safetensors").read_bytes()
+    metadata = [json.loads((folder / "best" / "kfdeb.json").read_text()) for folder in (straight, out)]
     assert sorted(metadata[1]) == sorted(metadata[0]) and metadata[1]["step"] == metadata[0]["step"]
     how = ("output_dir", "resume")  # where and how it ran, not what it computed
     assert {k: v for k, v in metadata[1]["config"].items() if k not in how} == \
@@ -512,7 +517,6 @@ def test_xlm_r_trains_resumes_evaluates_and_exports(tiny_xlmr, small_data, tmp_p
     """The e5 architecture end to end (XLM-R: <pad> = 1, positions from padding_idx + 1, e5's prompts): a run
     stopped at step 4 and resumed ends as the uninterrupted one, bit for bit; the best model keeps the prompts,
     evaluates as evaluate.py does and exports to a graph that agrees with PyTorch."""
-    import kfdeb.loop
     from kfdeb.errors import TrainingStopped
     from kfdeb.retrieval import evaluate_retrieval
     from kfdeb.ir_data import read_ir_data
@@ -520,12 +524,10 @@ def test_xlm_r_trains_resumes_evaluates_and_exports(tiny_xlmr, small_data, tmp_p
     settings = dict(max_steps=6, eval_steps=3, save_steps=6, logging_steps=1, ir_dev_data="kfdeb:korsts-dev",
                     nli_batch_size=8)
     straight = train(small_config(tiny_xlmr, small_data, tmp_path / "straight", **settings))
-    real_flush = kfdeb.loop.StepMeter.flush
-    monkeypatch.setattr(kfdeb.loop.StepMeter, "flush", lambda self, step, bar, stop_requested=False:
-                        real_flush(self, step, bar, stop_requested or step == 4))
+    sigterm_during_step(monkeypatch, 4)  # one process: it stops at the end of that step
     with pytest.raises(TrainingStopped, match="at step 4 of 6"):
         train(small_config(tiny_xlmr, small_data, tmp_path / "stopped", **settings))
-    monkeypatch.setattr(kfdeb.loop.StepMeter, "flush", real_flush)
+    monkeypatch.undo()
     resumed = train(small_config(tiny_xlmr, small_data, tmp_path / "stopped", **settings, resume=True))
     assert resumed["test"] == straight["test"] and resumed["dev"]["ndcg@10"] == straight["dev"]["ndcg@10"]
     for name, tensor in train_state.read_part(train_state.latest(tmp_path / "straight"), "train")["model"].items():
