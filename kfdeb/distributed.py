@@ -128,8 +128,9 @@ class AnyRankFlag:
     same result at the same exchange, so all act on it at the same step. Cost per exchange: one
     4-byte all-reduce between the ranks' CPUs over TCP, in flight while the next step computes;
     no device tensor is involved, so under NCCL the step's device work stays queued (the wait
-    returns at once unless another rank's host is a whole step behind). One process: `raised`
-    itself, at once.
+    returns at once unless another rank's host is a whole step behind). Under NCCL the gloo group
+    is the one TCP mesh kfdeb adds: nodes reach each other at their hostnames' addresses, or on the
+    interface GLOO_SOCKET_IFNAME names. One process: `raised` itself, at once.
     """
 
     def __init__(self, ctx: Context):
