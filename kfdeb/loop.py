@@ -177,7 +177,7 @@ class StepMeter:
         self.steps = 0
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's open window: what a state saved between log lines needs for the next line to come out the same."""
+        """This rank's open window: what a state saved between log lines needs for the next line to be the same."""
         return {"loss_sums": self.loss_sums.cpu(), "norm_sums": self.norm_sums.cpu(), "steps": self.steps,
                 "seconds": time.perf_counter() - self.started}
 

@@ -1,4 +1,5 @@
-"""`python tests/pause_for_sigterm.py STEP train.py FLAGS...`: train.py, each rank paused in step STEP until its SIGTERM arrives.
+"""`python tests/pause_for_sigterm.py STEP train.py FLAGS...`: train.py, each rank paused in step STEP until its
+SIGTERM arrives.
 
 So a test knows the step a signal arrived in without reading the clock: once every rank has printed
 "paused in step STEP" (after the step's first loss), the test sends SIGTERM (to the process, or to

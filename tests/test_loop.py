@@ -215,17 +215,20 @@ def test_joint_steps_are_one_adamw_update_on_the_summed_loss(tiny_deberta, disti
     # the batches the loop's samplers give (what they are is tested elsewhere; here only what is done with them)
     triplets = nli_triplets_of_files([read_nli(distinct_sts_data / "KorNLI" / "small.train.ko.tsv").pairs], config.seed)
     pairs = read_sts(distinct_sts_data / "KorSTS" / "sts-train.tsv")
-    nli_batches, sts_batches = NoDuplicatesBatches(triplets, 16, config.seed), ShuffledBatches(len(pairs), 8, config.seed)
+    nli_batches = NoDuplicatesBatches(triplets, 16, config.seed)
+    sts_batches = ShuffledBatches(len(pairs), 8, config.seed)
     reference = st.SentenceTransformer(str(tiny_deberta), device="cpu")
     reference.max_seq_length = 64
     nli_loss, sts_loss = MultipleNegativesRankingLoss(reference, scale=20.0), CosineSimilarityLoss(reference)
     named = list(reference[0].auto_model.named_parameters())
     no_decay = ("bias", "LayerNorm.bias", "LayerNorm.weight")
-    optimizer = torch.optim.AdamW([{"params": [p for n, p in named if not any(k in n for k in no_decay)], "weight_decay": 0.01},
-                                   {"params": [p for n, p in named if any(k in n for k in no_decay)], "weight_decay": 0.0}],
+    decay = [p for n, p in named if not any(k in n for k in no_decay)]
+    exempt = [p for n, p in named if any(k in n for k in no_decay)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": exempt, "weight_decay": 0.0}],
                                   lr=lr)
     for step in (1, 2):
-        nli = reference.smart_batching_collate([InputExample(texts=list(triplets[i])) for i in nli_batches.next_batch()])
+        nli = reference.smart_batching_collate([InputExample(texts=list(triplets[i]))
+                                                for i in nli_batches.next_batch()])
         sts = reference.smart_batching_collate([InputExample(texts=[pairs[i].sentence1, pairs[i].sentence2],
                                                              label=pairs[i].label) for i in sts_batches.next_batch()])
         (nli_loss(*nli) + sts_loss(*sts)).backward()
@@ -369,7 +372,8 @@ def test_sigkill_and_resume_give_the_uninterrupted_result(tiny_deberta_dropout, 
     assert (out / "best" / "model.safetensors").read_bytes() == (straight_run / "best" / "model.safetensors").read_bytes()
 
 
-SIGTERM_FLAGS = ("--logging_steps", "1000", "--save_steps", "1000")  # log lines and saves only at evaluations (10, 20) and the end
+# log lines and saves only at the evaluations (steps 10, 20) and the end
+SIGTERM_FLAGS = ("--logging_steps", "1000", "--save_steps", "1000")
 
 
 def test_sigterm_stops_at_the_end_of_its_step_and_resume_gives_the_uninterrupted_run_bit_for_bit(
