@@ -119,6 +119,47 @@ def all_reduce_min(ctx: Context, tensor: torch.Tensor) -> torch.Tensor:
     return result
 
 
+class AnyRankFlag:
+    """A flag any rank may raise, seen by every rank at the same exchange: one exchange late, with no device sync.
+
+    `exchange(raised)` sends this rank's flag and returns whether any rank had raised it at the
+    previous exchange. The flag travels as an all-reduce (MAX) of one CPU integer on a gloo group
+    of its own, launched asynchronously and waited for at the next exchange: every rank reads the
+    same result at the same exchange, so all act on it at the same step. Cost per exchange: one
+    4-byte all-reduce between the ranks' CPUs over TCP, in flight while the next step computes;
+    no device tensor is involved, so under NCCL the step's device work stays queued (the wait
+    returns at once unless another rank's host is a whole step behind). Under NCCL the gloo group
+    is the one TCP mesh kfdeb adds: nodes reach each other at their hostnames' addresses, or on the
+    interface GLOO_SOCKET_IFNAME names. One process: `raised` itself, at once.
+    """
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        # every rank creates it at the same point (new_group is collective); CPU tensors whatever the device
+        self.group = dist.new_group(backend="gloo") if ctx.distributed else None
+        self.pending: tuple[torch.Tensor, Any] | None = None
+
+    def exchange(self, raised: bool) -> bool:
+        if not self.ctx.distributed:
+            return raised
+        agreed = False
+        if self.pending is not None:
+            flag, work = self.pending
+            work.wait()
+            agreed = bool(flag.item())  # a CPU tensor: no device sync
+            self.pending = None
+        if not agreed:  # once agreed, every rank stops exchanging: nothing is left in flight
+            flag = torch.tensor([int(raised)], dtype=torch.int32)
+            self.pending = (flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True))
+        return agreed
+
+    def close(self) -> None:
+        """Wait for the exchange still in flight (every rank launched it), before the group goes away."""
+        if self.pending is not None:
+            self.pending[1].wait()
+            self.pending = None
+
+
 def broadcast_object(ctx: Context, value: Any) -> Any:
     """Rank 0's `value` (any picklable object, small) on every rank."""
     if not ctx.distributed:

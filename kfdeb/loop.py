@@ -14,11 +14,15 @@ norms and the non-finite watch stay on the device (StepMeter) until a logging, e
 saving step reads them, all ranks at once.
 
 SIGTERM (a scheduler's notice, forwarded to every worker by torchrun's agent): while the loop runs
-it only sets a flag; the next flush (a logging, evaluation or saving step: at most --logging_steps
-steps away) carries it in the all-reduce the flush already does, so every rank learns at the same
-step, finishes that step's evaluation if one is due, saves the state of that step (rank 0 writes
-it) and stops with exit status 143. Stopping at a flush, where the logged window closes anyway,
-is what lets `--resume` reproduce the uninterrupted run's metrics.jsonl row for row.
+it only sets a flag, which the end of every step reads. One process stops at the end of the step
+the signal arrived in. Several ranks must stop at the same step (they all save the state of one
+step), so each step's end sends this rank's flag to the others and reads what they sent at the
+previous step's end (distributed.AnyRankFlag: an asynchronous CPU all-reduce, no device sync): a
+signal that arrives during step N stops every rank at the end of step N + 1, whatever
+--logging_steps is. The stopping step finishes its evaluation if one is due, saves its state
+(rank 0 writes it) and the run exits with status 143. Between log lines the state also keeps each
+rank's open logging window (StepMeter.state_dict), so `--resume` writes the uninterrupted run's
+metrics.jsonl row for row.
 """
 
 from __future__ import annotations
@@ -134,17 +138,14 @@ class StepMeter:
         else:
             self.norm_sums[task_index] += norm
 
-    def flush(self, step: int, bar: Any, stop_requested: bool = False) -> bool:
-        """Log the window's means; return whether any rank was asked to stop (SIGTERM), agreed by all."""
+    def check_finite(self) -> None:
+        """Raise FloatingPointError if a loss of the window was not finite, on every rank alike."""
         run = self.run
-        # the non-finite check agreed by all ranks (a NaN may show on one rank's shard only), so
-        # all stop at the same step with the same message; rank 0 prints it (cli.py). A stop
-        # request rides in the same all-reduce: no extra collective, every rank stops here.
+        # agreed by all ranks (a NaN may show on one rank's shard only), so all stop at the same
+        # step with the same message; rank 0 prints it (cli.py)
         never = torch.iinfo(torch.long).max
         first_bad = torch.where(self.first_bad_step >= 0, self.first_bad_step, never)
-        stop = torch.tensor([step if stop_requested else never], device=first_bad.device)
-        agreed = distributed.all_reduce_min(run.ctx, torch.cat([first_bad, stop])).tolist()  # host sync
-        first_bad, stop_now = agreed[:-1], agreed[-1] != never
+        first_bad = distributed.all_reduce_min(run.ctx, first_bad).tolist()  # host sync
         at = min(first_bad)
         if at != never:
             name = run.tasks[first_bad.index(at)].name
@@ -154,6 +155,11 @@ class StepMeter:
                 f"the {name} loss is not finite at step {at}; training stopped and {kept} "
                 "(lower --learning_rate, or use --amp bf16 instead of fp16)"
             )
+
+    def flush(self, step: int, bar: Any) -> None:
+        """The non-finite check, then the window's means logged and the window closed."""
+        run = self.run
+        self.check_finite()
         seconds = time.perf_counter() - self.started
         rate = sum(t.batch_size for t in run.tasks) * self.steps / seconds if seconds > 0 else 0.0
         losses = (distributed.all_reduce_mean(run.ctx, self.loss_sums) / self.steps).tolist()
@@ -170,7 +176,17 @@ class StepMeter:
         self.loss_sums.zero_()
         self.norm_sums.zero_()
         self.steps = 0
-        return stop_now
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's open window: what a state saved between log lines needs for the next line to be the same."""
+        return {"loss_sums": self.loss_sums.cpu(), "norm_sums": self.norm_sums.cpu(), "steps": self.steps,
+                "seconds": time.perf_counter() - self.started}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss_sums.copy_(state["loss_sums"])
+        self.norm_sums.copy_(state["norm_sums"])
+        self.steps = state["steps"]
+        self.started = time.perf_counter() - state["seconds"]
 
     def restart_clock(self) -> None:
         """Examples/s counts training only: evaluation and saving happen off the clock."""
@@ -189,8 +205,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
 def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
     run = setup(config, ctx)
-    position = train_state.resume(run)
     meter = StepMeter(run)
+    position = train_state.resume(run, meter)
+    stop_flag = distributed.AnyRankFlag(ctx)
     bar = None
     if ctx.is_main and progress_shown(config.progress):
         from tqdm.auto import tqdm
@@ -221,20 +238,23 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
             if bar is not None:
                 bar.update(1)
 
+            # a SIGTERM: this step ends the run on every rank alike (module docstring; no device sync)
+            stop = stop_flag.exchange(sigterm.received)
             epoch_end = step % run.steps_per_epoch == 0 or step == run.total_steps
             evaluate_now = step % config.eval_steps == 0 or epoch_end
             save_now = step % config.save_steps == 0 or epoch_end
-            stop = False
             if step % config.logging_steps == 0 or evaluate_now or save_now:
-                # host sync: loss values, the non-finite check, and a SIGTERM received by any rank
-                stop = meter.flush(step, bar, stop_requested=sigterm.received)
+                meter.flush(step, bar)  # host sync: loss values and the non-finite check
+            elif stop:
+                meter.check_finite()  # the state about to be saved must be a good one; the window stays open
             if evaluate_now:
                 evaluate_and_keep_best(run, position, epoch=(step - 1) // run.steps_per_epoch)
             if save_now or (stop and run.last_saved_step != step):
-                train_state.save(run, position)
+                train_state.save(run, position, meter)
             if stop:  # every rank stops here, the state of this step saved: --resume goes on exactly
                 raise TrainingStopped(stopped_message(run, step))
             meter.restart_clock()
+        stop_flag.close()
     if bar is not None:
         bar.close()
     return finish(run, position, train_seconds=time.perf_counter() - started)  # steps, evaluations and saves
@@ -243,7 +263,7 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
 class StopRequest:
     """SIGTERM, as schedulers send it before they kill (SLURM, Kubernetes, preemptible instances), and
     as torchrun's agent forwards it to every worker: while the loop runs, it only sets `received`;
-    the loop stops at its next flush, where the ranks agree (module docstring)."""
+    the loop reads it at the end of each step, where the ranks agree on the stop (module docstring)."""
 
     def __init__(self):
         self.received = False

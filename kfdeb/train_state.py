@@ -5,7 +5,9 @@ order): model weights, each optimizer's moments, each scheduler, the grad scaler
 sampler's position, the run's `Position` (step, best dev score and step, length of
 metrics.jsonl), the config (a --resume with another value of a key that changes the computation
 is refused; config.RESUMABLE lists the others), the world size; and, as parts of their own, every
-rank's RNG streams (Python, NumPy, torch CPU, its own CUDA device), gathered to rank 0.
+rank's RNG streams (Python, NumPy, torch CPU, its own CUDA device) and its open logging window
+(the loss and gradient-norm sums since the last log line: not empty only in a state saved at a
+SIGTERM between log lines), gathered to rank 0.
 
 How it is written: a state is a nested structure (dicts, lists, numbers, strings, tensors, numpy
 arrays) split into `NAME.safetensors` (every tensor and array, under a numbered key) and `NAME.json`
@@ -44,6 +46,7 @@ from kfdeb.errors import UserInputError
 from kfdeb.files import publish_folder, write_text
 
 if TYPE_CHECKING:
+    from kfdeb.loop import StepMeter
     from kfdeb.run import Run
 
 STATE_DIR = "state"
@@ -136,14 +139,15 @@ def _check_config(config: TrainConfig, saved: dict[str, Any]) -> None:
         raise UserInputError(f"--resume: {key} is {getattr(config, key)!r} but the saved run used {was[key]!r}")
 
 
-def save(run: Run, position: Position) -> None:
-    """Resumable state of this step, committed atomically by rank 0, every rank's RNG in it."""
+def save(run: Run, position: Position, meter: StepMeter) -> None:
+    """Resumable state of this step, committed atomically by rank 0, every rank's RNG and logging window in it."""
     ctx = run.ctx
-    rng_states = distributed.gather_objects(ctx, rng_state(ctx.device))  # sync: every rank is at this step
+    own = {**rng_state(ctx.device), "window": meter.state_dict()}
+    rank_states = distributed.gather_objects(ctx, own)  # sync: every rank is at this step
     if ctx.is_main:
         position.metrics_bytes = run.log.size()
         scratch = begin(run.output_dir, position.step)
-        for rank, state in enumerate(rng_states):
+        for rank, state in enumerate(rank_states):
             write_part(scratch, f"rank-{rank}", state)
         write_part(scratch, "train", state_dict(run, position))
         commit(scratch, position.step)
@@ -152,7 +156,7 @@ def save(run: Run, position: Position) -> None:
     run.last_saved_step = position.step
 
 
-def resume(run: Run) -> Position:
+def resume(run: Run, meter: StepMeter) -> Position:
     """Step 0, or with --resume the latest state: rank 0 reads it and sends every rank its share."""
     ctx = run.ctx
     if run.config.resume:
@@ -170,6 +174,9 @@ def resume(run: Run) -> Position:
     ranks = state["ranks"]
     if ctx.rank < len(ranks) and ranks[ctx.rank] is not None:
         set_rng_state(ranks[ctx.rank], ctx.device)
+        # a window continues only where every rank has its own (a state without one was saved at a log line: empty)
+        if "window" in ranks[ctx.rank] and len(ranks) == ctx.world_size:
+            meter.load_state_dict(ranks[ctx.rank]["window"])
     else:  # resumed with more ranks than saved: dropout masks differ from an uninterrupted run
         distributed.print0(ctx, f"note: saved with {state['train']['world_size']} ranks; new ranks start fresh RNG streams")
     run.last_saved_step = position.step

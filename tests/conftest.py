@@ -290,3 +290,26 @@ def tiny_xlmr(tmp_path_factory) -> Path:
     (folder / "config_sentence_transformers.json").write_text(json.dumps(
         {"prompts": {"query": "query: ", "document": "passage: "}, "default_prompt_name": None}))
     return folder
+
+
+def sigterm_during_step(monkeypatch, step: int) -> None:
+    """A SIGTERM received during `step` (after its first loss) of an in-process train(): the loop's own handler
+    is called, as the signal would (no real signal: the test process must survive a handler not installed)."""
+    import signal
+
+    import kfdeb.loop
+
+    requests = []
+    enter, add_loss = kfdeb.loop.StopRequest.__enter__, kfdeb.loop.StepMeter.add_loss
+
+    def recording_enter(self):
+        requests.append(self)
+        return enter(self)
+
+    def signalling_add_loss(self, task_index, loss, at):
+        add_loss(self, task_index, loss, at)
+        if at == step and task_index == 0:
+            requests[-1]._handle(signal.SIGTERM, None)
+
+    monkeypatch.setattr(kfdeb.loop.StopRequest, "__enter__", recording_enter)
+    monkeypatch.setattr(kfdeb.loop.StepMeter, "add_loss", signalling_add_loss)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -168,35 +169,68 @@ def test_two_ranks_give_the_single_process_losses_and_weights(tiny_deberta, ddp_
     assert_same_training(reference, out)
 
 
-def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_and_resume_gives_the_uninterrupted_run(
-        tiny_deberta, ddp_data, two_rank_run, tmp_path):
-    """SIGTERM to the torchrun agent, which forwards it to both workers: they agree on the stopping step at
-    their next flush, rank 0 saves, the job exits non-zero; the same command with --resume ends as the
-    uninterrupted two-rank run, bit for bit."""
+def test_sigterm_to_torchrun_stops_both_ranks_one_step_later_and_resume_gives_the_uninterrupted_run(
+        tiny_deberta, ddp_data, tmp_path):
+    """--logging_steps 1000 (longer than the run), SIGTERM to the torchrun agent while both ranks are in step 3:
+    the agent forwards it, the ranks agree to stop at the end of step 4 at the latest (their flags are exchanged
+    one step late, with no sync added to the steps), not at a log line; rank 0 saves, both exit 143; the same
+    command with --resume ends as the uninterrupted two-rank run, bit for bit."""
+    extra = ("--logging_steps", "1000", "--save_steps", "1000", "--eval_steps", "1000")
+    straight = tmp_path / "straight"
+    two_ranks(tiny_deberta, ddp_data, straight, tmp_path / "straight-logs", *extra)
     out = tmp_path / "terminated"
-    agent = start(torchrun(*train_args(tiny_deberta, ddp_data, out)))
-    deadline, metrics = time.time() + 120, out / "metrics.jsonl"
-    while time.time() < deadline and agent.poll() is None:
-        if metrics.exists() and metrics.read_text().count("\n") >= 4:
+    agent = start(torchrun(str(Path(__file__).parent / "pause_for_sigterm.py"), "3",
+                           *train_args(tiny_deberta, ddp_data, out, *extra)))
+    paused = 0
+    for line in agent.stdout:  # both ranks' lines come through the agent
+        paused += line.startswith("paused in step 3")
+        if paused == 2:
             break
-        time.sleep(0.002)
     agent.send_signal(signal.SIGTERM)
-    signalled = time.time()
-    [(status, _, stderr)] = wait_all([agent], tmp_path / "terminated-logs")
-    print(f"SIGTERM to exit (two ranks): {time.time() - signalled:.2f} s")
-    assert status != 0
+    [(status, stdout, stderr)] = wait_all([agent], tmp_path / "terminated-logs")
+    assert status != 0 and stdout.count("exit status 143") == 2  # the agent's own status: 1, after its SIGTERM
     step = int(train_state.latest(out).name.split("-")[1])
-    assert 0 < step < 12
+    assert 3 <= step <= 4  # within one step of the step the signal arrived in
+    logged = [json.loads(line).get("step") for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert step not in logged  # not a log line: each rank's open window is in the state
     assert stderr.count("error: stopped by SIGTERM") == 1  # rank 0 says it, once
     assert f"error: stopped by SIGTERM at step {step} of 12: the training state is saved in {out}/state/" \
            f"step-{step:08d}; continue with (under torchrun: the same torchrun command): python " in stderr
-    stdout = two_ranks(tiny_deberta, ddp_data, out, tmp_path / "resumed-logs", "--resume")
+    stdout = two_ranks(tiny_deberta, ddp_data, out, tmp_path / "resumed-logs", *extra, "--resume")
     assert f"resumed from {out}/state/step-{step:08d} at step {step}" in stdout
-    expected_losses, expected_weights = losses_and_weights(two_rank_run[0])
+    expected_losses, expected_weights = losses_and_weights(straight)
     losses, weights = losses_and_weights(out)
-    assert losses == expected_losses
+    assert losses == expected_losses and len(losses) >= 2
     for name, tensor in expected_weights.items():
         assert torch.equal(weights[name], tensor), name
+
+
+def _any_rank_flag_worker(rank: int, world: int, port: int, results: dict) -> None:
+    from kfdeb import distributed
+
+    join_group(rank, world, port)
+    try:
+        flag = distributed.AnyRankFlag(distributed.Context(rank, rank, world, torch.device("cpu")))
+        # rank 1 alone raises the flag at its third exchange (and keeps it raised, as a SIGTERM handler leaves it)
+        seen = []
+        for exchange in range(1, 7):  # as the loop: an exchange at each step's end, until the ranks agree to stop
+            seen.append(flag.exchange(rank == 1 and exchange >= 3))
+            if seen[-1]:
+                break
+        flag.close()
+        results[rank] = seen
+    finally:
+        dist.destroy_process_group()
+    leave()
+
+
+def test_a_flag_raised_on_one_rank_reaches_every_rank_at_the_next_exchange():
+    """What makes the ranks stop at the same step after a SIGTERM that reached one of them (loop.py)."""
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.start_processes(_any_rank_flag_worker, args=(2, free_port(), results), nprocs=2, start_method="spawn")
+        results = dict(results)
+    assert results[0] == results[1] == [False, False, False, True]  # seen by both at the fourth exchange
 
 
 def _nan_agreement_worker(rank: int, world: int, port: int, results: dict) -> None:

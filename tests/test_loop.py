@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_main, run_script
+from conftest import REPO, run_main, run_script, sigterm_during_step
 from kfdeb import distributed, train_state
 from kfdeb.config import resolve
 from kfdeb.batching import nli_triplets
@@ -192,23 +193,129 @@ def test_short_run_writes_every_output(tiny_deberta, small_data, tmp_path):
     np.testing.assert_allclose(reloaded, load_encoder(out).encode(["문장 하나"], convert_to_numpy=True), atol=1e-5)
 
 
-def test_joint_optimizer_and_bf16_autocast_run(tiny_deberta, small_data, tmp_path):
-    joint = train(small_config(tiny_deberta, small_data, tmp_path / "joint", optimizer="joint", max_steps=4,
-                               eval_steps=4, save_steps=4, logging_steps=2))
+def test_joint_steps_are_one_adamw_update_on_the_summed_loss(tiny_deberta, distinct_sts_data, tmp_path):
+    """--optimizer joint, two steps: the weights are those of sentence-transformers' two losses added up, one
+    clip of the summed gradient and one AdamW step per step (lr by hand: warmup 0, linear decay), and the logged
+    gradient norm is the summed gradient's. Two steps, because Adam's first step, g / (|g| + eps), hides how
+    the gradient was scaled or clipped; the second step's ratio of moments does not."""
+    import sentence_transformers as st
+    from sentence_transformers import InputExample
+    from sentence_transformers.sentence_transformer.losses import CosineSimilarityLoss, MultipleNegativesRankingLoss
+
+    from kfdeb.batching import NoDuplicatesBatches, ShuffledBatches, nli_triplets_of_files
+
+    out, lr = tmp_path / "joint", 1e-4
+    config = small_config(tiny_deberta, distinct_sts_data, out, optimizer="joint", max_steps=2, eval_steps=2,
+                          save_steps=2, logging_steps=1, warmup_ratio=0.0, learning_rate=lr)
+    train(config)
+    saved = train_state.read_part(train_state.latest(out), "train")
+    assert len(saved["optimizers"]) == len(saved["schedulers"]) == 1
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    # the batches the loop's samplers give (what they are is tested elsewhere; here only what is done with them)
+    triplets = nli_triplets_of_files([read_nli(distinct_sts_data / "KorNLI" / "small.train.ko.tsv").pairs], config.seed)
+    pairs = read_sts(distinct_sts_data / "KorSTS" / "sts-train.tsv")
+    nli_batches = NoDuplicatesBatches(triplets, 16, config.seed)
+    sts_batches = ShuffledBatches(len(pairs), 8, config.seed)
+    reference = st.SentenceTransformer(str(tiny_deberta), device="cpu")
+    reference.max_seq_length = 64
+    nli_loss, sts_loss = MultipleNegativesRankingLoss(reference, scale=20.0), CosineSimilarityLoss(reference)
+    named = list(reference[0].auto_model.named_parameters())
+    no_decay = ("bias", "LayerNorm.bias", "LayerNorm.weight")
+    decay = [p for n, p in named if not any(k in n for k in no_decay)]
+    exempt = [p for n, p in named if any(k in n for k in no_decay)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": exempt, "weight_decay": 0.0}],
+                                  lr=lr)
+    for step in (1, 2):
+        nli = reference.smart_batching_collate([InputExample(texts=list(triplets[i]))
+                                                for i in nli_batches.next_batch()])
+        sts = reference.smart_batching_collate([InputExample(texts=[pairs[i].sentence1, pairs[i].sentence2],
+                                                             label=pairs[i].label) for i in sts_batches.next_batch()])
+        (nli_loss(*nli) + sts_loss(*sts)).backward()
+        norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0).item()
+        for group in optimizer.param_groups:
+            group["lr"] = lr * (2 - (step - 1)) / 2  # after t scheduler steps: lr (T - t) / T
+        optimizer.step()
+        optimizer.zero_grad()
+        for row in (r for r in logged if r.get("step") == step and "task" in r):  # one norm, logged for both tasks
+            assert row["grad_norm"] == pytest.approx(norm, rel=1e-4), row
+    for name, value in reference[0].auto_model.state_dict().items():
+        torch.testing.assert_close(saved["model"]["transformer." + name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_bf16_autocast_run(tiny_deberta, small_data, tmp_path):
     bf16 = train(small_config(tiny_deberta, small_data, tmp_path / "bf16", amp="bf16", max_steps=4,
                               eval_steps=4, save_steps=4, logging_steps=2))
-    for summary in (joint, bf16):
-        assert np.isfinite(summary["test"]["cosine_spearman"])
-    saved = train_state.read_part(train_state.latest(tmp_path / "joint"), "train")
-    assert len(saved["optimizers"]) == 1 and len(saved["schedulers"]) == 1
+    assert np.isfinite(bf16["test"]["cosine_spearman"])
 
 
-def test_fp16_uses_a_grad_scaler(tiny_deberta, small_data, tmp_path):
+def test_an_fp16_overflow_skips_the_update_and_its_schedule_step_and_halves_the_scale():
+    """update() under a GradScaler (the CPU one: what an fp16 run on CPU builds, run.py): an inf in the scaled
+    gradients leaves the weights and the optimizer untouched, the learning rate where it was, the scale halved;
+    the next finite gradient makes exactly torch.optim.AdamW's step on the unscaled, clipped gradient."""
+    torch.manual_seed(0)
+    model, x = torch.nn.Linear(4, 3), torch.randn(5, 4)
+    named = list(model.named_parameters())
+    optimizer = build_adamw(named, lr=1e-2, weight_decay=0.01, fused=True)
+    scheduler = build_scheduler(optimizer, 0, 10)  # no warmup: lr 1e-2 (10 - t) / 10 after t scheduler steps
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    before = copy.deepcopy(model)
+
+    scaler.scale(model(x).square().mean()).backward()
+    model.weight.grad[1, 2] = float("inf")  # what an fp16 overflow leaves in a gradient
+    update(list(model.parameters()), optimizer, scheduler, scaler, 1.0)
+    for (name, param), (_, old) in zip(named, before.named_parameters()):
+        assert torch.equal(param, old) and param.grad is None, name
+    for state in optimizer.state.values():  # fused AdamW, told of the inf, counts no step and moves no moment
+        assert state["step"] == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+    assert optimizer.param_groups[0]["lr"] == 1e-2 and scaler.get_scale() == 2.0**15
+
+    scaler.scale(model(x).square().mean()).backward()
+    update(list(model.parameters()), optimizer, scheduler, scaler, 1.0)
+    reference = torch.optim.AdamW([{"params": [before.weight], "weight_decay": 0.01},
+                                   {"params": [before.bias], "weight_decay": 0.0}], lr=1e-2)
+    before(x).square().mean().backward()
+    torch.nn.utils.clip_grad_norm_(before.parameters(), 1.0)
+    reference.step()
+    for (name, param), (_, expected) in zip(named, before.named_parameters()):
+        torch.testing.assert_close(param, expected, rtol=0, atol=1e-7, msg=name)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 9 / 10, rel=1e-12)
+    assert scaler.get_scale() == 2.0**15  # it grows back only after 2000 good steps
+
+
+def test_an_fp16_run_does_not_advance_the_schedule_of_an_overflowed_update(tiny_deberta, small_data, tmp_path,
+                                                                            monkeypatch):
+    """The loop's fp16 path: the run's GradScaler sees the overflow (a gradient set to inf in the first NLI update),
+    halves its scale once, and the NLI schedule counts one step fewer than the STS one; the logged learning rates
+    are the warmup-linear ones of those counts."""
+    import kfdeb.loop
+
+    updates = []  # (objective's optimizer, whether the scaled gradients held an inf or NaN), as seen here
+    real_update = kfdeb.loop.update
+
+    def poisoning_update(parameters, optimizer, scheduler, scaler, max_grad_norm):
+        if not updates:
+            parameters[0].grad.view(-1)[0] = float("inf")
+        updates.append((optimizer, not all(torch.isfinite(p.grad).all() for p in parameters if p.grad is not None)))
+        return real_update(parameters, optimizer, scheduler, scaler, max_grad_norm)
+
+    monkeypatch.setattr(kfdeb.loop, "update", poisoning_update)
+    out = tmp_path / "fp16"
     # fp16 autocast on a CPU without fp16 units is slow: two small steps are enough to go through the scaler
-    train(small_config(tiny_deberta, small_data, tmp_path / "fp16", amp="fp16", max_steps=2, eval_steps=2,
-                       save_steps=2, logging_steps=2, nli_batch_size=8))
-    saved = train_state.read_part(train_state.latest(tmp_path / "fp16"), "train")
-    assert saved["scaler"] is not None and saved["scaler"]["scale"] > 0
+    train(small_config(tiny_deberta, small_data, out, amp="fp16", max_steps=2, eval_steps=2, save_steps=2,
+                       logging_steps=1, nli_batch_size=8, warmup_ratio=0.5))
+    saved = train_state.read_part(train_state.latest(out), "train")
+    nli_optimizer = updates[0][0]
+    overflowed = [sum(bad for o, bad in updates if (o is nli_optimizer) == is_nli) for is_nli in (True, False)]
+    assert len(updates) == 4 and overflowed[0] >= 1  # per_task: an NLI and an STS update a step
+    assert saved["scaler"]["scale"] == 2.0**16 * 0.5 ** sum(overflowed)
+    good = [2 - bad for bad in overflowed]  # scheduler steps taken: NLI, STS
+    assert [scheduler["last_epoch"] for scheduler in saved["schedulers"]] == good
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = {row["task"]: row["lr"] for row in rows if row.get("step") == 2 and "task" in row}
+    # warmup ceil(0.5 x 2) = 1 of 2 steps: lr 1e-4 x f(t) after t scheduler steps
+    assert last == {"nli": pytest.approx(1e-4 * warmup_linear(good[0], 1, 2)),
+                    "sts": pytest.approx(1e-4 * warmup_linear(good[1], 1, 2))}
 
 
 def train_command(model, data, out, *extra):
@@ -265,42 +372,48 @@ def test_sigkill_and_resume_give_the_uninterrupted_result(tiny_deberta_dropout, 
     assert (out / "best" / "model.safetensors").read_bytes() == (straight_run / "best" / "model.safetensors").read_bytes()
 
 
-def test_sigterm_saves_and_stops_and_resume_gives_the_uninterrupted_run_bit_for_bit(tiny_deberta_dropout, small_data,
-                                                                                    straight_run, tmp_path):
-    """SIGTERM mid-run: the run saves the state of its next flush (a logging step), exits 143 naming the state and
-    the --resume command; resumed, it ends with the uninterrupted run's weights, metrics and best/kfdeb.json keys."""
+# log lines and saves only at the evaluations (steps 10, 20) and the end
+SIGTERM_FLAGS = ("--logging_steps", "1000", "--save_steps", "1000")
+
+
+def test_sigterm_stops_at_the_end_of_its_step_and_resume_gives_the_uninterrupted_run_bit_for_bit(
+        tiny_deberta_dropout, small_data, tmp_path):
+    """--logging_steps 1000 (longer than the run), SIGTERM in step 5: the process stops at the end of step 5, not
+    at a log line, saves that step's state (its half-open logging window in it), exits 143 naming the state and
+    the --resume command; resumed, it ends with the uninterrupted run's weights, metrics and best/kfdeb.json."""
+    straight = tmp_path / "straight"
+    reference = subprocess.run(train_command(tiny_deberta_dropout, small_data, straight, *SIGTERM_FLAGS),
+                               capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr
     out = tmp_path / "terminated"
-    process = subprocess.Popen(train_command(tiny_deberta_dropout, small_data, out), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline, metrics = time.time() + 120, out / "metrics.jsonl"
-    while time.time() < deadline and process.poll() is None:
-        if metrics.exists() and metrics.read_text().count("\n") >= 4:  # training, a few log rows written
+    command = train_command(tiny_deberta_dropout, small_data, out, *SIGTERM_FLAGS)
+    process = subprocess.Popen([sys.executable, str(REPO / "tests" / "pause_for_sigterm.py"), "5", *command[1:]],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in process.stdout:  # run's own lines, then the pause in step 5
+        if line.startswith("paused in step 5"):
             break
-        time.sleep(0.002)
     process.send_signal(signal.SIGTERM)
-    signalled = time.time()
-    _, stderr = process.communicate(timeout=60)
-    stop_seconds = time.time() - signalled
+    _, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stderr
     step = int(train_state.latest(out).name.split("-")[1])
-    assert 0 < step < 24 and step % 2 == 0  # a logging step (--logging_steps 2): where the ranks agree
+    assert step == 5  # the step the signal arrived in: one process stops at its end
+    logged = [json.loads(line).get("step") for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert 5 not in logged  # not a log line: the state carries the open window
     assert stderr.strip().splitlines()[-1] == (
         f"error: stopped by SIGTERM at step {step} of 24: the training state is saved in {out}/state/"
-        f"step-{step:08d}; continue with: python {shlex.join(train_command(tiny_deberta_dropout, small_data, out)[1:])}"
-        " --resume")
-    print(f"SIGTERM to exit: {stop_seconds:.2f} s (stopped at step {step})")
-    resumed = subprocess.run(train_command(tiny_deberta_dropout, small_data, out, "--resume"),
-                             capture_output=True, text=True, timeout=300)
+        f"step-{step:08d}; continue with: python {shlex.join(command[1:])} --resume")
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {out}/state/step-{step:08d} at step {step}" in resumed.stdout
-    expected, expected_rows = final_state(straight_run)
+    expected, expected_rows = final_state(straight)
     got, got_rows = final_state(out)
     assert got["progress"]["step"] == 24
     for name, tensor in expected["model"].items():
         assert torch.equal(got["model"][name], tensor), name
-    assert got_rows == expected_rows
-    assert (out / "best" / "model.safetensors").read_bytes() == (straight_run / "best" / "model.safetensors").read_bytes()
-    metadata = [json.loads((folder / "best" / "kfdeb.json").read_text()) for folder in (straight_run, out)]
+    assert got_rows == expected_rows and [r["step"] for r in got_rows if "task" in r][:2] == [10, 10]
+    assert (out / "best" / "model.safetensors").read_bytes() == (straight / "best" / "model.safetensors").read_bytes()
+    metadata = [json.loads((folder / "best" / "kfdeb.json").read_text()) for folder in (straight, out)]
     assert sorted(metadata[1]) == sorted(metadata[0]) and metadata[1]["step"] == metadata[0]["step"]
     how = ("output_dir", "resume")  # where and how it ran, not what it computed
     assert {k: v for k, v in metadata[1]["config"].items() if k not in how} == \
@@ -512,7 +625,6 @@ def test_xlm_r_trains_resumes_evaluates_and_exports(tiny_xlmr, small_data, tmp_p
     """The e5 architecture end to end (XLM-R: <pad> = 1, positions from padding_idx + 1, e5's prompts): a run
     stopped at step 4 and resumed ends as the uninterrupted one, bit for bit; the best model keeps the prompts,
     evaluates as evaluate.py does and exports to a graph that agrees with PyTorch."""
-    import kfdeb.loop
     from kfdeb.errors import TrainingStopped
     from kfdeb.retrieval import evaluate_retrieval
     from kfdeb.ir_data import read_ir_data
@@ -520,12 +632,10 @@ def test_xlm_r_trains_resumes_evaluates_and_exports(tiny_xlmr, small_data, tmp_p
     settings = dict(max_steps=6, eval_steps=3, save_steps=6, logging_steps=1, ir_dev_data="kfdeb:korsts-dev",
                     nli_batch_size=8)
     straight = train(small_config(tiny_xlmr, small_data, tmp_path / "straight", **settings))
-    real_flush = kfdeb.loop.StepMeter.flush
-    monkeypatch.setattr(kfdeb.loop.StepMeter, "flush", lambda self, step, bar, stop_requested=False:
-                        real_flush(self, step, bar, stop_requested or step == 4))
+    sigterm_during_step(monkeypatch, 4)  # one process: it stops at the end of that step
     with pytest.raises(TrainingStopped, match="at step 4 of 6"):
         train(small_config(tiny_xlmr, small_data, tmp_path / "stopped", **settings))
-    monkeypatch.setattr(kfdeb.loop.StepMeter, "flush", real_flush)
+    monkeypatch.undo()
     resumed = train(small_config(tiny_xlmr, small_data, tmp_path / "stopped", **settings, resume=True))
     assert resumed["test"] == straight["test"] and resumed["dev"]["ndcg@10"] == straight["dev"]["ndcg@10"]
     for name, tensor in train_state.read_part(train_state.latest(tmp_path / "straight"), "train")["model"].items():

@@ -14,7 +14,7 @@ import pytest
 import torch
 from scipy import stats
 
-from conftest import REPO, run_main
+from conftest import REPO, run_main, sigterm_during_step
 from kfdeb import distributed
 from kfdeb.config import resolve
 from kfdeb.errors import UserInputError
@@ -170,9 +170,8 @@ def test_n_tuples_train_with_gradcache_matryoshka_prompts_cache_and_resume(tiny_
                                                                          monkeypatch):
     """(anchor, positive, negative_1 .. negative_3) rows: each anchor against every positive and negative of the
     batch. GradCache gives the plain run's losses and weights; the token cache the in-memory run's; a run stopped
-    by SIGTERM (its flush says stop) and resumed ends as the uninterrupted one, bit for bit; the prompts reach
+    by SIGTERM during step 4 and resumed ends as the uninterrupted one, bit for bit; the prompts reach
     the saved model."""
-    import kfdeb.loop
     from kfdeb.errors import TrainingStopped
     from kfdeb.train_state import latest, read_part
 
@@ -194,12 +193,10 @@ def test_n_tuples_train_with_gradcache_matryoshka_prompts_cache_and_resume(tiny_
     assert losses(runs["gradcache"][1]) == pytest.approx(losses(runs["plain"][1]), abs=1e-5)
     assert losses(runs["no_cache"][1]) == losses(runs["plain"][1])  # the same tokens, the same arithmetic
 
-    real_flush = kfdeb.loop.StepMeter.flush
-    monkeypatch.setattr(kfdeb.loop.StepMeter, "flush", lambda self, step, bar, stop_requested=False:
-                        real_flush(self, step, bar, stop_requested or step == 4))
+    sigterm_during_step(monkeypatch, 4)  # one process: it stops at the end of that step
     with pytest.raises(TrainingStopped, match="stopped by SIGTERM at step 4 of 6"):
         train(own_config(tiny_deberta, tmp_path / "stopped", **settings))
-    monkeypatch.setattr(kfdeb.loop.StepMeter, "flush", real_flush)
+    monkeypatch.undo()
     train(own_config(tiny_deberta, tmp_path / "stopped", **settings, resume=True))
     resumed = read_part(latest(tmp_path / "stopped"), "train")["model"]
     for key, tensor in runs["plain"][0].items():
