@@ -1,0 +1,177 @@
+"""Fine-tuning e5 for retrieval on FAQ-shaped data (issue 34): the levers alone, the preset, the start.
+
+Data (shipped, bench/build_chatbot_sets.py): Chatbot_data_for_Korean split by answer. Training:
+examples/data/chatbot_train_pairs.jsonl (question -> answer); dev (selection only):
+examples/data/dev_pairs.jsonl (held-out answers of the train side); test: kfdeb:chatbot-test (held-out
+questions retrieve among all 7,779 distinct answers), kfdeb:xnli-test and KorSTS test (what the model could
+lose). Every variant trains `--tasks nli` on the same pairs with the model's prompts, one epoch, lr 2e-5,
+warmup 10%, max_seq_length 128 (the texts are short: the longest chatbot text is under 100 tokens), dev
+nDCG@10 evaluated at step 0 and every --eval_steps, and is scored twice on test: its final weights and its
+best/ (dev-selected; the starting model when no step beat it). Nothing is chosen on test.
+
+    none        the untrained model
+    recipe      kfdeb's recipe as a user runs it today: MultipleNegativesRankingLoss, scale 20, batch 32
+    scale50     recipe + --scale 50            scale100    recipe + --scale 100
+    symmetric   recipe + --nli_loss mnrl_symmetric
+    gist        recipe + --nli_loss gist --guide_model self (the starting weights guide the masking)
+    preset      --preset retriever (its own settings)
+
+Each (variant, seed) runs in its own process, one after another (alone on the machine), and writes
+OUT/<model>-<variant>-seed<seed>.json; a run whose JSON exists is not repeated.
+
+    python bench/retriever_recipe.py --model e5 --seeds 42 1 2
+    python bench/retriever_recipe.py --model e5 --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from harness import REPO, cpu_model, git_commit, model_path
+
+COMMON = {"tasks": "nli", "nli_train_files": str(REPO / "examples" / "data" / "chatbot_train_pairs.jsonl"),
+          "ir_dev_data": str(REPO / "examples" / "data" / "dev_pairs.jsonl"), "metric_for_best": "ndcg@10",
+          "num_epochs": 1, "learning_rate": 2e-5, "warmup_ratio": 0.1, "max_seq_length": 128, "nli_batch_size": 32,
+          "eval_steps": 50, "save_steps": 100000, "progress": "false"}
+VARIANTS: dict[str, dict | None] = {
+    "none": None,
+    "recipe": {},
+    "scale50": {"scale": 50.0},
+    "scale100": {"scale": 100.0},
+    "symmetric": {"nli_loss": "mnrl_symmetric"},
+    "gist": {"nli_loss": "gist", "guide_model": "self"},
+    "preset": {"preset": "retriever"},
+}
+TESTS = ("chatbot-test", "xnli-test")
+
+
+def flags(values: dict) -> list[str]:
+    return [part for key, value in values.items() for part in (f"--{key}", str(value))]
+
+
+def figures(folder: Path, device: str) -> dict:
+    """Test figures of a model folder: the two retrieval sets and KorSTS test, as evaluate.py computes them."""
+    import torch
+
+    from kfdeb.evaluation import evaluate_split
+    from kfdeb.ir_data import read_ir_data
+    from kfdeb.model import load_encoder
+    from kfdeb.readers import BUNDLED_DATA_DIR
+    from kfdeb.retrieval import evaluate_retrieval
+
+    encoder = load_encoder(folder, device=device, max_seq_length=128)
+    found = {"korsts_test": evaluate_split(encoder, BUNDLED_DATA_DIR, "test").figures, "threads": torch.get_num_threads()}
+    for name in TESTS:
+        found[name] = evaluate_retrieval(encoder, read_ir_data(f"kfdeb:{name}", "test")).figures
+    return found
+
+
+def child(args) -> None:
+    from kfdeb import train_state
+    from kfdeb.model import load_encoder
+
+    out = Path(args.out)
+    result = {"model": args.name, "variant": args.variant, "seed": args.seed, "commit": git_commit(), "cpu": cpu_model()}
+    if VARIANTS[args.variant] is None:
+        result["final"] = figures(Path(args.model_path), args.device)
+    else:
+        run = out / f"{args.name}-{args.variant}-seed{args.seed}"
+        values = {**COMMON, **VARIANTS[args.variant]} if args.variant != "preset" else {
+            "nli_train_files": COMMON["nli_train_files"], "ir_dev_data": COMMON["ir_dev_data"], **VARIANTS["preset"]}
+        command = [sys.executable, str(REPO / "train.py"), "--model_name_or_path", args.model_path, "--seed",
+                   str(args.seed), "--output_dir", str(run), "--overwrite_output_dir", "true", "--device", args.device,
+                   *flags(values)]
+        started = time.perf_counter()
+        log = subprocess.run(command, capture_output=True, text=True)
+        (out / f"{run.name}.log").write_text(log.stdout + log.stderr)
+        if log.returncode:
+            sys.exit(f"{run.name}: train.py failed, see {run.name}.log")
+        result["seconds"] = time.perf_counter() - started
+        result["command"] = " ".join(command[1:])
+        metadata = json.loads((run / "best" / "kfdeb.json").read_text())
+        result["best_step"], result["dev"] = metadata.get("best_step"), metadata.get("dev")
+        result["last_line"] = [line for line in log.stdout.splitlines() + log.stderr.splitlines()
+                               if line.startswith(("best:", "no step beat"))]
+        result["best"] = figures(run / "best", args.device)
+        # the final weights sit in the resumable state written at the last step
+        final = train_state.read_part(train_state.latest(run), "train")
+        encoder = load_encoder(run / "best", device=args.device, max_seq_length=128)
+        encoder.load_state_dict(final["model"])
+        encoder.save(run / "final")
+        result["final_step"] = final["progress"]["step"]
+        result["final"] = figures(run / "final", args.device)
+        shutil.rmtree(run / train_state.STATE_DIR, ignore_errors=True)
+    Path(args.json).write_text(json.dumps(result))
+
+
+def cell(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)):.2f}"
+
+
+def summarize(results: list[dict]) -> None:
+    print("\n| variant | weights | seeds | chatbot-test nDCG@10 | chatbot-test R@1 | xnli-test nDCG@10 | "
+          "KorSTS test cos Spearman | best step |")
+    print("|---|---|---|---|---|---|---|---|")
+    for variant in VARIANTS:
+        runs = [r for r in results if r["variant"] == variant]
+        for weights in ("final", "best") if variant != "none" else ("final",):
+            if not runs:
+                continue
+            figure = lambda key, metric: cell([r[weights][key][metric] for r in runs])  # noqa: E731
+            steps = ", ".join(str(r.get("best_step", "-")) for r in runs) if weights == "best" else "-"
+            print(f"| {variant} | {weights if variant != 'none' else 'untrained'} | "
+                  f"{', '.join(str(r['seed']) for r in runs)} | {figure('chatbot-test', 'ndcg@10')} | "
+                  f"{figure('chatbot-test', 'recall@1')} | {figure('xnli-test', 'ndcg@10')} | "
+                  f"{figure('korsts_test', 'cosine_spearman')} | {steps} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="e5")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42, 1, 2])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=str(REPO / "output" / "retriever-recipe"))
+    parser.add_argument("--cache", default=str(REPO / "output" / "bench-models"), help="where e5 is built")
+    parser.add_argument("--report", action="store_true", help="run nothing: summarize the JSONs there are")
+    for hidden in ("--variant", "--seed", "--json", "--model_path", "--name"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS, type=int if hidden == "--seed" else str)
+    args = parser.parse_args()
+    if args.variant:
+        return child(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = model_path(args.model, Path(args.cache))
+    results = []
+    for seed in args.seeds:
+        for variant in args.variants:
+            if variant == "none" and seed != args.seeds[0]:
+                continue  # the untrained model has no seed
+            json_path = out / f"{args.model}-{variant}-seed{seed}.json"
+            if not json_path.exists() and not args.report:
+                started = time.perf_counter()
+                command = [sys.executable, __file__, "--variant", variant, "--seed", str(seed), "--json", str(json_path),
+                           "--model_path", path, "--name", args.model, "--out", str(out), "--device", args.device]
+                if subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}).returncode:
+                    sys.exit(f"{variant} seed {seed}: failed (its message above)")
+                print(f"{variant} seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)
+            if json_path.exists():
+                results.append(json.loads(json_path.read_text()))
+    summarize(results)
+
+
+if __name__ == "__main__":
+    main()
