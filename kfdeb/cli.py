@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from typing import Callable
+from typing import Any, Callable
 
 from kfdeb.errors import TrainingStopped, UserInputError
 
@@ -83,6 +83,23 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+DTYPE_HELP = ("what the encoder computes in: float32, bfloat16, float16 (autocast: the products in that dtype; pooling, "
+              "normalisation, similarity and search stay float32), or auto (bfloat16 on a GPU with native bf16 or a "
+              "CPU with amx_bf16/avx512_bf16, else float32). An ONNX model: float32 or auto")
+
+
+def add_dtype_argument(parser: Any) -> None:
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
+                        help=DTYPE_HELP + " (default: float32)")
+
+
+def dtype_line(encoder: Any) -> str:
+    """The line the scripts print: which dtype the encode used, and why."""
+    from kfdeb.inference_dtype import describe_dtype
+
+    return f"dtype: {describe_dtype(encoder.inference_dtype, encoder.dtype_reason, '--dtype')}"
+
+
 def evaluate_main(argv: list[str] | None = None) -> int:
     import argparse
     import json
@@ -123,6 +140,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dims", default=None, metavar="D1,D2,...",
                         help="Matryoshka: one row per width, the embeddings truncated to their first D coordinates "
                              "(as sentence-transformers' truncate_dim), e.g. 768,256,64")
+    add_dtype_argument(parser)
     args = parser.parse_args(argv)
     dims: list[int] = positive_numbers("dims", args.dims or "")
     if args.dims is not None and not dims:
@@ -150,7 +168,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         split = args.split or "test"
         pairs = read_sts(sts_path(args.data_dir or BUNDLED_DATA_DIR, split))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = kfdeb.load(args.ckpt, device=device, max_seq_length=args.max_seq_length)
+    encoder = kfdeb.load(args.ckpt, device=device, max_seq_length=args.max_seq_length, dtype=args.dtype)
     if args.ir_data is not None:
         result, header, row = evaluate_retrieval(encoder, ir_data, args.batch_size, dims), IR_TABLE_HEADER, ir_table_row
         speed = (f"{result.queries} queries over {result.documents} documents ({result.texts_encoded} distinct texts "
@@ -167,6 +185,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     else:
         print(row(f"{name} ({split})", result.figures))
     print(f"{speed} on {getattr(encoder, 'device_name', device)}")
+    print(dtype_line(encoder))
     if args.json:
         figures = {str(dim): result.by_dim[dim] for dim in dims} if dims else result.figures
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
@@ -219,6 +238,7 @@ def mine_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--progress", default="true", choices=["true", "false"], help="progress bars while encoding")
+    add_dtype_argument(parser)
     args = parser.parse_args(argv)
     settings = MiningSettings(args.range_min, args.range_max, args.max_score, args.min_score, args.absolute_margin,
                               args.relative_margin, args.num_negatives, args.sampling_strategy, args.output_format,
@@ -235,7 +255,7 @@ def mine_main(argv: list[str] | None = None) -> int:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = kfdeb.load(args.model, device=device)
+    encoder = kfdeb.load(args.model, device=device, dtype=args.dtype)
     query_prompt = encoder.role_prompt("query") if args.query_prompt is None else args.query_prompt
     corpus_prompt = encoder.role_prompt("document") if args.corpus_prompt is None else args.corpus_prompt
     started = time.perf_counter()
@@ -246,6 +266,7 @@ def mine_main(argv: list[str] | None = None) -> int:
     print(summary(mined, settings))
     print(f"{len(pairs):,} pairs, {mined.queries:,} distinct anchors, a corpus of {mined.corpus:,} texts: "
           f"wrote {len(mined.rows):,} {settings.output_format} rows to {output} in {seconds:.1f} s")
+    print(dtype_line(encoder))
     return 0
 
 
