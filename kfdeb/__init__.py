@@ -17,7 +17,8 @@ __version__ = "0.1.0"
 __all__ = ["load", "top_k", "UserInputError", "__version__"]
 
 
-def load(path: str | os.PathLike, device: str | None = None, max_seq_length: int | None = None, dtype=None):
+def load(path: str | os.PathLike, device: str | None = None, max_seq_length: int | None = None,
+         dtype: str | None = None):
     """An encoder with `.encode(sentences, batch_size=32, normalize=False, ...)` for any model kfdeb reads.
 
     `path`: a kfdeb output dir, a Hugging Face encoder folder, a sentence-transformers folder (mean

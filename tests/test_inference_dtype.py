@@ -164,3 +164,14 @@ def test_training_evaluates_in_eval_dtype(tiny_deberta, small_data, tmp_path, mo
                    "eval_dtype": "bfloat16"}))
     assert used and set(used) == {torch.bfloat16}  # the dev evaluation and the final dev and test ones
     assert "evaluations in bfloat16 (--eval_dtype bfloat16)" in capsys.readouterr().out
+
+
+def test_a_float16_overflow_is_a_one_line_error_not_inf_embeddings(tiny_bert):
+    import kfdeb
+
+    model = kfdeb.load(tiny_bert, device="cpu", dtype="float16")
+    with torch.no_grad():
+        model.transformer.encoder.layer[0].intermediate.dense.weight.mul_(1e6)  # products beyond fp16's 65504
+    assert torch.isfinite(model.encode(SENTENCES[:4], dtype="float32")).all()  # float32 holds them
+    with pytest.raises(UserInputError, match="dtype float16: the encoder's activations overflowed"):
+        model.encode(SENTENCES[:4])
