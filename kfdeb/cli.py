@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from typing import Callable
+from typing import Any, Callable
 
 from kfdeb.errors import TrainingStopped, UserInputError
 from kfdeb.flags import FlagParser, add_progress_flag, progress_shown
@@ -84,6 +84,23 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+DTYPE_HELP = ("what the encoder computes in: float32, bfloat16, float16 (autocast: the products in that dtype; pooling, "
+              "normalisation, similarity and search stay float32), or auto (bfloat16 on a GPU with native bf16 or a "
+              "CPU with amx_bf16/avx512_bf16, else float32). An ONNX model: float32 or auto")
+
+
+def add_dtype_argument(parser: Any) -> None:
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
+                        help=DTYPE_HELP + " (default: float32)")
+
+
+def dtype_line(encoder: Any) -> str:
+    """The line the scripts print: which dtype the encode used, and why."""
+    from kfdeb.inference_dtype import describe_dtype
+
+    return f"dtype: {describe_dtype(encoder.inference_dtype, encoder.dtype_reason, '--dtype')}"
+
+
 def evaluate_main(argv: list[str] | None = None) -> int:
     import argparse
     import json
@@ -125,6 +142,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
                         help="Matryoshka: one row per width, the embeddings truncated to their first D coordinates "
                              "(as sentence-transformers' truncate_dim), e.g. 768,256,64")
     add_progress_flag(parser)
+    add_dtype_argument(parser)
     args = parser.parse_args(argv)
     dims: list[int] = positive_numbers("dims", args.dims or "")
     if args.dims is not None and not dims:
@@ -152,7 +170,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         split = args.split or "test"
         pairs = read_sts(sts_path(args.data_dir or BUNDLED_DATA_DIR, split))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = kfdeb.load(args.ckpt, device=device, max_seq_length=args.max_seq_length)
+    encoder = kfdeb.load(args.ckpt, device=device, max_seq_length=args.max_seq_length, dtype=args.dtype)
     progress = progress_shown(args.progress)
     # stderr, with the bars: stdout is the table
     sts_name = split if args.data_file is not None else f"KorSTS {split}"
@@ -175,6 +193,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     else:
         print(row(f"{name} ({split})", result.figures))
     print(f"{speed} on {getattr(encoder, 'device_name', device)}")
+    print(dtype_line(encoder))
     if args.json:
         figures = {str(dim): result.by_dim[dim] for dim in dims} if dims else result.figures
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
@@ -227,6 +246,7 @@ def mine_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     add_progress_flag(parser)
+    add_dtype_argument(parser)
     args = parser.parse_args(argv)
     settings = MiningSettings(args.range_min, args.range_max, args.max_score, args.min_score, args.absolute_margin,
                               args.relative_margin, args.num_negatives, args.sampling_strategy, args.output_format,
@@ -243,7 +263,7 @@ def mine_main(argv: list[str] | None = None) -> int:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = kfdeb.load(args.model, device=device)
+    encoder = kfdeb.load(args.model, device=device, dtype=args.dtype)
     query_prompt = encoder.role_prompt("query") if args.query_prompt is None else args.query_prompt
     corpus_prompt = encoder.role_prompt("document") if args.corpus_prompt is None else args.corpus_prompt
     started = time.perf_counter()
@@ -254,6 +274,7 @@ def mine_main(argv: list[str] | None = None) -> int:
     print(summary(mined, settings))
     print(f"{len(pairs):,} pairs, {mined.queries:,} distinct anchors, a corpus of {mined.corpus:,} texts: "
           f"wrote {len(mined.rows):,} {settings.output_format} rows to {output} in {seconds:.1f} s")
+    print(dtype_line(encoder))
     return 0
 
 

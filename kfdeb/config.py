@@ -121,6 +121,12 @@ class TrainConfig:
     # evaluation and outputs
     eval_steps: int = knob(1000, "dev evaluation every N steps (and at each epoch end)", group="evaluation")
     eval_batch_size: int = knob(64, "sentences per batch when evaluating", resumable=True, group="evaluation")
+    eval_dtype: str = knob(
+        "float32", "what the dev evaluations (and the final dev and test ones) encode in: float32 (the default, so "
+                   "a run's figures are unchanged), bfloat16, float16, or auto (bfloat16 on a GPU with native bf16 or "
+                   "a CPU with amx_bf16/avx512_bf16, else float32); pooling and similarity stay float32 "
+                   "(kfdeb/inference_dtype.py); training's forward follows --amp",
+        choices=("float32", "bfloat16", "float16", "auto"), group="evaluation")
     metric_for_best: str = knob(
         "max_spearman", "dev figure that selects the best checkpoint (with --matryoshka_dims: at the first width): "
                         f"{', '.join(METRICS_FOR_BEST)}; with --ir_dev_data a retrieval figure ({', '.join(IR_KEYS)}) "

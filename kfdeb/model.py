@@ -28,6 +28,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -41,6 +42,7 @@ from kfdeb.cpu_linear import onednn_linears
 from kfdeb.encoding import Prompts, encode_in_length_order, sentence_transformers_options, with_prompt
 from kfdeb.errors import UserInputError, first_line
 from kfdeb.files import json_text, publish_files, read_json
+from kfdeb.inference_dtype import computing_in, resolve_dtype
 from kfdeb.pooling import first_token_pool, masked_mean_pool
 from kfdeb.st_folder import read_layout, write_layout
 from kfdeb.weights import load_transformer, resolve_model_dir
@@ -48,23 +50,68 @@ from kfdeb.weights import load_transformer, resolve_model_dir
 DEFAULT_MAX_SEQ_LENGTH = 256
 KFDEB_METADATA = "kfdeb.json"
 
+_MODE_LOCK = threading.Lock()  # guards the process-wide or model-wide settings encode changes (below)
+_TF32_USERS: list = [0, None]  # encodes on CUDA running, the precision setting they found
+
+
 @contextlib.contextmanager
 def tf32_matmuls(device: torch.device):
     """TF32 for float32 matrix products on CUDA (Ampere and later: ~8x the fp32 rate, 10-bit mantissa inputs).
 
     Used for inference only (evaluation, encode): embeddings move by ~1e-3 relative, far below
     what moves a KorSTS figure. Training keeps the user's global setting (full fp32 by default),
-    since its fp32 parts are the ones that need the precision.
+    since its fp32 parts are the ones that need the precision. The setting is the process's: it is
+    set by the first of the blocks running at once and restored by the last (as eval_mode), so that
+    one thread's exit does not take TF32 away from another's encode.
     """
     if device.type != "cuda":
         yield
         return
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
+    with _MODE_LOCK:
+        if _TF32_USERS[0] == 0:
+            _TF32_USERS[1] = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision("high")
+        _TF32_USERS[0] += 1
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(previous)
+        with _MODE_LOCK:
+            _TF32_USERS[0] -= 1
+            if _TF32_USERS[0] == 0:
+                torch.set_float32_matmul_precision(_TF32_USERS[1])
+
+
+_EVAL_USERS: dict[int, tuple[int, list[torch.nn.Module]]] = {}  # id(model) -> (encodes running, modules to restore)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """model (all its modules) in eval mode within the block; on leaving, the modules that were in
+    training mode return to it, once the last of the blocks running at once on this model leaves.
+
+    The training flags are state shared by every thread using the model: setting them on entry and
+    restoring what each entry found let one thread's exit put the model back in training mode (dropout
+    on) while another thread was still encoding (kfdeb/cpu_linear.py's docstring tells the sequence).
+    Counting the blocks open on a model, under a lock, leaves the flags alone while any is open, and a
+    model already in eval mode (kfdeb.load's, a served one) is never written to at all.
+    """
+    with _MODE_LOCK:
+        users, training = _EVAL_USERS.get(id(model), (0, []))
+        if users == 0:
+            training = [module for module in model.modules() if module.training]
+            for module in training:
+                module.training = False
+        _EVAL_USERS[id(model)] = (users + 1, training)
+    try:
+        yield
+    finally:
+        with _MODE_LOCK:
+            users, training = _EVAL_USERS.pop(id(model))
+            if users > 1:
+                _EVAL_USERS[id(model)] = (users - 1, training)
+            else:
+                for module in training:
+                    module.training = True
 
 
 class SentenceEncoder(torch.nn.Module, Prompts):
@@ -95,6 +142,8 @@ class SentenceEncoder(torch.nn.Module, Prompts):
         if tokenizer.pad_token_id is None:
             raise UserInputError("the tokenizer has no padding token; kfdeb pads batches and needs one")
         self.pad_id = int(tokenizer.pad_token_id)
+        # what encode computes in when not told (kfdeb.load's dtype; inference_dtype.py), and why
+        self.inference_dtype, self.dtype_reason = torch.float32, "the default"
 
     @property
     def device(self) -> torch.device:
@@ -189,13 +238,17 @@ class SentenceEncoder(torch.nn.Module, Prompts):
         dim: int | None = None,
         prompt_name: str | None = None,
         prompt: str | None = None,
+        dtype: str | torch.dtype | None = None,
         **sentence_transformers_names: Any,
     ) -> torch.Tensor | np.ndarray:
-        """float32 embeddings (N x H, or N x dim) in input order (see encode_in_length_order), under inference_mode.
+        """float32 embeddings (N x H, or N x dim) in input order (see encode_in_length_order), without autograd.
 
         prompt (or the model's prompt named prompt_name, or its default_prompt_name) is prepended to
-        every sentence. Also takes sentence-transformers' names: normalize_embeddings, show_progress_bar,
+        every sentence. dtype: what the encoder computes in, float32, bfloat16, float16 or auto
+        (inference_dtype.py; default: self.inference_dtype, kfdeb.load's dtype); the embeddings are float32
+        whatever it is. Also takes sentence-transformers' names: normalize_embeddings, show_progress_bar,
         convert_to_tensor (a tensor even with convert_to_numpy=True), truncate_dim (= dim).
+        Threads may encode with one model at the same time: each gets what it would get alone.
         """
         normalize, convert_to_numpy, show_progress, dim = sentence_transformers_options(
             normalize, convert_to_numpy, show_progress, dim, **sentence_transformers_names)
@@ -203,16 +256,29 @@ class SentenceEncoder(torch.nn.Module, Prompts):
         if device is not None:
             self.to(device)
         device = self.device
-        was_training = self.training
-        self.eval()
-        try:
-            # CPU: oneDNN's GEMM for the linear layers (kfdeb/cpu_linear.py); CUDA: TF32 (tf32_matmuls)
-            with torch.inference_mode(), tf32_matmuls(device), onednn_linears(self):
-                return encode_in_length_order(
-                    self, lambda ids, mask: self(ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)),
-                    sentences, batch_size, normalize, convert_to_numpy, show_progress, dim=dim)
-        finally:
-            self.train(was_training)
+        compute_dtype = self.inference_dtype if dtype is None else resolve_dtype(dtype, device)[0]
+
+        def embed(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            # the casts: under computing_in (below) each product of the encoder casts its inputs to
+            # compute_dtype (autocast); pooling.py widens the token states to float32, so self(...) returns
+            # float32 embeddings, normalised in float32; what follows (encode_in_length_order's rows,
+            # similarity, search) is float32
+            rows = self(ids.to(device, non_blocking=True), mask.to(device, non_blocking=True))
+            if compute_dtype == torch.float16 and not torch.isfinite(rows).all():
+                raise UserInputError("dtype float16: the encoder's activations overflowed float16's range "
+                                     "(inf/NaN embeddings); use bfloat16 or float32")
+            return rows
+
+        # CPU float32: oneDNN's GEMM for the linear layers (kfdeb/cpu_linear.py); CUDA: TF32 (tf32_matmuls);
+        # bf16/fp16: one autocast context for the whole call, which caches its casts of the weights, so they
+        # are cast once, not per batch; it caches them under no_grad only (torch 2.13: under inference_mode
+        # every batch casts them again), hence no_grad there.
+        # Grad modes, autocast and onednn_linears are local to the calling thread; eval_mode and
+        # tf32_matmuls change shared settings and count the encodes running (their docstrings).
+        no_grad = torch.inference_mode() if compute_dtype == torch.float32 else torch.no_grad()
+        with eval_mode(self), no_grad, tf32_matmuls(device), onednn_linears(self), computing_in(compute_dtype, device):
+            return encode_in_length_order(self, embed, sentences, batch_size, normalize, convert_to_numpy,
+                                          show_progress, dim=dim)
 
     def save(self, path: str | os.PathLike, metadata: dict | None = None) -> Path:
         """Write the checkpoint format (module docstring) to `path`, each file atomically."""

@@ -46,6 +46,18 @@ def open_session(path: str | os.PathLike, providers: Sequence[str] | None = None
         raise UserInputError(f"{path}: onnxruntime cannot open it ({first_line(err)})") from None
 
 
+def onnx_dtype(dtype: str | torch.dtype | None) -> str:
+    """Why an ONNX encoder computes in float32 for `dtype` (kfdeb.load's or encode's), or a one-line error:
+    a graph computes in the dtype it was exported in (export.py --fp16 writes a float16 one)."""
+    if dtype in (None, "float32", torch.float32):
+        return "asked for" if dtype is not None else "the default"
+    if dtype == "auto":
+        return "auto: an ONNX graph computes in the dtype it was exported in"
+    name = str(dtype).removeprefix("torch.")
+    raise UserInputError(f"dtype {name}: an ONNX graph computes in the dtype it was exported in; use float32 "
+                         "or auto (export.py --fp16 writes a float16 graph)")
+
+
 class OnnxEncoder(Prompts):
     """Runs an exported graph with onnxruntime: `encode` behaves like SentenceEncoder.encode."""
 
@@ -65,11 +77,14 @@ class OnnxEncoder(Prompts):
         self.normalize = normalize  # the graph ends in a Normalize: a truncated embedding is re-normalised
         self.prompts = dict(prompts or {})  # the PyTorch model's, recorded in kfdeb_onnx.json
         self.default_prompt_name = default_prompt_name
+        self.inference_dtype, self.dtype_reason = torch.float32, "the default"  # as SentenceEncoder's
 
     @classmethod
     def load(cls, path: str | os.PathLike, max_seq_length: int | None = None,
-             providers: Sequence[str] | None = None) -> "OnnxEncoder":
-        """Open a graph written by export.py; its tokenizer and kfdeb_onnx.json lie beside it."""
+             providers: Sequence[str] | None = None, dtype: str | torch.dtype | None = None) -> "OnnxEncoder":
+        """Open a graph written by export.py; its tokenizer and kfdeb_onnx.json lie beside it.
+        dtype: float32 or auto only (onnx_dtype)."""
+        reason = onnx_dtype(dtype)
         path = Path(path).expanduser()
         if not path.is_file():
             # export.py on a run folder writes into its best/ (the model): point there when that is where it is
@@ -98,9 +113,11 @@ class OnnxEncoder(Prompts):
         length = max_seq_length or meta["max_seq_length"]
         if meta.get("length_limit"):
             length = min(length, meta["length_limit"])
-        return cls(session, tokenizer, int(length), bool(meta["do_lower_case"]), int(meta["pad_token_id"]),
-                   int(meta["dimension"]), path, bool(meta.get("normalize", False)), meta.get("prompts"),
-                   meta.get("default_prompt_name"))
+        encoder = cls(session, tokenizer, int(length), bool(meta["do_lower_case"]), int(meta["pad_token_id"]),
+                      int(meta["dimension"]), path, bool(meta.get("normalize", False)), meta.get("prompts"),
+                      meta.get("default_prompt_name"))
+        encoder.dtype_reason = reason
+        return encoder
 
     @property
     def device_name(self) -> str:
@@ -121,11 +138,14 @@ class OnnxEncoder(Prompts):
         dim: int | None = None,
         prompt_name: str | None = None,
         prompt: str | None = None,
+        dtype: str | torch.dtype | None = None,
         **sentence_transformers_names: Any,
     ) -> torch.Tensor | np.ndarray:
         """float32 embeddings (N x H, or N x dim) in input order, batched and streamed as SentenceEncoder.encode,
-        prompts included. device is accepted for the same signature; the session's providers decide where it runs.
+        prompts included. device is accepted for the same signature; the session's providers decide where it runs;
+        dtype float32 or auto only (onnx_dtype).
         """
+        onnx_dtype(dtype)
         normalize, convert_to_numpy, show_progress, dim = sentence_transformers_options(
             normalize, convert_to_numpy, show_progress, dim, **sentence_transformers_names)
         sentences = with_prompt(sentences, self.prompt_text(prompt_name, prompt))

@@ -41,6 +41,7 @@ from kfdeb.config import BUNDLED, TINY_MODEL, TrainConfig
 from kfdeb.errors import UserInputError
 from kfdeb.evaluation import TABLE_HEADER, StsResult, best_score, evaluate_sts, sts_set_line, table_row
 from kfdeb.flags import progress_shown
+from kfdeb.inference_dtype import describe_dtype, resolve_dtype
 from kfdeb.ir_data import IrData, read_ir_data, trained_on
 from kfdeb.losses import Objective
 from kfdeb.model import SentenceEncoder, load_encoder
@@ -108,6 +109,8 @@ def setup(config: TrainConfig, ctx: distributed.Context) -> Run:
     test_ir = read_ir_data(config.ir_test_data, config.ir_test_split, "--ir_test_data") if config.ir_test_data else None
     encoder = _load_start_model(config, output_dir, ctx)
     encoder.metadata = {}  # a checkpoint's own kfdeb.json describes that run, not this one (best_metadata does)
+    # what the dev and final evaluations encode in (encode's default); training's forward follows --amp
+    encoder.inference_dtype, eval_dtype_reason = resolve_dtype(config.eval_dtype, ctx.device)
     # after the model is built (building a tiny model reseeds torch): dropout streams differ per rank
     seed_everything(config.seed + ctx.rank)
     frozen = encoder.freeze_unused_parameters()
@@ -141,7 +144,8 @@ def setup(config: TrainConfig, ctx: distributed.Context) -> Run:
         dev_ir=dev_ir, test_ir=test_ir, prompts=prompts, objective=objective,
     )
     distributed.print0(ctx, f"{total_steps} steps ({steps_per_epoch} per epoch), warmup {warmup_steps}, "
-                       f"{ctx.world_size} process(es) on {ctx.device}, amp {describe_amp(config.amp, amp_dtype, capability)}")
+                       f"{ctx.world_size} process(es) on {ctx.device}, amp {describe_amp(config.amp, amp_dtype, capability)}, "
+                       f"evaluations in {describe_dtype(encoder.inference_dtype, eval_dtype_reason, '--eval_dtype')}")
     return run
 
 

@@ -1,8 +1,10 @@
-"""kfdeb.cpu_linear: oneDNN's float32 GEMM for inference linear layers, against a float64 product and torch's path."""
+"""kfdeb.cpu_linear: oneDNN's float32 GEMM for inference linear layers, against a float64 product and torch's path;
+encodes in several threads on one model against one thread's."""
 
 from __future__ import annotations
 
 import platform
+import threading
 
 import pytest
 import torch
@@ -102,3 +104,105 @@ def test_a_bad_switch_value_is_a_user_error(monkeypatch):
     monkeypatch.setenv(cpu_linear.ENV_SWITCH, "mkl")
     with pytest.raises(UserInputError, match="KFDEB_CPU_GEMM='mkl': expected onednn or blas"):
         cpu_linear.onednn_enabled()
+
+
+def test_a_subclass_keeps_its_own_forward(kernel_calls):
+    class ScaledLinear(torch.nn.Linear):  # e.g. an adapter: its own forward around F.linear
+        def forward(self, x):
+            return 2 * F.linear(x, self.weight, self.bias) + 1
+
+    torch.manual_seed(0)
+    layer, x = ScaledLinear(64, 32), torch.randn(5, 64)
+    with torch.inference_mode(), cpu_linear.onednn_linears(layer):
+        got = layer(x)
+    assert len(kernel_calls) == X86  # its F.linear still takes the kernel
+    exact = 2 * (x.double() @ layer.weight.double().T + layer.bias.double()) + 1
+    assert (got.double() - exact).abs().max().item() <= 1e-5
+
+
+def test_the_route_is_local_to_the_calling_thread(kernel_calls):
+    layer, x, outside = torch.nn.Linear(64, 32), torch.randn(5, 64), []
+
+    def other_thread() -> None:
+        with torch.inference_mode():  # a call the kernel could serve, were the route this thread's too
+            outside.append(torch.equal(layer(x), F.linear(x, layer.weight, layer.bias)))
+
+    with torch.inference_mode(), cpu_linear.onednn_linears(layer):
+        other = threading.Thread(target=other_thread)
+        other.start()
+        other.join()
+    assert outside == [True] and kernel_calls == []  # the other thread ran torch's F.linear, untouched
+
+
+TEXTS = [f"{i}번째 문장입니다. " * (1 + i % 5) for i in range(24)]
+WAIT = 60  # seconds a thread waits for the other before the test gives up (a deadlock would hang otherwise)
+
+
+def interleaved_encodes(model, dtype: str) -> dict[str, torch.Tensor]:
+    """Thread A starts an encode; inside its first batch it lets thread B start, which stops inside its own first
+    batch until A has finished its whole encode (its exit included); then B finishes. The order in which one
+    encode's exit falls in the middle of another's, forced instead of waited for."""
+    a_inside, b_inside, a_done = threading.Event(), threading.Event(), threading.Event()
+    results: dict[str, torch.Tensor] = {}
+
+    def hold(module, args):
+        if threading.current_thread().name == "A" and not a_inside.is_set():
+            a_inside.set()
+            b_inside.wait(WAIT)
+        elif threading.current_thread().name == "B" and not b_inside.is_set():
+            b_inside.set()
+            a_done.wait(WAIT)
+
+    def encode(name: str) -> None:
+        try:
+            results[name] = model.encode(TEXTS, batch_size=4, dtype=dtype)
+        finally:
+            if name == "A":
+                a_done.set()
+
+    hook = model.transformer.register_forward_pre_hook(hold)
+    try:
+        a = threading.Thread(target=encode, args=("A",), name="A")
+        b = threading.Thread(target=encode, args=("B",), name="B")
+        a.start()
+        assert a_inside.wait(WAIT)
+        b.start()
+        a.join(WAIT)
+        b.join(WAIT)
+    finally:
+        hook.remove()
+    return results
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_an_encode_ending_inside_another_changes_none_of_its_rows(tiny_deberta_dropout, dtype):
+    # dropout 0.1 in the model: an encode that ran any batch in training mode would show it
+    import kfdeb
+
+    model = kfdeb.load(tiny_deberta_dropout, device="cpu")
+    alone = model.encode(TEXTS, batch_size=4, dtype=dtype)
+    assert torch.equal(model.encode(TEXTS, batch_size=4, dtype=dtype), alone)  # deterministic when alone
+    results = interleaved_encodes(model, dtype)
+    assert set(results) == {"A", "B"}
+    assert torch.equal(results["A"], alone) and torch.equal(results["B"], alone)
+    assert torch.equal(model.encode(TEXTS, batch_size=4, dtype=dtype), alone)  # and nothing left changed after
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_two_threads_encoding_on_one_model_get_one_thread_s_results(tiny_deberta_dropout, dtype):
+    import kfdeb
+
+    model = kfdeb.load(tiny_deberta_dropout, device="cpu")
+    alone = model.encode(TEXTS, batch_size=4, dtype=dtype)
+    results: dict[int, list[torch.Tensor]] = {}
+
+    def encode_repeatedly(k: int) -> None:
+        results[k] = [model.encode(TEXTS, batch_size=4, dtype=dtype) for _ in range(8)]
+
+    threads = [threading.Thread(target=encode_repeatedly, args=(k,)) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT)
+    assert sorted(results) == [0, 1]
+    assert all(torch.equal(result, alone) for k in results for result in results[k])
