@@ -17,7 +17,9 @@ distinct text encoded once, length-sorted batches, one normalisation, chunked ex
 prompts passed as query_prompt / corpus_prompt). Timed: the evaluation only (the model is loaded and
 warmed up first). Also kfdeb at batch 32, as a third engine, so the batch size's share shows, and
 kfdeb with KFDEB_CPU_GEMM=blas (linear layers on torch's F.linear, as the reference computes them,
-instead of oneDNN's GEMM: kfdeb/cpu_linear.py), so the kernel's share shows.
+instead of oneDNN's GEMM: kfdeb/cpu_linear.py), so the kernel's share shows. Issue 35's pair: kfdeb with
+`dtype="bfloat16"` (autocast: the matrix products in bf16, pooling and search in float32) and
+sentence-transformers with `model_kwargs={"torch_dtype": torch.bfloat16}` (the weights themselves in bf16).
 
     pip install -e ".[bench]"
     python bench/retrieval_speed.py --model minilm --reps 3
@@ -35,7 +37,7 @@ from pathlib import Path
 
 from harness import alternating_parser, bundled_sentences, cpu_model, gemm_switch, git_commit, model_path, run_alternating
 
-ENGINES = ("kfdeb", "reference", "kfdeb-batch32", "kfdeb-blas")
+ENGINES = ("kfdeb", "reference", "kfdeb-batch32", "kfdeb-blas", "kfdeb-bf16", "reference-bf16")
 
 
 def dataset():
@@ -69,7 +71,7 @@ def child(args) -> None:
         from kfdeb import ir_metrics
         from kfdeb.retrieval import evaluate_retrieval
 
-        model = kfdeb.load(args.model_path, device="cpu")
+        model = kfdeb.load(args.model_path, device="cpu", dtype="bfloat16" if args.engine == "kfdeb-bf16" else "float32")
         batch = 32 if args.engine == "kfdeb-batch32" else 64
         extra["onednn_linears"] = gemm_switch(args.engine)
         data = IrData("bench", queries, corpus, relevant)
@@ -86,7 +88,8 @@ def child(args) -> None:
         from sentence_transformers import SentenceTransformer, util
         from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
-        model = SentenceTransformer(args.model_path, device="cpu")
+        model_kwargs = {"torch_dtype": torch.bfloat16} if args.engine == "reference-bf16" else None
+        model = SentenceTransformer(args.model_path, device="cpu", model_kwargs=model_kwargs)
         prompts = model.prompts or {}
         options = dict(mrr_at_k=[10], ndcg_at_k=[10], accuracy_at_k=[1], precision_recall_at_k=[1, 5, 10, 100],
                        map_at_k=[100], write_csv=False, score_functions={"cosine": util.cos_sim},
@@ -119,18 +122,25 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as work:
         runs = run_alternating(__file__, args.reps, Path(work), ["--model_path", path], report, tuple(args.engines))
-    keys = list(runs["kfdeb"][0]["figures"])
+    keys = list(next(results for results in runs.values() if results)[0]["figures"])
     print("\n| engine | evaluation seconds (median of " + str(args.reps) + ") | runs | " + " | ".join(keys) + " |")
     print("|---|---|---|" + "---|" * len(keys))
     for engine, results in runs.items():
         times = [r["seconds"] for r in results]
         print(f"| {engine} | {statistics.median(times):.1f} | {' / '.join(f'{t:.1f}' for t in times)} | "
               + " | ".join(f"{results[0]['figures'][k]:.2f}" for k in keys) + " |")
-    gap = max(abs(runs["kfdeb"][0]["figures"][k] - runs["reference"][0]["figures"][k]) for k in keys)
-    speedup = statistics.median(r["seconds"] for r in runs["reference"]) / statistics.median(r["seconds"] for r in runs["kfdeb"])
-    same_ties = max(abs(runs["kfdeb"][0]["figures_with_ties_ascending"][k] - runs["reference"][0]["figures"][k]) for k in keys)
-    print(f"\nlargest figure difference kfdeb vs reference: {gap:.2e} (with ties ranked as the reference ranks them: "
-          f"{same_ties:.2e}); kfdeb is {speedup:.2f}x faster")
+    median = {engine: statistics.median(r["seconds"] for r in results) for engine, results in runs.items() if results}
+    if "kfdeb" in median and "reference" in median:
+        gap = max(abs(runs["kfdeb"][0]["figures"][k] - runs["reference"][0]["figures"][k]) for k in keys)
+        same_ties = max(abs(runs["kfdeb"][0]["figures_with_ties_ascending"][k] - runs["reference"][0]["figures"][k])
+                        for k in keys)
+        print(f"\nlargest figure difference kfdeb vs reference: {gap:.2e} (with ties ranked as the reference ranks "
+              f"them: {same_ties:.2e}); kfdeb is {median['reference'] / median['kfdeb']:.2f}x faster")
+    for engine in median:
+        if engine != "reference" and "reference" in median:
+            print(f"{engine}: {median['reference'] / median[engine]:.2f}x reference float32"
+                  + (f", {median['reference-bf16'] / median[engine]:.2f}x reference-bf16" if "reference-bf16" in median
+                     else "") + f", nDCG@10 {runs[engine][0]['figures']['ndcg@10']:.2f}")
 
 
 if __name__ == "__main__":
