@@ -116,7 +116,7 @@ def setup(config: TrainConfig, ctx: distributed.Context) -> Run:
     if frozen:
         distributed.print0(ctx, f"not trained (the sentence embedding does not use them): {', '.join(frozen)}")
     prompts = run_prompts(config, encoder)
-    tasks = build_tasks(config, examples, encoder, ctx, prompts, guide)
+    tasks = build_tasks(config, examples, encoder, ctx, prompts, guide if config.guide_model != "self" else None)
     check_nodes_agree(ctx, data_fingerprint(config, data_dir, keys, tasks, encoder))
     objective = Objective(config.sts_loss, config.matryoshka_dim_list, config.matryoshka_weight_list, config.nli_loss,
                           config.scale, config.gist_margin_strategy, config.gist_margin, config.gist_contrast_anchors,

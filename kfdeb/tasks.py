@@ -261,18 +261,14 @@ def prompted(tokenize: Any, prompt: str) -> Any:
     return tokenize if not prompt else (lambda texts: tokenize([prompt + text for text in texts]))
 
 
-def _tokenizes_alike(first: SentenceEncoder, second: SentenceEncoder) -> bool:
-    return (token_cache.tokenizer_fingerprint(first.tokenizer, first.do_lower_case, first.max_seq_length)
-            == token_cache.tokenizer_fingerprint(second.tokenizer, second.do_lower_case, second.max_seq_length))
-
-
 def build_tasks(config: TrainConfig, examples: dict[str, Examples], encoder: SentenceEncoder,
                 ctx: distributed.Context, prompts: tuple[str, str] = ("", ""),
                 guide: SentenceEncoder | None = None) -> list[Task]:
     """Each objective's token ids (`task_tokens`; the in-batch objective's anchors with the query prompt, its
     other columns with the document prompt) and sampler. The samplers compare the texts without prompts.
-    A `guide` (--guide_model) that tokenizes otherwise gets the in-batch texts in its own ids too (the same
-    prompted texts, as the reference's guide reads the training batch's texts)."""
+    A `guide` (--guide_model PATH; self shares the model's ids) gets the in-batch texts in its own ids too (the
+    same prompted texts, as the reference's guide reads the training batch's; the token cache keeps them beside
+    the model's, under its tokenizer's fingerprint)."""
     tasks = []
     for name, data in examples.items():
         batch_size = config.nli_batch_size if name == "nli" else config.sts_batch_size
@@ -285,7 +281,7 @@ def build_tasks(config: TrainConfig, examples: dict[str, Examples], encoder: Sen
         sequences = task_tokens(name, data, encoder, ctx, document_prompt)
         anchors = task_tokens(name, data, encoder, ctx, query_prompt) if query_prompt != document_prompt else None
         task = Task(name, rows, sequences, data.labels, sampler, batch_size, anchors, data.keys if name == "nli" else None)
-        if name == "nli" and guide is not None and not _tokenizes_alike(encoder, guide):
+        if name == "nli" and guide is not None:
             task.guide_sequences = task_tokens(name, data, guide, ctx, document_prompt)
             task.guide_anchor_sequences = (task_tokens(name, data, guide, ctx, query_prompt)
                                            if query_prompt != document_prompt else None)
