@@ -80,6 +80,7 @@ class Run:
     eval_seconds: float = 0.0  # dev evaluations and best-model saves, for throughput figures
     objective: Objective = Objective()  # the STS loss, the Matryoshka widths, the in-batch loss (losses.py)
     guide: SentenceEncoder | None = None  # --guide_model (gist): frozen, eval mode, never saved
+    guide_sha256: str = ""  # its weights' digest, kept in the state (a resume needs the same guide)
 
     @property
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -143,6 +144,7 @@ def setup(config: TrainConfig, ctx: distributed.Context) -> Run:
         pad_multiple=config.pad_to_multiple_of or (8 if ctx.device.type == "cuda" else 1),  # tensor-core tiles
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, dev_pairs=dev_pairs, test_pairs=test_pairs,
         dev_ir=dev_ir, test_ir=test_ir, prompts=prompts, objective=objective, guide=guide,
+        guide_sha256=train_state.weights_sha256(guide) if guide is not None else "",
     )
     distributed.print0(ctx, f"{total_steps} steps ({steps_per_epoch} per epoch), warmup {warmup_steps}, "
                        f"{ctx.world_size} process(es) on {ctx.device}, amp {describe_amp(config.amp, amp_dtype, capability)}")

@@ -198,7 +198,7 @@ def test_n_tuples_train_with_gradcache_matryoshka_prompts_cache_and_resume(tiny_
     monkeypatch.setattr(kfdeb.loop.StepMeter, "flush", lambda self, step, bar, stop_requested=False:
                         real_flush(self, step, bar, stop_requested or step == 4))
     with pytest.raises(TrainingStopped, match="stopped by SIGTERM at step 4 of 6"):
-        train(own_config(tiny_deberta, tmp_path / "stopped", **settings))
+        train(own_config(start, tmp_path / "stopped", **settings))
     monkeypatch.setattr(kfdeb.loop.StepMeter, "flush", real_flush)
     train(own_config(tiny_deberta, tmp_path / "stopped", **settings, resume=True))
     resumed = read_part(latest(tmp_path / "stopped"), "train")["model"]
@@ -206,3 +206,56 @@ def test_n_tuples_train_with_gradcache_matryoshka_prompts_cache_and_resume(tiny_
         assert torch.equal(resumed[key], tensor), key
     saved = json.loads((tmp_path / "plain" / "best" / "config_sentence_transformers.json").read_text())
     assert saved["prompts"] == {"query": "질문: ", "document": "문서: "}
+
+
+def test_faq_shaped_pairs_train_with_the_levers_and_resume_as_one_run(tiny_deberta, tmp_path, monkeypatch):
+    """Many questions for one answer (20 of 30 questions share it: more than half of a batch of 8; 3 answers in
+    all, fewer than a batch, where the legacy no-duplicates rule could not fill one) train with gist (guide: a
+    frozen copy of the starting weights), --scale, Matryoshka and GradCache; stopped at step 4 and resumed, the
+    run ends with the uninterrupted run's weights; a resume whose starting model changed meanwhile is refused (the
+    guide is made again from it). Neither the state nor best/ holds the guide."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import kfdeb.loop
+    from kfdeb import train_state
+    from kfdeb.errors import TrainingStopped
+
+    start = tmp_path / "start"
+    shutil.copytree(tiny_deberta, start)
+
+    faq = tmp_path / "faq.jsonl"
+    faq.write_text("".join(json.dumps({"anchor": f"질문 {i} 은 무엇인가요", "positive": f"답변 {0 if i < 20 else 1 + i % 2}"},
+                                      ensure_ascii=False) + "\n" for i in range(30)), encoding="utf-8")
+    settings = dict(tasks="nli", nli_train_files=str(faq), sts_dev_file=str(EXAMPLES / "sts_train.tsv"),
+                    sts_test_file=str(EXAMPLES / "sts_test.csv"), nli_loss="gist", guide_model="self", scale=50.0,
+                    matryoshka_dims="64,16", nli_mini_batch_size=3, max_steps=6, eval_steps=3, save_steps=6)
+    straight = train(own_config(start, tmp_path / "straight", **settings))
+    real_flush = kfdeb.loop.StepMeter.flush
+    monkeypatch.setattr(kfdeb.loop.StepMeter, "flush", lambda self, step, bar, stop_requested=False:
+                        real_flush(self, step, bar, stop_requested or step == 4))
+    with pytest.raises(TrainingStopped, match="at step 4 of 6"):
+        train(own_config(start, tmp_path / "stopped", **settings))
+    monkeypatch.setattr(kfdeb.loop.StepMeter, "flush", real_flush)
+    weights = start / "model.safetensors"
+    original = weights.read_bytes()
+    changed = load_file(weights)
+    name = next(iter(changed))
+    changed[name] = changed[name] + 1.0
+    save_file(changed, weights, metadata={"format": "pt"})
+    with pytest.raises(UserInputError, match=f"--guide_model self: {start} no longer holds the weights this run started"):
+        train(own_config(start, tmp_path / "stopped", **settings, resume=True))
+    weights.write_bytes(original)
+    resumed = train(own_config(start, tmp_path / "stopped", **settings, resume=True))
+    assert resumed["test"] == straight["test"]
+    straight_state = train_state.read_part(train_state.latest(tmp_path / "straight"), "train")
+    stopped_state = train_state.read_part(train_state.latest(tmp_path / "stopped"), "train")
+    for name, tensor in straight_state["model"].items():
+        assert torch.equal(stopped_state["model"][name], tensor), name
+    encoder_keys = set(load_encoder(start).state_dict())
+    assert set(straight_state["model"]) == encoder_keys  # the trained model only; the guide is recorded by its digest:
+    assert straight_state["guide_sha256"] == train_state.weights_sha256(load_encoder(start))  # the starting weights
+    assert set(load_encoder(tmp_path / "straight" / "best").state_dict()) == encoder_keys
+    rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in rows if "task" in r)
