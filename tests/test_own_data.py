@@ -259,3 +259,36 @@ def test_faq_shaped_pairs_train_with_the_levers_and_resume_as_one_run(tiny_deber
     assert set(load_encoder(tmp_path / "straight" / "best").state_dict()) == encoder_keys
     rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in rows if "task" in r)
+
+
+def test_a_guide_model_with_its_own_tokenizer_reads_the_batch_prompted_texts(tiny_deberta, tiny_xlmr, tmp_path):
+    """--guide_model PATH (an XLM-R with another tokenizer and pad id) embeds the batch's texts, prompts included,
+    in its own token ids: the step's loss is GIST's on the model's and the guide's own encodings of those texts."""
+    from kfdeb.loop import batch_keys
+    from kfdeb.losses import gist_loss
+    from kfdeb.run import setup
+
+    faq = tmp_path / "faq.jsonl"
+    rows = [(f"질문 {i} 은 무엇인가요", f"답변 {i % 5} 입니다") for i in range(24)]
+    faq.write_text("".join(json.dumps({"anchor": a, "positive": p}, ensure_ascii=False) + "\n" for a, p in rows),
+                   encoding="utf-8")
+    config = own_config(tiny_deberta, tmp_path / "run", tasks="nli", nli_train_files=str(faq), sts_dev_file=str(
+        EXAMPLES / "sts_train.tsv"), sts_test_file=str(EXAMPLES / "sts_test.csv"), nli_loss="gist",
+        guide_model=str(tiny_xlmr), query_prompt="질문: ",
+        document_prompt="문서: ", no_cache=True)
+    run = setup(config, CPU)
+    (task,) = run.tasks
+    assert task.guide_sequences is not None and run.guide.pad_id == 1 != run.encoder.pad_id
+    batch = task.sampler.next_batch()
+    ours = task_loss(run.encoder, task, batch, CPU, run.encoder.pad_id, 1, run.objective, run.guide)
+    anchors, positives = [rows[i][0] for i in batch], [rows[i][1] for i in batch]
+    model, guide = load_encoder(tiny_deberta, max_seq_length=64), load_encoder(tiny_xlmr, max_seq_length=64)
+    columns = [model.encode(anchors, prompt="질문: "), model.encode(positives, prompt="문서: ")]
+    guide_columns = [guide.encode(anchors, prompt="질문: "), guide.encode(positives, prompt="문서: ")]
+    ids = {text: i for i, text in enumerate(dict.fromkeys(t for row in rows for t in row))}
+    keys = torch.tensor([[ids[a] for a in anchors], [ids[p] for p in positives]])
+    assert torch.equal(keys[1][:, None] == keys[1][None, :], batch_keys(task, batch, CPU.device)[1][:, None]
+                       == batch_keys(task, batch, CPU.device)[1][None, :])  # the same texts share keys
+    expected = gist_loss(columns, guide_columns, config.scale, keys=keys)
+    assert ours.item() == pytest.approx(expected.item(), abs=1e-5)
+    assert len(set(positives)) < len(positives)  # the batch holds shared positives: the masks were used
