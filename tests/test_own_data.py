@@ -259,6 +259,10 @@ def test_faq_shaped_pairs_train_with_the_levers_and_resume_as_one_run(tiny_deber
     assert set(load_encoder(tmp_path / "straight" / "best").state_dict()) == encoder_keys
     rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in rows if "task" in r)
+    # the card and kfdeb.json say which loss, scale and guide trained it
+    assert "guide-masked in-batch negatives (GISTEmbedLoss, scale 50)" in (tmp_path / "straight" / "best" / "README.md").read_text()
+    published = json.loads((tmp_path / "straight" / "best" / "kfdeb.json").read_text())["config"]
+    assert (published["nli_loss"], published["guide_model"], published["scale"]) == ("gist", "self", 50.0)
 
 
 def test_a_guide_model_with_its_own_tokenizer_reads_the_batch_prompted_texts(tiny_deberta, tiny_xlmr, tmp_path):
