@@ -198,7 +198,7 @@ def test_n_tuples_train_with_gradcache_matryoshka_prompts_cache_and_resume(tiny_
     monkeypatch.setattr(kfdeb.loop.StepMeter, "flush", lambda self, step, bar, stop_requested=False:
                         real_flush(self, step, bar, stop_requested or step == 4))
     with pytest.raises(TrainingStopped, match="stopped by SIGTERM at step 4 of 6"):
-        train(own_config(start, tmp_path / "stopped", **settings))
+        train(own_config(tiny_deberta, tmp_path / "stopped", **settings))
     monkeypatch.setattr(kfdeb.loop.StepMeter, "flush", real_flush)
     train(own_config(tiny_deberta, tmp_path / "stopped", **settings, resume=True))
     resumed = read_part(latest(tmp_path / "stopped"), "train")["model"]
