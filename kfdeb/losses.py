@@ -348,8 +348,8 @@ def nli_loss(columns: torch.Tensor, objective: Objective = Objective(), keys: to
             return gist_loss(list(c), list(guide_columns), objective.scale, objective.gist_margin_strategy,
                              objective.gist_margin, objective.gist_contrast_anchors, objective.gist_contrast_positives,
                              keys)
-        return in_batch_negatives_loss(c[0], c[1], c[2:] if len(c) > 2 else None, objective.scale,
-                                       objective.nli_loss == "mnrl_symmetric", keys)
+        return in_batch_negatives_loss(c[0], c[1], c[2:] if len(c) > 2 else None, scale=objective.scale,
+                                       symmetric=objective.nli_loss == "mnrl_symmetric", keys=keys)
 
     return matryoshka(loss_of, columns, objective.matryoshka_dims, objective.matryoshka_weights)
 
