@@ -147,7 +147,9 @@ def test_sts_objectives_over_two_ranks_equal_the_single_process():
                 assert not result["grad"].any(), key
 
 
-MATRYOSHKA_COSENT = ["--matryoshka_dims", "64,16", "--matryoshka_weights", "1,0.5", "--sts_loss", "cosent"]
+MATRYOSHKA_COSENT = ["--matryoshka_dims", "64,16", "--matryoshka_weights", "1,0.5", "--sts_loss", "cosent",
+                     # and the in-batch levers, with GradCache: GIST guided by a frozen copy of the starting weights
+                     "--nli_loss", "gist", "--guide_model", "self", "--scale", "50", "--nli_mini_batch_size", "3"]
 
 
 def two_ranks(model, data, out: Path, log_dir: Path, *extra: str) -> str:
@@ -164,11 +166,12 @@ def two_rank_run(tiny_deberta, ddp_data, tmp_path_factory) -> tuple[Path, str]:
 
 
 @pytest.mark.parametrize("extra", [[], ["--nli_mini_batch_size", "3"], MATRYOSHKA_COSENT],
-                         ids=["plain", "gradcache", "matryoshka-cosent"])
+                         ids=["plain", "gradcache", "matryoshka-cosent-gist"])
 def test_two_ranks_give_the_single_process_losses_and_weights(tiny_deberta, ddp_data, single_process_run, two_rank_run,
                                                               tmp_path, extra):
     """With GradCache each rank embeds its 8 triplets 3, 3, 2 at a time; with Matryoshka + CoSENT both
-    objectives gather across ranks at every width: still the single process's run."""
+    objectives gather across ranks at every width, GIST its guide's embeddings too: still the single process's
+    run."""
     reference = single_process_run
     if not extra:
         out, stdout = two_rank_run
