@@ -106,7 +106,8 @@ class TrainConfig:
             "again from --model_name_or_path). Embeds the batch's texts once a step, in eval mode, without gradient")
     gist_margin_strategy: str = knob(
         "absolute", "GISTEmbedLoss's margin_strategy: absolute masks candidates the guide scores above "
-                    "(positive - margin), relative above (positive - |positive| x margin)", choices=GIST_MARGIN_STRATEGIES)
+                    "(positive - margin), relative above (positive - |positive| x margin)",
+        choices=GIST_MARGIN_STRATEGIES)
     gist_margin: float = knob(0.0, "GISTEmbedLoss's margin (0: mask what the guide scores above the positive)")
     gist_contrast_anchors: bool = knob(True, "GISTEmbedLoss's contrast_anchors: the batch's other anchors are "
                                              "candidates too (guide-masked)")
@@ -373,13 +374,14 @@ def _validate_in_batch_loss(config: TrainConfig) -> None:
     if config.gist_margin != config.gist_margin or abs(config.gist_margin) == float("inf"):
         raise UserInputError(f"--gist_margin {config.gist_margin}: must be a finite number")
     if config.nli_loss == "gist" and not config.guide_model:
-        raise UserInputError("--nli_loss gist: needs --guide_model (a model folder or hub id, or self: a frozen copy of "
-                             "the starting weights)")
+        raise UserInputError("--nli_loss gist: needs --guide_model (a model folder or hub id, or self: a frozen "
+                             "copy of the starting weights)")
     if config.guide_model and config.nli_loss != "gist":
         raise UserInputError(f"--guide_model {config.guide_model}: only --nli_loss gist uses a guide (the loss is "
                              f"{config.nli_loss})")
     if config.nli_loss != "mnrl" and "nli" not in config.task_list:
-        raise UserInputError(f"--nli_loss {config.nli_loss}: the in-batch objective is not trained (--tasks {config.tasks})")
+        raise UserInputError(f"--nli_loss {config.nli_loss}: the in-batch objective is not trained "
+                             f"(--tasks {config.tasks})")
 
 
 def _validate_matryoshka(config: TrainConfig) -> None:

@@ -6,8 +6,8 @@ candidates c = [p_1..p_B; n_1^1..n_B^1; ...; n_1^k..n_B^k] ((1 + k)B x H):
 
     s_ij = scale * cos(a_i, c_j),   L_nli = (1/B) sum_i [ logsumexp_j s_ij - s_ii ]
 
-i.e. cross-entropy over (1 + k)B candidates with target j = i (scale 20): a row's own negatives are
-its hard negatives, every other row's positive and negatives are in-batch ones.
+i.e. cross-entropy over (1 + k)B candidates with target j = i (scale s = --scale, default 20): a row's
+own negatives are its hard negatives, every other row's positive and negatives are in-batch ones.
 
 The in-batch objective's variants (--nli_loss), all at --scale s (1 / temperature; default 20, the
 recipe's), with g(i) the column of anchor i's own positive in the global batch:

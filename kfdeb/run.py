@@ -161,11 +161,12 @@ def load_guide(config: TrainConfig, encoder: SentenceEncoder, ctx: distributed.C
         guide = copy.deepcopy(encoder)
     else:
         pooling = None if config.pooling == "auto" else config.pooling
-        guide = load_encoder(config.guide_model, max_seq_length=config.max_seq_length, device=ctx.device, pooling=pooling)
+        guide = load_encoder(config.guide_model, max_seq_length=config.max_seq_length, device=ctx.device,
+                             pooling=pooling)
     guide.requires_grad_(False)
     guide.eval()
-    distributed.print0(ctx, f"GIST guide: {'a frozen copy of the starting weights' if config.guide_model == 'self' else config.guide_model} "
-                            f"({guide.dimension} dims, eval mode, no gradient)")
+    what = "a frozen copy of the starting weights" if config.guide_model == "self" else config.guide_model
+    distributed.print0(ctx, f"GIST guide: {what} ({guide.dimension} dims, eval mode, no gradient)")
     return guide
 
 

@@ -280,7 +280,8 @@ def build_tasks(config: TrainConfig, examples: dict[str, Examples], encoder: Sen
             sampler = ShuffledBatches(len(rows), batch_size, config.seed)
         sequences = task_tokens(name, data, encoder, ctx, document_prompt)
         anchors = task_tokens(name, data, encoder, ctx, query_prompt) if query_prompt != document_prompt else None
-        task = Task(name, rows, sequences, data.labels, sampler, batch_size, anchors, data.keys if name == "nli" else None)
+        task = Task(name, rows, sequences, data.labels, sampler, batch_size, anchors,
+                    keys=data.keys if name == "nli" else None)
         if name == "nli" and guide is not None:
             task.guide_sequences = task_tokens(name, data, guide, ctx, document_prompt)
             task.guide_anchor_sequences = (task_tokens(name, data, guide, ctx, query_prompt)
