@@ -33,15 +33,14 @@ Samplers (pure index arithmetic, state = two integers, so resume is exact):
   anchors and negatives stay unique, and no positive may be another row's anchor or negative).
   FAQ data has many questions for one answer: the legacy rule passed over a question whose answer
   was already in the batch (at large batches, much of a popular answer's questions, every pass),
-  and stopped with "cannot fill" when the data had fewer distinct answers than a batch has rows. The
-  in-batch losses mask such
-  shared positives instead (losses.py: rows that share a positive are never negatives of each other),
-  so the repeats cost no false negatives. Data without repeated positives (the recipe's KorNLI
-  triplets rarely repeat one) get exactly the legacy batches. sentence-transformers'
-  NoDuplicatesBatchSampler keeps every value of a batch unique (positives too), defers conflicting
-  rows within a pass and yields short batches at a pass's end; its MultipleNegativesRankingLoss masks
-  nothing (a repeated positive would be a negative), GISTEmbedLoss only what its guide scores above
-  the positive.
+  and stopped with "cannot fill" when the data had fewer distinct answers than a batch has rows.
+  The in-batch losses mask such shared positives instead (losses.py: rows that share a positive are
+  never negatives of each other), so the repeats cost no false negatives. Data without repeated
+  positives get exactly the legacy batches (the recipe's triplets rarely repeat one: 2 of XNLI
+  dev's 1,660 rows share a positive). sentence-transformers' NoDuplicatesBatchSampler keeps every
+  value of a batch unique (positives too), defers conflicting rows within a pass and yields short
+  batches at a pass's end; its MultipleNegativesRankingLoss masks nothing (a repeated positive
+  would be a negative), its GISTEmbedLoss only what the guide scores above the positive.
 - `ShuffledBatches`: a DataLoader(shuffle=True, drop_last=False): pass p is a permutation of
   (seed, p) cut into ceil(N / batch_size) batches, the last one possibly short.
 """
