@@ -9,6 +9,10 @@ epochs. Dev evaluation every eval_steps and at each epoch end keeps the best mod
 state is written every save_steps and at each epoch end; the best model is evaluated on KorSTS
 test at the end. Setting the run up: run.py (its data: tasks.py); the resumable state: train_state.py.
 
+The in-batch objective's loss (--nli_loss, losses.py) gets the global batch's text keys (shared
+positives are masked) and, for gist, the guide's embeddings of this rank's rows: one forward of the
+batch without gradient (`guide_embeddings`), before GradCache's two passes.
+
 Host syncs: none inside a step (fp16's GradScaler aside, as in the reference). Losses, gradient
 norms and the non-finite watch stay on the device (StepMeter) until a logging, evaluation or
 saving step reads them, all ranks at once.
