@@ -24,11 +24,23 @@ returns): the distinct texts of the examples, numbered in order of first appeara
 no-duplicates sampler, the ids of their normalised forms (strip().lower()).
 
 Samplers (pure index arithmetic, state = two integers, so resume is exact):
-- `NoDuplicatesBatches`: the legacy NoDuplicatesDataLoader. A read pointer walks a permutation;
-  an example whose normalised text is already in the batch being built is passed over (it comes
-  back on a later pass); when the pointer wraps, the next pass uses a fresh permutation.
+- `NoDuplicatesBatches`: the legacy NoDuplicatesDataLoader, with one relaxation. A read pointer walks
+  a permutation; an example with a normalised text already in the batch being built is passed over
+  (it comes back on a later pass); when the pointer wraps, the next pass uses a fresh permutation.
   len = floor(N / batch_size) full batches. Pass p's permutation is a pure function of (seed, p),
   so a position is (pass, pointer). The normalised texts are compared as integer ids.
+  The relaxation: a row's positive may be another row's positive (column 1 against column 1 only;
+  anchors and negatives stay unique, and no positive may be another row's anchor or negative).
+  FAQ data has many questions for one answer: the legacy rule passed over a question whose answer
+  was already in the batch (at large batches, much of a popular answer's questions, every pass),
+  and stopped with "cannot fill" when the data had fewer distinct answers than a batch has rows.
+  The in-batch losses mask such shared positives instead (losses.py: rows that share a positive are
+  never negatives of each other), so the repeats cost no false negatives. Data without repeated
+  positives get exactly the legacy batches (the recipe's triplets rarely repeat one: 2 of XNLI
+  dev's 1,660 rows share a positive). sentence-transformers' NoDuplicatesBatchSampler keeps every
+  value of a batch unique (positives too), defers conflicting rows within a pass and yields short
+  batches at a pass's end; its MultipleNegativesRankingLoss masks nothing (a repeated positive
+  would be a negative), its GISTEmbedLoss only what the guide scores above the positive.
 - `ShuffledBatches`: a DataLoader(shuffle=True, drop_last=False): pass p is a permutation of
   (seed, p) cut into ceil(N / batch_size) batches, the last one possibly short.
 """
@@ -136,7 +148,7 @@ def _permutation(n: int, seed: int, stream: int, pass_index: int) -> np.ndarray:
 
 
 class NoDuplicatesBatches:
-    """Batches of example indices with no normalised text twice in a batch (see module docstring)."""
+    """Batches of example indices with no normalised text twice in a batch, positives excepted (module docstring)."""
 
     def __init__(self, texts: Sequence[Sequence[str]], batch_size: int, seed: int):
         self._start(normalised_keys(*number_texts(texts)), batch_size, seed)
@@ -165,14 +177,17 @@ class NoDuplicatesBatches:
 
     def next_batch(self) -> list[int]:
         batch: list[int] = []
-        in_batch: set[int] = set()
+        positives: set[int] = set()  # the batch's positives: may repeat as positives (module docstring)
+        others: set[int] = set()  # its anchors and negatives: never repeat
         visited = 0
         while len(batch) < self.batch_size:
             index = int(self._order[self.pointer])
             keys = self.keys[index].tolist()
-            if in_batch.isdisjoint(keys):
+            positive, rest = keys[1], keys[:1] + keys[2:]
+            if positive not in others and others.isdisjoint(rest) and positives.isdisjoint(rest):
                 batch.append(index)
-                in_batch.update(keys)
+                positives.add(positive)
+                others.update(rest)
             self.pointer += 1
             visited += 1
             if self.pointer == len(self._order):
@@ -180,9 +195,9 @@ class NoDuplicatesBatches:
                 self._order = _permutation(len(self.keys), self.seed, STREAM_NLI_BATCHES, self.pass_index)
             if visited > 2 * len(self.keys) + self.batch_size:
                 raise UserInputError(
-                    f"cannot fill an NLI batch of {self.batch_size} without repeating a sentence: the "
-                    f"{len(self.keys)} rows (NLI triplets or own pairs/n-tuples) have too few distinct texts; lower "
-                    f"--nli_batch_size"
+                    f"cannot fill an NLI batch of {self.batch_size} without repeating a sentence (only positives "
+                    f"may repeat): the {len(self.keys)} rows (NLI triplets or own pairs/n-tuples) have too few "
+                    f"distinct texts; lower --nli_batch_size"
                 )
         return batch
 

@@ -20,7 +20,7 @@ from kfdeb.batching import NLI_TRIPLET_SCOPES
 from kfdeb.errors import UserInputError, first_line
 from kfdeb.flags import PROGRESS_CHOICES, PROGRESS_HELP, FlagParser, add_field_flags, presets_help, progress_value
 from kfdeb.ir_metrics import IR_KEYS
-from kfdeb.losses import STS_LOSSES
+from kfdeb.losses import GIST_MARGIN_STRATEGIES, NLI_LOSSES, STS_LOSSES
 
 TINY_MODEL = "kfdeb:tiny-deberta"  # build a random tiny DeBERTa-v2 offline (kfdeb/tiny.py)
 BUNDLED = "kfdeb:bundled"  # the KorNLU files shipped inside the package (kfdeb/bundled/kor-nlu)
@@ -112,6 +112,31 @@ class TrainConfig:
         "cosine", "loss of the sts objective: cosine (MSE between cosine and score / 5, the reference), cosent "
                   "(CoSENT ranking loss, scale 20) or angle (AnglE: the same ranking loss on the angle similarity)",
         choices=STS_LOSSES, group="objectives")
+    nli_loss: str = knob(
+        "mnrl", "loss of the in-batch negatives (nli) objective, as sentence-transformers names them: mnrl "
+                "(MultipleNegativesRankingLoss, the reference), mnrl_symmetric (MultipleNegativesSymmetricRankingLoss: "
+                "anchor -> positives and positive -> anchors, averaged) or gist (GISTEmbedLoss: --guide_model masks the "
+                "in-batch candidates it scores above the true positive). In every one, rows that share a positive "
+                "text are never negatives of each other", choices=NLI_LOSSES, group="objectives")
+    scale: float = knob(20.0, "scale of the in-batch losses' cosines (1 / temperature): 20 is the reference recipe's "
+                              "and sentence-transformers' default; e5 was trained at temperature 0.01 = scale 100",
+                       group="objectives")
+    guide_model: str = knob(
+        "", "--nli_loss gist's guide: a model folder or hub id, or self: a frozen copy of the starting weights (the "
+            "model before training; no second model file, no optimizer state, never saved: --resume makes it "
+            "again from --model_name_or_path). Embeds the batch's texts once a step, in eval mode, without gradient",
+        group="objectives")
+    gist_margin_strategy: str = knob(
+        "absolute", "GISTEmbedLoss's margin_strategy: absolute masks candidates the guide scores above "
+                    "(positive - margin), relative above (positive - |positive| x margin)",
+        choices=GIST_MARGIN_STRATEGIES, group="objectives")
+    gist_margin: float = knob(0.0, "GISTEmbedLoss's margin (0: mask what the guide scores above the positive)",
+                              group="objectives")
+    gist_contrast_anchors: bool = knob(True, "GISTEmbedLoss's contrast_anchors: the batch's other anchors are "
+                                             "candidates too (guide-masked)", group="objectives")
+    gist_contrast_positives: bool = knob(True, "GISTEmbedLoss's contrast_positives: the positive against the "
+                                               "batch's other positives is a term too (guide-masked)",
+                                        group="objectives")
     matryoshka_dims: str = knob(
         "", "Matryoshka (MRL): comma-separated embedding widths, largest first, e.g. 768,512,256,128,64,32; both "
             "objectives sum their loss over these prefixes of the embedding (one forward); dev evaluation reports "
@@ -341,6 +366,7 @@ def validate(config: TrainConfig) -> None:
         raise UserInputError(f"--warmup_ratio {config.warmup_ratio}: must be in [0, 1]")
     if config.learning_rate <= 0 or config.weight_decay < 0 or config.max_grad_norm <= 0:
         raise UserInputError("--learning_rate and --max_grad_norm must be > 0, --weight_decay >= 0")
+    _validate_in_batch_loss(config)
     _validate_matryoshka(config)
     _validate_metric_for_best(config)
     for name, spec in _FIELDS.items():
@@ -372,6 +398,22 @@ def _validate_metric_for_best(config: TrainConfig) -> None:
                              "or a KorSTS figure + a retrieval figure (e.g. cosine_spearman+ndcg@10)")
     if retrieval and not config.ir_dev_data:
         raise UserInputError(f"--metric_for_best {metric}: a retrieval figure needs --ir_dev_data")
+
+
+def _validate_in_batch_loss(config: TrainConfig) -> None:
+    if not 0.0 < config.scale < float("inf"):
+        raise UserInputError(f"--scale {config.scale}: must be a positive number (1 / temperature)")
+    if config.gist_margin != config.gist_margin or abs(config.gist_margin) == float("inf"):
+        raise UserInputError(f"--gist_margin {config.gist_margin}: must be a finite number")
+    if config.nli_loss == "gist" and not config.guide_model:
+        raise UserInputError("--nli_loss gist: needs --guide_model (a model folder or hub id, or self: a frozen "
+                             "copy of the starting weights)")
+    if config.guide_model and config.nli_loss != "gist":
+        raise UserInputError(f"--guide_model {config.guide_model}: only --nli_loss gist uses a guide (the loss is "
+                             f"{config.nli_loss})")
+    if config.nli_loss != "mnrl" and "nli" not in config.task_list:
+        raise UserInputError(f"--nli_loss {config.nli_loss}: the in-batch objective is not trained "
+                             f"(--tasks {config.tasks})")
 
 
 def _validate_matryoshka(config: TrainConfig) -> None:

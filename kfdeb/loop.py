@@ -9,6 +9,10 @@ epochs. Dev evaluation every eval_steps and at each epoch end keeps the best mod
 state is written every save_steps and at each epoch end; the best model is evaluated on KorSTS
 test at the end. Setting the run up: run.py (its data: tasks.py); the resumable state: train_state.py.
 
+The in-batch objective's loss (--nli_loss, losses.py) gets the global batch's text keys (shared
+positives are masked) and, for gist, the guide's embeddings of this rank's rows: one forward of the
+batch without gradient (`guide_embeddings`), before GradCache's two passes.
+
 Host syncs: none inside a step (fp16's GradScaler aside, as in the reference). Losses, gradient
 norms and the non-finite watch stay on the device (StepMeter) until a logging, evaluation or
 saving step reads them, all ranks at once.
@@ -50,33 +54,59 @@ from kfdeb.tasks import Task
 
 
 def embed_columns(model: torch.nn.Module, task: Task, rows: np.ndarray, ctx: distributed.Context,
-                  pad_id: int, pad_to_multiple_of: int) -> torch.Tensor:
-    """Embeddings of every text of `rows` (examples x columns of text ids): columns x examples x H."""
+                  pad_id: int, pad_to_multiple_of: int, guide: bool = False) -> torch.Tensor:
+    """Embeddings of every text of `rows` (examples x columns of text ids): columns x examples x H (guide: the
+    texts in the guide model's token ids, Task.token_ids)."""
     # all columns (anchors, positives, negatives) in one forward call, regrouped by length into
     # as many chunks as there are columns (less padding than per column or one block); listed
     # column-major so the embeddings reshape to columns x batch x hidden
-    chunk_ids, chunk_masks, restore = length_sorted_chunks(task.token_ids(rows), len(rows), pad_id, pad_to_multiple_of)
+    chunk_ids, chunk_masks, restore = length_sorted_chunks(task.token_ids(rows, guide), len(rows), pad_id,
+                                                           pad_to_multiple_of)
     embeddings = model([ids.to(ctx.device, non_blocking=True) for ids in chunk_ids],
                        [mask.to(ctx.device, non_blocking=True) for mask in chunk_masks])
     return embeddings[restore.to(ctx.device, non_blocking=True)].view(rows.shape[1], len(rows), -1)
 
 
+def batch_keys(task: Task, batch: list[int], device: torch.device) -> torch.Tensor | None:
+    """The global batch's normalised-text ids, columns x B: what the in-batch losses mask shared positives by."""
+    if task.keys is None:
+        return None
+    return torch.from_numpy(np.ascontiguousarray(task.keys[batch].T)).to(device, torch.long, non_blocking=True)
+
+
+def guide_embeddings(guide: torch.nn.Module | None, task: Task, rows: np.ndarray, ctx: distributed.Context,
+                     pad_multiple: int, autocast: Any, mini_batch_size: int = 0) -> torch.Tensor | None:
+    """--guide_model's embeddings of this rank's rows (columns x b x H_guide): one forward without gradient, in
+    eval mode (its own), `mini_batch_size` rows at a time under GradCache (0: all at once)."""
+    if guide is None:
+        return None
+    size = mini_batch_size or len(rows)
+    with torch.no_grad(), autocast():
+        parts = [embed_columns(guide, task, rows[start : start + size], ctx, guide.pad_id, pad_multiple, guide=True)
+                 for start in range(0, len(rows), size)]
+    return torch.cat(parts, dim=1).float()
+
+
 def task_loss(model: torch.nn.Module, task: Task, batch: list[int], ctx: distributed.Context,
-              pad_id: int, pad_to_multiple_of: int, objective: Objective = Objective()) -> torch.Tensor:
-    """This rank's share of the objective's loss on the global `batch` (losses.py explains the scaling)."""
+              pad_id: int, pad_to_multiple_of: int, objective: Objective = Objective(),
+              guide: torch.nn.Module | None = None) -> torch.Tensor:
+    """This rank's share of the objective's loss on the global `batch` (losses.py explains the scaling);
+    guide: --guide_model's encoder (gist)."""
     local = shard(batch, ctx.rank, ctx.world_size)
     placeholder = not local
     if placeholder:  # a short last STS batch with fewer pairs than ranks: one pair that counts for nothing,
         local = batch[:1]  # so every rank still joins DDP's gradient reduction (and the ranking loss's gather)
     columns = embed_columns(model, task, task.rows[local], ctx, pad_id, pad_to_multiple_of)
     if task.name == "nli":
-        return nli_loss(columns, objective)
+        guided = guide_embeddings(guide, task, task.rows[local], ctx, pad_to_multiple_of, contextlib.nullcontext)
+        return nli_loss(columns, objective, batch_keys(task, batch, ctx.device), guided)
     labels = torch.from_numpy(task.labels[local]).to(ctx.device, non_blocking=True)
     return sts_loss(columns, labels, len(batch), objective, placeholder)
 
 
 def cached_nli_backward(run: Run, task: Task, batch: list[int], mini_batch_size: int) -> torch.Tensor:
-    """The NLI loss and its full-batch gradient, embedding `mini_batch_size` triplets at a time (gradcache.py)."""
+    """The NLI loss and its full-batch gradient, embedding `mini_batch_size` triplets at a time (gradcache.py);
+    the guide (gist) embeds the batch once, before."""
     ctx, encoder = run.ctx, run.encoder
 
     def embed(rows: np.ndarray, with_grad: bool) -> torch.Tensor:
@@ -85,7 +115,10 @@ def cached_nli_backward(run: Run, task: Task, batch: list[int], mini_batch_size:
 
     no_sync = run.model.no_sync if ctx.distributed else contextlib.nullcontext
     rows = task.rows[shard(batch, ctx.rank, ctx.world_size)]
-    return cached_backward(embed, lambda columns: nli_loss(columns, run.objective), rows, mini_batch_size, run.backward, no_sync, ctx.device)
+    keys = batch_keys(task, batch, ctx.device)
+    guided = guide_embeddings(run.guide, task, rows, ctx, run.pad_multiple, run.autocast, mini_batch_size)
+    return cached_backward(embed, lambda columns: nli_loss(columns, run.objective, keys, guided), rows, mini_batch_size,
+                           run.backward, no_sync, ctx.device)
 
 
 def update(parameters: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -224,7 +257,8 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
                     loss = cached_nli_backward(run, task, batch, config.nli_mini_batch_size)
                 else:
                     with run.autocast():
-                        loss = task_loss(run.model, task, batch, ctx, run.encoder.pad_id, run.pad_multiple, run.objective)
+                        loss = task_loss(run.model, task, batch, ctx, run.encoder.pad_id, run.pad_multiple, run.objective,
+                                         run.guide)
                     run.backward(loss)
                 meter.add_loss(t, loss, step)
                 if config.optimizer == "per_task":  # the reference: each objective updates right after its backward

@@ -6,8 +6,36 @@ candidates c = [p_1..p_B; n_1^1..n_B^1; ...; n_1^k..n_B^k] ((1 + k)B x H):
 
     s_ij = scale * cos(a_i, c_j),   L_nli = (1/B) sum_i [ logsumexp_j s_ij - s_ii ]
 
-i.e. cross-entropy over (1 + k)B candidates with target j = i (scale 20): a row's own negatives are
-its hard negatives, every other row's positive and negatives are in-batch ones.
+i.e. cross-entropy over (1 + k)B candidates with target j = i (scale s = --scale, default 20): a row's
+own negatives are its hard negatives, every other row's positive and negatives are in-batch ones.
+
+The in-batch objective's variants (--nli_loss), all at --scale s (1 / temperature; default 20, the
+recipe's), with g(i) the column of anchor i's own positive in the global batch:
+
+- mnrl (the above; sentence-transformers' MultipleNegativesRankingLoss).
+- mnrl_symmetric (MultipleNegativesSymmetricRankingLoss): the mean of the above and the reverse
+  direction, positive p_i against every anchor of the batch, target a_i:
+      L = (1/B) sum_i [ (logsumexp_j s_ij - s_ii) + (logsumexp_j s'_ij - s'_ii) ] / 2,   s'_ij = s cos(p_i, a_j)
+  (hard negatives take part in the first direction only, as in the reference).
+- gist (GISTEmbedLoss / CachedGISTEmbedLoss): a frozen guide model's cosines t(.,.) of the same texts
+  mask false negatives. Anchor i's threshold is the guide's score of its own positive,
+  t_i = t(a_i, p_i) - margin (margin_strategy absolute) or t_i - |t_i| margin (relative); every
+  candidate the guide scores above it is dropped (logit -inf), the own positive excepted. The logits
+  of anchor i are s * cos over the blocks [positives; anchors (contrast_anchors); positives, from p_i
+  (contrast_positives); each negative column], each masked by the guide that way, a_i and p_i
+  themselves left out of the anchor and positive blocks; target: the own positive. Differs from the
+  reference only with several ranks: the reference compares a rank's anchors with its own anchors
+  only, kfdeb with the global batch's, so that W ranks give one process's loss.
+
+Rows that share a positive text (FAQ data: many questions for one answer) are never negatives of
+each other, in every variant: given the batch's text keys (`keys`: normalised text ids of every
+column, the no-duplicates sampler's), a candidate whose text is anchor i's own positive text is
+masked (-inf) except in the own column g(i), and so are the anchors and positives of the other
+rows with that positive (the reverse direction, GIST's anchor and positive blocks). The reference
+losses do not do this (MNRL counts such a copy as a negative; GIST masks it only when the guide
+scores it above the positive, and an identical text scores equal, which its strict > keeps);
+with the sampler letting positives repeat (batching.py), this is what keeps them from being
+false negatives. Without repeats the masks are empty and each variant is the reference's.
 
 Cosine regression (CosineSimilarityLoss) for B pairs (u_i, v_i) with labels y_i in [0, 1]:
 
@@ -57,16 +85,24 @@ import torch.nn.functional as F
 
 COSINE_EPS = 1e-8
 STS_LOSSES = ("cosine", "cosent", "angle")
+NLI_LOSSES = ("mnrl", "mnrl_symmetric", "gist")
+GIST_MARGIN_STRATEGIES = ("absolute", "relative")
 
 
 @dataclass(frozen=True)
 class Objective:
-    """What turns a batch's embeddings into a loss, besides the task: the STS loss and the
-    Matryoshka widths with their weights (none: the full embedding, the reference recipe)."""
+    """What turns a batch's embeddings into a loss, besides the task: the STS loss, the Matryoshka widths with their
+    weights (none: the full embedding, the reference recipe), the in-batch loss, its scale and GIST's options."""
 
     sts_loss: str = "cosine"  # one of STS_LOSSES
     matryoshka_dims: tuple[int, ...] = ()
     matryoshka_weights: tuple[float, ...] = ()
+    nli_loss: str = "mnrl"  # one of NLI_LOSSES
+    scale: float = 20.0  # the in-batch losses' 1 / temperature
+    gist_margin_strategy: str = "absolute"  # GIST only: one of GIST_MARGIN_STRATEGIES
+    gist_margin: float = 0.0
+    gist_contrast_anchors: bool = True
+    gist_contrast_positives: bool = True
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -114,35 +150,117 @@ def _gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(dist_fn.all_gather(tensor), dim=0)
 
 
+def _negative_columns(negatives: torch.Tensor | Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
+    if negatives is None:
+        return []
+    if isinstance(negatives, torch.Tensor) and negatives.dim() == 2:
+        return [negatives]  # one negative column: a triplet's
+    return list(negatives)  # n-tuples: every negative column, each b x H
+
+
+def _all_rows(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
+    return _gather_rows(tensor) if world_size > 1 else tensor
+
+
+def shares_positive(positive_keys: torch.Tensor, candidate_keys: torch.Tensor, rows: torch.Tensor,
+                    positives_first: bool = True) -> torch.Tensor:
+    """b x m: True where candidate j's text key is the positive key of global row rows[i], except, when the
+    candidates start with the batch's positives (positives_first), j = rows[i]: the own positive, the target.
+    positive_keys: B (the global batch's), candidate_keys: m."""
+    mask = candidate_keys[None, :] == positive_keys[rows][:, None]
+    if positives_first:
+        mask[torch.arange(len(rows), device=mask.device), rows] = False
+    return mask
+
+
 def in_batch_negatives_loss(
     anchors: torch.Tensor,
     positives: torch.Tensor,
     negatives: torch.Tensor | Sequence[torch.Tensor] | None = None,
     scale: float = 20.0,
+    symmetric: bool = False,
+    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """L_nli of this rank's triplets against the candidates of all ranks (single process: all of them).
+    """L_nli (symmetric: mnrl_symmetric's) of this rank's rows against the candidates of all ranks (single
+    process: all of them).
 
     anchors/positives/negatives: b x H, this rank's slice of the global batch (every rank the
-    same b: the NLI batch size must divide by the world size). Returns this rank's share of the
-    loss (see `_rank_share`); with one process that is L_nli itself.
+    same b: the NLI batch size must divide by the world size). keys: columns x B integer text keys of the
+    global batch (None: no masking of shared positives). Returns this rank's share of the loss (see
+    `_rank_share`); with one process that is the loss itself.
     """
     rank, world_size = _world()
-    if negatives is None:
-        negatives = []
-    elif isinstance(negatives, torch.Tensor) and negatives.dim() == 2:
-        negatives = [negatives]  # one negative column: a triplet's
-    columns = [positives, *negatives]  # n-tuples: every negative column, each b x H
-    if world_size > 1:
-        # Candidates are laid out exactly as in one process over the global batch:
-        # [p of rank 0, p of rank 1, ...; n of rank 0, n of rank 1, ...], so anchor i of rank r
-        # has its positive at row r*b + i and every hard negative of every rank is a candidate.
-        columns = [_gather_rows(column) for column in columns]
+    # Candidates are laid out exactly as in one process over the global batch:
+    # [p of rank 0, p of rank 1, ...; n of rank 0, n of rank 1, ...], so anchor i of rank r
+    # has its positive at row r*b + i and every hard negative of every rank is a candidate.
+    columns = [_all_rows(column, world_size) for column in [positives, *_negative_columns(negatives)]]
     local = anchors.shape[0]
     targets = torch.arange(local, device=anchors.device) + rank * local
     with _no_autocast(anchors):
         candidates = _at_least_fp32(torch.cat(columns, dim=0))
         logits = scale * cosine_matrix(_at_least_fp32(anchors), candidates)
+        if keys is not None:
+            logits = logits.masked_fill(shares_positive(keys[1], keys[1:].reshape(-1), targets), float("-inf"))
         per_example_sum = F.cross_entropy(logits, targets, reduction="sum")
+        if symmetric:  # each positive against every anchor of the batch
+            reverse = scale * cosine_matrix(_at_least_fp32(positives), _at_least_fp32(_all_rows(anchors, world_size)))
+            if keys is not None:
+                reverse = reverse.masked_fill(shares_positive(keys[1], keys[1], targets), float("-inf"))
+            per_example_sum = (per_example_sum + F.cross_entropy(reverse, targets, reduction="sum")) / 2
+    return _rank_share(per_example_sum, local * world_size, world_size)
+
+
+def gist_loss(
+    columns: Sequence[torch.Tensor],
+    guide_columns: Sequence[torch.Tensor],
+    scale: float = 20.0,
+    margin_strategy: str = "absolute",
+    margin: float = 0.0,
+    contrast_anchors: bool = True,
+    contrast_positives: bool = True,
+    keys: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """GIST's loss (module docstring) of this rank's rows: columns = (anchors, positives, negatives_1..n), each
+    b x H, and the guide's embeddings of the same texts (any width, no gradient). keys as in
+    `in_batch_negatives_loss`. Returns this rank's share (`_rank_share`)."""
+    rank, world_size = _world()
+    local = columns[0].shape[0]
+    targets = torch.arange(local, device=columns[0].device) + rank * local
+    everyone = lambda tensors: [_all_rows(t, world_size) for t in tensors]  # noqa: E731
+    with _no_autocast(columns[0]):
+        anchors, positives = _at_least_fp32(columns[0]), _at_least_fp32(columns[1])
+        guide = [_at_least_fp32(g.detach()) for g in guide_columns]
+        all_candidates = everyone([_at_least_fp32(c) for c in columns[1:]])
+        all_guide = everyone(guide[1:])
+        guide_positive = cosine_matrix(guide[0], all_guide[0])  # b x B
+        threshold = guide_positive[torch.arange(local, device=targets.device), targets][:, None]
+        limit = threshold - (threshold.abs() * margin if margin_strategy == "relative" else margin)
+        blocks = []
+
+        def add(similarity: torch.Tensor, guided: torch.Tensor, column_keys: torch.Tensor | None,
+                own: str) -> None:
+            masked = guided > limit  # the guide scores it above the row's own positive: a false negative
+            rows = torch.arange(local, device=masked.device)
+            if column_keys is not None:  # another row with the same positive, or a copy of the own positive
+                masked |= shares_positive(keys[1], column_keys, targets, positives_first=own != "negatives")
+            if own == "keep":  # the target
+                masked[rows, targets] = False
+            elif own == "drop":  # the row's own anchor or positive: not a negative of itself
+                masked[rows, targets] = True
+            blocks.append(similarity.masked_fill(masked, float("-inf")))
+
+        def key_row(index: int) -> torch.Tensor | None:
+            return keys[index] if keys is not None else None
+
+        add(cosine_matrix(anchors, all_candidates[0]), guide_positive, key_row(1), "keep")
+        if contrast_anchors:
+            add(cosine_matrix(anchors, _all_rows(anchors, world_size)),
+                cosine_matrix(guide[0], _all_rows(guide[0], world_size)), key_row(1), "drop")
+        if contrast_positives:
+            add(cosine_matrix(positives, all_candidates[0]), cosine_matrix(guide[1], all_guide[0]), key_row(1), "drop")
+        for index, (negative, guide_negative) in enumerate(zip(all_candidates[1:], all_guide[1:]), start=2):
+            add(cosine_matrix(anchors, negative), cosine_matrix(guide[0], guide_negative), key_row(index), "negatives")
+        per_example_sum = F.cross_entropy(scale * torch.cat(blocks, dim=1), targets, reduction="sum")
     return _rank_share(per_example_sum, local * world_size, world_size)
 
 
@@ -219,11 +337,19 @@ def matryoshka(loss_of: Callable[[torch.Tensor], torch.Tensor], embeddings: torc
     return total
 
 
-def nli_loss(columns: torch.Tensor, objective: Objective = Objective()) -> torch.Tensor:
-    """In-batch negatives on (anchor, positive, negative_1 .. negative_n) columns, n >= 0 (n = 0: the positives
-    alone are the candidates)."""
+def nli_loss(columns: torch.Tensor, objective: Objective = Objective(), keys: torch.Tensor | None = None,
+             guide_columns: torch.Tensor | None = None) -> torch.Tensor:
+    """The in-batch objective (--nli_loss) on (anchor, positive, negative_1 .. negative_n) columns, n >= 0 (n = 0:
+    the positives alone are the candidates). keys: the global batch's text keys (columns x B) for the masks of
+    shared positives; guide_columns: the guide's embeddings of this rank's rows (gist), at full width whatever the
+    Matryoshka width, as the reference's guide."""
     def loss_of(c: torch.Tensor) -> torch.Tensor:
-        return in_batch_negatives_loss(c[0], c[1], c[2:] if len(c) > 2 else None)
+        if objective.nli_loss == "gist":
+            return gist_loss(list(c), list(guide_columns), objective.scale, objective.gist_margin_strategy,
+                             objective.gist_margin, objective.gist_contrast_anchors, objective.gist_contrast_positives,
+                             keys)
+        return in_batch_negatives_loss(c[0], c[1], c[2:] if len(c) > 2 else None, scale=objective.scale,
+                                       symmetric=objective.nli_loss == "mnrl_symmetric", keys=keys)
 
     return matryoshka(loss_of, columns, objective.matryoshka_dims, objective.matryoshka_weights)
 

@@ -57,7 +57,9 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
     plt.close(figure)
 
 
-_NLI_TEXT = "KorNLI triplets with in-batch negatives (MultipleNegativesRankingLoss)"
+_NLI_TEXTS = {"mnrl": "KorNLI triplets with in-batch negatives (MultipleNegativesRankingLoss)",
+              "mnrl_symmetric": "KorNLI triplets with in-batch negatives both ways (MultipleNegativesSymmetricRankingLoss)",
+              "gist": "KorNLI triplets with guide-masked in-batch negatives (GISTEmbedLoss)"}
 _STS_TEXTS = {"cosine": "KorSTS cosine regression (CosineSimilarityLoss)",
               "cosent": "KorSTS pairs ranked by score (CoSENTLoss)",
               "angle": "KorSTS pairs ranked by score on the angle similarity (AnglELoss)"}
@@ -65,7 +67,10 @@ _STS_TEXTS = {"cosine": "KorSTS cosine regression (CosineSimilarityLoss)",
 
 def recipe_text(config: TrainConfig) -> str:
     """The objectives of the run, in the names sentence-transformers users know."""
-    parts = {"nli": _NLI_TEXT, "sts": _STS_TEXTS[config.sts_loss]}
+    nli = _NLI_TEXTS[config.nli_loss]
+    if config.scale != 20.0:  # the recipe's and sentence-transformers' default goes unsaid
+        nli = nli[:-1] + f", scale {config.scale:g})"
+    parts = {"nli": nli, "sts": _STS_TEXTS[config.sts_loss]}
     text = " and ".join(parts[t] for t in config.task_list)
     if len(config.task_list) == 2:
         text = "multitask: " + text + ", one batch of each per step"
@@ -133,6 +138,8 @@ def public_config(config: TrainConfig) -> dict[str, Any]:
                             else Path(config.data_dir).name)
     for key in ("output_dir", "cache_dir", "config"):
         settings[key] = Path(settings[key]).name if settings[key] else settings[key]
+    if config.guide_model not in ("", "self"):  # a local guide by its folder name, as the base model
+        settings["guide_model"] = _local_name(config.guide_model)
     for key in ("ir_dev_data", "ir_test_data"):  # a folder or file by its name; kfdeb:korsts-dev as it is
         settings[key] = _local_name(settings[key])
     for key in ("nli_train_files", "sts_train_file", "sts_dev_file", "sts_test_file"):  # own files: their names

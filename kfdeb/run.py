@@ -24,6 +24,7 @@ reaches them through the process group (distributed.main_only, distributed.broad
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import shutil
@@ -79,7 +80,9 @@ class Run:
     log: train_state.MetricsLog | None = None
     last_saved_step: int = -1  # the step of the newest committed state (-1: none)
     eval_seconds: float = 0.0  # dev evaluations and best-model saves, for throughput figures
-    objective: Objective = Objective()  # the STS loss and the Matryoshka widths (losses.py)
+    objective: Objective = Objective()  # the STS loss, the Matryoshka widths, the in-batch loss (losses.py)
+    guide: SentenceEncoder | None = None  # --guide_model (gist): frozen, eval mode, never saved
+    guide_sha256: str = ""  # its weights' digest, kept in the state (a resume needs the same guide)
 
     @property
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -111,15 +114,18 @@ def setup(config: TrainConfig, ctx: distributed.Context) -> Run:
     encoder.metadata = {}  # a checkpoint's own kfdeb.json describes that run, not this one (best_metadata does)
     # what the dev and final evaluations encode in (encode's default); training's forward follows --amp
     encoder.inference_dtype, eval_dtype_reason = resolve_dtype(config.eval_dtype, ctx.device)
+    guide = load_guide(config, encoder, ctx)
     # after the model is built (building a tiny model reseeds torch): dropout streams differ per rank
     seed_everything(config.seed + ctx.rank)
     frozen = encoder.freeze_unused_parameters()
     if frozen:
         distributed.print0(ctx, f"not trained (the sentence embedding does not use them): {', '.join(frozen)}")
     prompts = run_prompts(config, encoder)
-    tasks = build_tasks(config, examples, encoder, ctx, prompts)
+    tasks = build_tasks(config, examples, encoder, ctx, prompts, guide if config.guide_model != "self" else None)
     check_nodes_agree(ctx, data_fingerprint(config, data_dir, keys, tasks, encoder))
-    objective = Objective(config.sts_loss, config.matryoshka_dim_list, config.matryoshka_weight_list)
+    objective = Objective(config.sts_loss, config.matryoshka_dim_list, config.matryoshka_weight_list, config.nli_loss,
+                          config.scale, config.gist_margin_strategy, config.gist_margin, config.gist_contrast_anchors,
+                          config.gist_contrast_positives)
     check_matryoshka_dims(objective.matryoshka_dims, encoder.dimension, ctx)
     steps_per_epoch = min(len(task.sampler) for task in tasks)
     total_steps = config.max_steps or steps_per_epoch * config.num_epochs
@@ -141,12 +147,32 @@ def setup(config: TrainConfig, ctx: distributed.Context) -> Run:
         amp_dtype=amp_dtype,
         pad_multiple=config.pad_to_multiple_of or (8 if ctx.device.type == "cuda" else 1),  # tensor-core tiles
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, dev_pairs=dev_pairs, test_pairs=test_pairs,
-        dev_ir=dev_ir, test_ir=test_ir, prompts=prompts, objective=objective,
+        dev_ir=dev_ir, test_ir=test_ir, prompts=prompts, objective=objective, guide=guide,
+        guide_sha256=train_state.weights_sha256(guide) if guide is not None else "",
     )
     distributed.print0(ctx, f"{total_steps} steps ({steps_per_epoch} per epoch), warmup {warmup_steps}, "
                        f"{ctx.world_size} process(es) on {ctx.device}, amp {describe_amp(config.amp, amp_dtype, capability)}, "
                        f"evaluations in {describe_dtype(encoder.inference_dtype, eval_dtype_reason, '--eval_dtype')}")
     return run
+
+
+def load_guide(config: TrainConfig, encoder: SentenceEncoder, ctx: distributed.Context) -> SentenceEncoder | None:
+    """--guide_model: self is a copy of `encoder` as loaded (the starting weights: made before --resume loads the
+    trained ones, so a resumed run gets the same guide back; nothing of it is saved); else the model at that path.
+    Frozen and in eval mode (no dropout): it costs one forward of the batch a step and no optimizer state."""
+    if not config.guide_model:
+        return None
+    if config.guide_model == "self":
+        guide = copy.deepcopy(encoder)
+    else:
+        pooling = None if config.pooling == "auto" else config.pooling
+        guide = load_encoder(config.guide_model, max_seq_length=config.max_seq_length, device=ctx.device,
+                             pooling=pooling)
+    guide.requires_grad_(False)
+    guide.eval()
+    what = "a frozen copy of the starting weights" if config.guide_model == "self" else config.guide_model
+    distributed.print0(ctx, f"GIST guide: {what} ({guide.dimension} dims, eval mode, no gradient)")
+    return guide
 
 
 def check_matryoshka_dims(dims: Sequence[int], dimension: int, ctx: distributed.Context) -> None:

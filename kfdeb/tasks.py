@@ -48,10 +48,18 @@ class Task:
     sampler: NoDuplicatesBatches | ShuffledBatches
     batch_size: int
     anchor_sequences: TokenTable | None = None  # the anchors' ids with the query prompt, when it differs
+    keys: np.ndarray | None = None  # NLI: N x columns normalised-text ids (the sampler's), for the loss's masks
+    # --guide_model with a tokenizer of its own: the same (prompted) texts in its ids (None: the model's ids)
+    guide_sequences: TokenTable | None = None
+    guide_anchor_sequences: TokenTable | None = None
 
-    def token_ids(self, rows: np.ndarray) -> list[np.ndarray]:
-        """The token ids of every text of `rows` (examples x columns), column by column (anchors first)."""
-        tables = [self.anchor_sequences or self.sequences] + [self.sequences] * (rows.shape[1] - 1)
+    def token_ids(self, rows: np.ndarray, guide: bool = False) -> list[np.ndarray]:
+        """The token ids of every text of `rows` (examples x columns), column by column (anchors first); guide:
+        in the guide model's ids."""
+        sequences, anchors = self.sequences, self.anchor_sequences
+        if guide and self.guide_sequences is not None:
+            sequences, anchors = self.guide_sequences, self.guide_anchor_sequences
+        tables = [anchors or sequences] + [sequences] * (rows.shape[1] - 1)
         return [tables[column][i] for column in range(rows.shape[1]) for i in rows[:, column]]
 
 
@@ -254,9 +262,13 @@ def prompted(tokenize: Any, prompt: str) -> Any:
 
 
 def build_tasks(config: TrainConfig, examples: dict[str, Examples], encoder: SentenceEncoder,
-                ctx: distributed.Context, prompts: tuple[str, str] = ("", "")) -> list[Task]:
+                ctx: distributed.Context, prompts: tuple[str, str] = ("", ""),
+                guide: SentenceEncoder | None = None) -> list[Task]:
     """Each objective's token ids (`task_tokens`; the in-batch objective's anchors with the query prompt, its
-    other columns with the document prompt) and sampler. The samplers compare the texts without prompts."""
+    other columns with the document prompt) and sampler. The samplers compare the texts without prompts.
+    A `guide` (--guide_model PATH; self shares the model's ids) gets the in-batch texts in its own ids too (the
+    same prompted texts, as the reference's guide reads the training batch's; the token cache keeps them beside
+    the model's, under its tokenizer's fingerprint)."""
     tasks = []
     for name, data in examples.items():
         batch_size = config.nli_batch_size if name == "nli" else config.sts_batch_size
@@ -268,7 +280,13 @@ def build_tasks(config: TrainConfig, examples: dict[str, Examples], encoder: Sen
             sampler = ShuffledBatches(len(rows), batch_size, config.seed)
         sequences = task_tokens(name, data, encoder, ctx, document_prompt)
         anchors = task_tokens(name, data, encoder, ctx, query_prompt) if query_prompt != document_prompt else None
-        tasks.append(Task(name, rows, sequences, data.labels, sampler, batch_size, anchors))
+        task = Task(name, rows, sequences, data.labels, sampler, batch_size, anchors,
+                    keys=data.keys if name == "nli" else None)
+        if name == "nli" and guide is not None:
+            task.guide_sequences = task_tokens(name, data, guide, ctx, document_prompt)
+            task.guide_anchor_sequences = (task_tokens(name, data, guide, ctx, query_prompt)
+                                           if query_prompt != document_prompt else None)
+        tasks.append(task)
         what = {2: "pairs", 3: "triplets"}.get(rows.shape[1], f"{rows.shape[1]}-tuples")
         distributed.print0(ctx, f"{name.upper()}: {len(rows)} {what}, {len(sampler)} batches of {batch_size}")
     return tasks

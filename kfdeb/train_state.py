@@ -25,6 +25,7 @@ no rank but 0 touches the folder and nodes need no shared filesystem.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -112,6 +113,9 @@ def state_dict(run: Run, position: Position) -> dict[str, Any]:
         "progress": dict(position.__dict__),  # "progress": the key states have always had
         "config": run.config.to_dict(),
         "world_size": run.ctx.world_size,
+        # --guide_model: not saved (self is re-made from the starting weights); its weights' digest, so that a
+        # resume whose --model_name_or_path (or guide path) no longer holds them is refused (_read_saved)
+        "guide_sha256": run.guide_sha256 or None,
     }
 
 
@@ -126,7 +130,7 @@ def load_state_dict(run: Run, saved: dict[str, Any]) -> Position:
         run.scaler.load_state_dict(saved["scaler"])
     for task in run.tasks:
         task.sampler.load_state_dict(saved["samplers"][task.name])
-    # "config": checked by rank 0 when it read the state (_read_saved), before it sent anything
+    # "config" and "guide_sha256": checked by rank 0 when it read the state (_read_saved), before it sent anything
     return Position(**saved["progress"])
 
 
@@ -137,6 +141,24 @@ def _check_config(config: TrainConfig, saved: dict[str, Any]) -> None:
     if changed:
         key = changed[0]
         raise UserInputError(f"--resume: {key} is {getattr(config, key)!r} but the saved run used {was[key]!r}")
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """A digest of a module's weights (names, dtypes, shapes, values): what a guide model was."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _check_guide(run: Run, saved: str | None) -> None:
+    if saved and run.guide_sha256 and saved != run.guide_sha256:
+        config = run.config
+        where = (f"{config.model_name_or_path} no longer holds the weights this run started from"
+                 if config.guide_model == "self" else f"{config.guide_model} holds other weights than when the run began")
+        raise UserInputError(f"--resume: --guide_model {config.guide_model}: {where} (sha256 {saved[:12]} then, "
+                             f"{run.guide_sha256[:12]} now); put that model back, or start a new run")
 
 
 def save(run: Run, position: Position, meter: StepMeter) -> None:
@@ -192,6 +214,7 @@ def _read_saved(run: Run, tensors: dict[str, torch.Tensor]) -> tuple[str, Any] |
         return None
     saved = read_part(folder, "train")
     _check_config(run.config, saved["config"])  # refused here, before anything is sent
+    _check_guide(run, saved.get("guide_sha256"))
     ranks = [read_part(folder, f"rank-{r}") if (folder / f"rank-{r}.json").exists() else None
              for r in range(saved["world_size"])]
     skeleton, found = split({"train": saved, "ranks": ranks})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import random
 from pathlib import Path
@@ -131,16 +132,27 @@ def test_every_draw_has_its_own_random_stream():
     assert nli_triplets(many, 3) == nli_triplets(many, random_stream(3, STREAM_TRIPLETS))
 
 
-def legacy_no_duplicates(keys, batch_size, permutations, num_batches):
-    """The legacy NoDuplicatesDataLoader's loop, transcribed, with the permutations given."""
+def legacy_no_duplicates(keys, batch_size, permutations, num_batches, positives_may_repeat=False):
+    """The legacy NoDuplicatesDataLoader's loop, transcribed, with the permutations given; keys: each example's
+    normalised texts in column order. positives_may_repeat: kfdeb's relaxation, a positive (column 1) may be
+    another example's positive, nothing else may repeat."""
     order, pointer, passes, batches = permutations(0), 0, 0, []
     for _ in range(num_batches):
-        batch, seen = [], set()
+        batch, seen, positives = [], set(), set()
         while len(batch) < batch_size:
-            example = order[pointer]
-            if not any(k in seen for k in keys[example]):
-                batch.append(example)
-                seen.update(keys[example])
+            example = keys[order[pointer]]
+            if positives_may_repeat:
+                others = [k for column, k in enumerate(example) if column != 1]
+                clash = example[1] in seen or any(k in seen or k in positives for k in others)
+            else:
+                clash = any(k in seen or k in positives for k in example)
+            if not clash:
+                batch.append(order[pointer])
+                if positives_may_repeat:
+                    positives.add(example[1])
+                    seen.update(others)
+                else:
+                    seen.update(example)
             pointer += 1
             if pointer >= len(order):
                 pointer, passes = 0, passes + 1
@@ -157,18 +169,41 @@ def test_no_duplicates_sampler_matches_the_legacy_loop_and_has_no_duplicates():
     sampler = NoDuplicatesBatches(texts, batch_size=8, seed=11)
     assert len(sampler) == 200 // 8
     ours = [sampler.next_batch() for _ in range(10 * len(sampler))]
-    keys = [{t.strip().lower() for t in example} for example in texts]
-    reference = legacy_no_duplicates(
-        keys, 8, lambda p: list(random_stream(11, STREAM_NLI_BATCHES, p).permutation(200)), len(ours)
-    )
-    assert ours == reference
+    keys = [tuple(t.strip().lower() for t in example) for example in texts]
+    permutations = lambda p: list(random_stream(11, STREAM_NLI_BATCHES, p).permutation(200))  # noqa: E731
+    assert ours == legacy_no_duplicates(keys, 8, permutations, len(ours), positives_may_repeat=True)
+    assert ours != legacy_no_duplicates(keys, 8, permutations, len(ours))  # positives do repeat here
     for batch in ours:
         assert len(batch) == 8
-        normalised = [t.strip().lower() for i in batch for t in set(x.strip().lower() for x in texts[i])]
-        assert len(normalised) == len(set(normalised))
+        for i, j in itertools.combinations(batch, 2):  # two rows share no text, except one positive as the positive
+            rest = set(keys[i][:1] + keys[i][2:] + keys[j][:1] + keys[j][2:])
+            shared = {keys[i][1]} if keys[i][1] == keys[j][1] and keys[i][1] not in rest else set()
+            assert set(keys[i]) & set(keys[j]) == shared
     # coverage: examples passed over come back on later passes; an example whose own texts
     # repeat (5) is still drawn, as in the reference (it only checks against the batch so far)
     assert set(i for b in ours for i in b) == set(range(200))
+
+    # without repeated positives the batches are exactly the legacy loader's
+    unique_positives = [(a, f"p{i}", n) for i, (a, _, n) in enumerate(texts)]
+    sampler = NoDuplicatesBatches(unique_positives, batch_size=8, seed=11)
+    keys = [tuple(t.strip().lower() for t in example) for example in unique_positives]
+    legacy = legacy_no_duplicates(keys, 8, permutations, 3 * len(sampler))
+    assert [sampler.next_batch() for _ in range(3 * len(sampler))] == legacy
+
+
+def test_faq_shaped_rows_fill_any_batch_and_repeat_only_positives():
+    """Many questions per answer (one answer shared by more rows than half the batch): the legacy rule cannot fill
+    a batch of 8 from 3 answers; with positives free to repeat every batch is full, and no anchor repeats."""
+    rows = [(f"질문 {i}", f"답변 {i % 3}") for i in range(40)]
+    sampler = NoDuplicatesBatches(rows, 8, seed=0)
+    keys = [tuple(t.lower() for t in row) for row in rows]
+    permutations = lambda p: list(random_stream(0, STREAM_NLI_BATCHES, p).permutation(40))  # noqa: E731
+    with pytest.raises(IndexError):  # the legacy loop never fills one: it runs off its pass bound here
+        legacy_no_duplicates(keys, 8, lambda p: permutations(p) if p < 3 else [], 1)
+    batches = [sampler.next_batch() for _ in range(4 * len(sampler))]
+    assert all(len(b) == 8 and len({rows[i][0] for i in b}) == 8 for b in batches)
+    assert max(sum(rows[i][1] == "답변 0" for i in b) for b in batches) > 4
+    assert sorted(i for b in batches[:len(sampler)] for i in b) == list(range(40))  # a pass is the permutation
 
 
 def test_no_duplicates_sampler_is_deterministic_and_resumes_exactly():

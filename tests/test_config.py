@@ -69,6 +69,15 @@ def test_bad_config_files_are_one_line_errors(tmp_path, content, message):
     ({"matryoshka_dims": "768,256", "matryoshka_weights": "1"}, "--matryoshka_weights 1: one weight per --matryoshka_dims width"),
     ({"matryoshka_dims": "768", "matryoshka_weights": "-1"}, "--matryoshka_weights '-1': every value must be > 0"),
     ({"sts_loss": "triplet"}, "--sts_loss 'triplet': expected one of cosine, cosent, angle"),
+    ({"nli_loss": "infonce"}, "--nli_loss 'infonce': expected one of mnrl, mnrl_symmetric, gist"),
+    ({"scale": 0.0}, "--scale 0.0: must be a positive number"),
+    ({"scale": float("nan")}, "--scale nan: must be a positive number"),
+    ({"nli_loss": "gist"}, "--nli_loss gist: needs --guide_model"),
+    ({"guide_model": "self"}, "--guide_model self: only --nli_loss gist uses a guide"),
+    ({"nli_loss": "gist", "guide_model": "self", "gist_margin_strategy": "percent"},
+     "--gist_margin_strategy 'percent': expected one of absolute, relative"),
+    ({"nli_loss": "gist", "guide_model": "self", "gist_margin": float("inf")}, "--gist_margin inf: must be a finite"),
+    ({"nli_loss": "mnrl_symmetric", "tasks": "sts"}, "--nli_loss mnrl_symmetric: the in-batch objective is not trained"),
 ])
 def test_invalid_values_are_refused(overrides, message):
     with pytest.raises(UserInputError, match=message.replace("(", r"\(")):
@@ -197,3 +206,18 @@ def test_progress_takes_auto_true_false(given, expected, tmp_path):
     (tmp_path / "run.yaml").write_text("progress: false\n")  # the bool config files held before
     assert parse_args(["--config", str(tmp_path / "run.yaml"), *given]).progress == (expected if given else "false")
     assert resolve({"progress": True}).progress == "true"
+
+
+def test_in_batch_levers_flags_and_resume():
+    """--scale, --nli_loss, --guide_model and GIST's options change what a run computes: a --resume must keep them."""
+    from kfdeb.config import RESUMABLE
+
+    config = parse_args(["--tasks", "nli", "--nli_loss", "gist", "--guide_model", "self", "--scale", "100",
+                         "--gist_margin_strategy", "relative", "--gist_margin", "0.05", "--gist_contrast_anchors", "false"])
+    assert (config.nli_loss, config.guide_model, config.scale, config.gist_margin_strategy, config.gist_margin,
+            config.gist_contrast_anchors, config.gist_contrast_positives) == ("gist", "self", 100.0, "relative", 0.05,
+                                                                              False, True)
+    assert parse_args([]).scale == 20.0 and parse_args([]).nli_loss == "mnrl"  # the recipe's
+    levers = {"nli_loss", "scale", "guide_model", "gist_margin_strategy", "gist_margin", "gist_contrast_anchors",
+              "gist_contrast_positives"}
+    assert not levers & RESUMABLE

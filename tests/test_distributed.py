@@ -38,16 +38,29 @@ def _gathered_loss_worker(rank: int, world: int, port: int, inputs: dict, result
     join_group(rank, world, port)
     try:
         b = inputs["anchors"].shape[0] // world
-        local = {k: v[..., rank * b:(rank + 1) * b, :].clone().requires_grad_() for k, v in inputs.items() if k != "labels"}
+        local = {k: v[..., rank * b:(rank + 1) * b, :].clone().requires_grad_() for k, v in inputs.items()
+                 if k not in ("labels", "keys", "guide")}
         nli = in_batch_negatives_loss(local["anchors"], local["positives"], local["negatives"])
         sts = cosine_mse_loss(local["anchors"], local["positives"], inputs["labels"][rank * b:(rank + 1) * b],
                               global_batch_size=inputs["anchors"].shape[0])
         tuples = in_batch_negatives_loss(local["anchors"], local["positives"], local["tuple_negatives"])
-        (nli + sts + tuples).backward()
-        results[rank] = {"loss": (nli + sts + tuples).item(), **{k: v.grad for k, v in local.items()}}
+        levers = in_batch_levers(local["anchors"], local["positives"], local["negatives"],
+                                 inputs["guide"][:, rank * b:(rank + 1) * b], inputs["keys"])
+        (nli + sts + tuples + levers).backward()
+        results[rank] = {"loss": (nli + sts + tuples + levers).item(), **{k: v.grad for k, v in local.items()}}
     finally:
         dist.destroy_process_group()
     leave()
+
+
+def in_batch_levers(anchors, positives, negatives, guide, keys):
+    """--scale, mnrl_symmetric and gist (guide-masked, both contrast blocks, a margin), each with the masks of
+    shared positives, summed: the gathers of every one of them must make W ranks one process."""
+    from kfdeb.losses import Objective, nli_loss
+
+    columns = torch.stack([anchors, positives, negatives])
+    return sum(nli_loss(columns, Objective(**options), keys, guide) for options in (
+        {"scale": 50.0}, {"nli_loss": "mnrl_symmetric"}, {"nli_loss": "gist", "gist_margin": 0.05}))
 
 
 def test_gathered_losses_equal_the_single_process_loss_and_gradients():
@@ -55,10 +68,15 @@ def test_gathered_losses_equal_the_single_process_loss_and_gradients():
     inputs = {k: torch.randn(8, 6, dtype=torch.float64, generator=generator) for k in ("anchors", "positives", "negatives")}
     inputs["labels"] = torch.rand(8, dtype=torch.float64, generator=generator)
     inputs["tuple_negatives"] = torch.randn(3, 8, 6, dtype=torch.float64, generator=generator)  # n-tuples, n = 3
-    single = {k: v.clone().requires_grad_() for k, v in inputs.items() if k != "labels"}
+    inputs["positives"][6] = inputs["positives"][1]  # rows 1 (rank 0) and 6 (rank 1) share a positive text
+    inputs["keys"] = torch.tensor([list(range(8)), [10, 11, 12, 13, 14, 15, 11, 17], list(range(20, 28))])
+    inputs["guide"] = torch.stack([inputs[k] for k in ("anchors", "positives", "negatives")]) \
+        + 0.5 * torch.randn(3, 8, 6, dtype=torch.float64, generator=generator)
+    single = {k: v.clone().requires_grad_() for k, v in inputs.items() if k not in ("labels", "keys", "guide")}
     loss = in_batch_negatives_loss(single["anchors"], single["positives"], single["negatives"]) + \
         cosine_mse_loss(single["anchors"], single["positives"], inputs["labels"]) + \
-        in_batch_negatives_loss(single["anchors"], single["positives"], single["tuple_negatives"])
+        in_batch_negatives_loss(single["anchors"], single["positives"], single["tuple_negatives"]) + \
+        in_batch_levers(single["anchors"], single["positives"], single["negatives"], inputs["guide"], inputs["keys"])
     loss.backward()
     world = 2
     with mp.Manager() as manager:
@@ -130,7 +148,9 @@ def test_sts_objectives_over_two_ranks_equal_the_single_process():
                 assert not result["grad"].any(), key
 
 
-MATRYOSHKA_COSENT = ["--matryoshka_dims", "64,16", "--matryoshka_weights", "1,0.5", "--sts_loss", "cosent"]
+MATRYOSHKA_COSENT = ["--matryoshka_dims", "64,16", "--matryoshka_weights", "1,0.5", "--sts_loss", "cosent",
+                     # and the in-batch levers, with GradCache: GIST guided by a frozen copy of the starting weights
+                     "--nli_loss", "gist", "--guide_model", "self", "--scale", "50", "--nli_mini_batch_size", "3"]
 
 
 def two_ranks(model, data, out: Path, log_dir: Path, *extra: str) -> str:
@@ -147,11 +167,12 @@ def two_rank_run(tiny_deberta, ddp_data, tmp_path_factory) -> tuple[Path, str]:
 
 
 @pytest.mark.parametrize("extra", [[], ["--nli_mini_batch_size", "3"], MATRYOSHKA_COSENT],
-                         ids=["plain", "gradcache", "matryoshka-cosent"])
+                         ids=["plain", "gradcache", "matryoshka-cosent-gist"])
 def test_two_ranks_give_the_single_process_losses_and_weights(tiny_deberta, ddp_data, single_process_run, two_rank_run,
                                                               tmp_path, extra):
     """With GradCache each rank embeds its 8 triplets 3, 3, 2 at a time; with Matryoshka + CoSENT both
-    objectives gather across ranks at every width: still the single process's run."""
+    objectives gather across ranks at every width, GIST its guide's embeddings too: still the single process's
+    run."""
     reference = single_process_run
     if not extra:
         out, stdout = two_rank_run

@@ -110,3 +110,44 @@ def test_under_fp16_autocast_the_grad_scaler_reaches_the_cached_gradient(tiny_de
     assert cached_loss.item() == pytest.approx(plain_loss.item(), rel=1e-2)  # fp16 encoders, other groupings
     assert plain.norm() > 1.0  # scaled by 65536: the true gradient norm of this loss is far below 1
     assert (cached - plain).norm() / plain.norm() < 0.02
+
+
+@pytest.mark.parametrize("overrides", [{"nli_loss": "mnrl_symmetric", "scale": 50.0},
+                                       {"nli_loss": "gist", "guide_model": "self", "gist_margin": 0.01}])
+def test_cached_gradient_of_the_levers_equals_the_plain_step(tiny_deberta, small_data, tmp_path, monkeypatch, overrides):
+    """mnrl_symmetric and gist (guide: a frozen copy of the starting weights) under GradCache: the plain step's loss
+    and gradient, float64 (dropout 0); the guide embeds each text of the batch once, without gradient."""
+    import kfdeb.run
+    from kfdeb.loop import task_loss
+
+    load_encoder = kfdeb.run.load_encoder
+    monkeypatch.setattr(kfdeb.run, "load_encoder", lambda *args, **kwargs: load_encoder(*args, **kwargs).double())
+    run = nli_run(tiny_deberta, small_data, tmp_path / "run", **overrides)
+    task = run.tasks[0]
+    batch = task.sampler.next_batch()
+    with torch.no_grad():  # the run has moved away from its start: the guide must still be the starting weights
+        for parameter in run.encoder.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    embedded = []
+    if run.guide is not None:
+        assert not run.guide.training and not any(p.requires_grad for p in run.guide.parameters())
+        forward = run.guide.forward
+        monkeypatch.setattr(run.guide, "forward", lambda ids, masks: embedded.append(  # a call per length group
+            sum(len(i) for i in ids) if isinstance(ids, list) else 0) or forward(ids, masks))
+    parameters = [p for p in run.encoder.parameters() if p.requires_grad]
+    cached_loss = cached_nli_backward(run, task, batch, 5)
+    cached = [p.grad.clone() for p in parameters]
+    if run.guide is not None:
+        assert sum(embedded) == 3 * len(batch)  # anchors, positives, negatives: each once
+        starting = load_encoder(tiny_deberta).double().state_dict()
+        for name, tensor in run.guide.state_dict().items():
+            assert torch.equal(tensor, starting[name]), name
+    run.encoder.zero_grad(set_to_none=True)
+    plain_loss = task_loss(run.model, task, batch, run.ctx, run.encoder.pad_id, 1, run.objective, run.guide)
+    plain_loss.backward()
+    assert cached_loss.item() == pytest.approx(plain_loss.item(), abs=1e-12)
+    for param, grad in zip(parameters, cached):
+        torch.testing.assert_close(grad, param.grad, rtol=0, atol=1e-10)
+    # the lever changed the loss: the plain mnrl of the same batch is another figure
+    assert plain_loss.item() != pytest.approx(
+        task_loss(run.model, task, batch, run.ctx, run.encoder.pad_id, 1).item(), rel=1e-4)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kfdeb.losses import cosine_mse_loss, in_batch_negatives_loss
+from kfdeb.losses import cosine_mse_loss, gist_loss, in_batch_negatives_loss
 
 
 def naive_in_batch_negatives(anchors, positives, negatives, scale=20.0):
@@ -118,11 +118,15 @@ def test_losses_run_in_float32_under_bf16_autocast():
 
     a, p, n = (embeddings(6, 16, seed=s, dtype=torch.float32) for s in (1, 2, 3))
     labels = torch.rand(6, generator=torch.Generator().manual_seed(4))
+    guide = [a + 0.1, p - 0.1, n]  # the guide's embeddings come widened to float32 (loop.guide_embeddings)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with RecordOps() as ops:
             nli = in_batch_negatives_loss(a, p, n)
             sts = cosine_mse_loss(a, p, labels)
+            symmetric = in_batch_negatives_loss(a, p, n, symmetric=True, keys=torch.arange(18).view(3, 6))
+            gist = gist_loss([a, p, n], guide)
     assert "mm" in ops.names() and ops.floating_dtypes() == {torch.float32}
+    assert symmetric.dtype == gist.dtype == torch.float32
     assert nli.dtype == sts.dtype == torch.float32
     assert nli.item() == pytest.approx(naive_in_batch_negatives(a.double(), p.double(), n.double()), abs=1e-5)
     assert sts.item() == pytest.approx(naive_cosine_mse(a.double(), p.double(), labels.double()), abs=1e-6)
@@ -249,3 +253,198 @@ def test_matryoshka_equals_sentence_transformers():
         expected = reference([{"embedding": column} for column in columns], target)
         assert matryoshka(loss_of, torch.stack(columns), dims, weights).item() == pytest.approx(
             expected.item(), abs=2e-5), type(base).__name__
+
+
+# --- the in-batch levers: --scale, mnrl_symmetric, gist, shared positives (issue 34) ------------------
+
+class _Given(torch.nn.Module):
+    """A sentence-transformers module returning the embedding under `key` of the features fed in, with the
+    tokenizer and length GISTEmbedLoss checks (one shared tokenizer: the guide reads the model's features)."""
+
+    def __init__(self, key):
+        from tokenizers import Tokenizer, models
+        from transformers import PreTrainedTokenizerFast
+
+        super().__init__()
+        self.key, self.max_seq_length = key, 16
+        self.tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")))
+
+    def forward(self, features):
+        return {**features, "sentence_embedding": features[self.key]}
+
+    def get_sentence_embedding_dimension(self):
+        return 12
+
+
+def _given_model(key="embedding"):
+    import sentence_transformers
+
+    return sentence_transformers.SentenceTransformer(modules=[_Given(key)], device="cpu")
+
+
+def _reference_and_gradients(reference, columns, guide_columns=None):
+    """The reference loss on these embeddings (float64) and its gradient w.r.t. each column."""
+    leaves = [c.detach().clone().requires_grad_() for c in columns]
+    features = [{"embedding": leaf, **({"guide": g.detach()} if guide_columns is not None else {})}
+                for leaf, g in zip(leaves, guide_columns if guide_columns is not None else leaves)]
+    loss = reference(features, None)
+    loss.backward()
+    return loss.item(), [leaf.grad for leaf in leaves]
+
+
+def _ours_and_gradients(loss_of, columns):
+    leaves = [c.detach().clone().requires_grad_() for c in columns]
+    loss = loss_of(leaves)
+    loss.backward()
+    return loss.item(), [leaf.grad for leaf in leaves]
+
+
+def _assert_same(ours, theirs):
+    assert ours[0] == pytest.approx(theirs[0], rel=1e-12)
+    for mine, reference in zip(ours[1], theirs[1]):
+        torch.testing.assert_close(mine, reference, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [20.0, 100.0, 7.5])
+@pytest.mark.parametrize("width", [2, 3, 5])  # pairs, triplets, 3 negatives
+def test_scale_and_symmetric_equal_sentence_transformers(scale, width):
+    """--scale and --nli_loss mnrl / mnrl_symmetric against MultipleNegativesRankingLoss and
+    MultipleNegativesSymmetricRankingLoss at that scale: value and gradient of every column, float64."""
+    import warnings
+
+    import sentence_transformers.sentence_transformer.losses as st_losses
+
+    columns = [embeddings(8, 12, seed=40 + s) for s in range(width)]
+    model = _given_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the reference's class is deprecated, its maths is not
+        symmetric_reference = st_losses.MultipleNegativesSymmetricRankingLoss(model, scale=scale)
+    for symmetric, reference in ((False, st_losses.MultipleNegativesRankingLoss(model, scale=scale)),
+                                 (True, symmetric_reference)):
+        ours = _ours_and_gradients(
+            lambda c: in_batch_negatives_loss(c[0], c[1], c[2:] or None, scale=scale, symmetric=symmetric), columns)
+        _assert_same(ours, _reference_and_gradients(reference, columns))
+    # the scale matters: the figures at 20 and 100 differ
+    assert in_batch_negatives_loss(*columns[:2], scale=100.0) != in_batch_negatives_loss(*columns[:2], scale=20.0)
+
+
+def _gist_ours(columns, guide_columns, scale, **options):
+    from kfdeb.losses import gist_loss
+
+    return _ours_and_gradients(lambda c: gist_loss(c, guide_columns, scale, **options), columns)
+
+
+@pytest.mark.parametrize("margin_strategy,margin", [("absolute", 0.0), ("absolute", 0.1), ("relative", 0.05)])
+@pytest.mark.parametrize("contrast", [(True, True), (False, False), (True, False)])
+@pytest.mark.parametrize("width", [2, 3])
+def test_gist_equals_sentence_transformers(margin_strategy, margin, contrast, width):
+    """--nli_loss gist against GISTEmbedLoss on the same embeddings, float64: the guide the model itself (its own
+    embeddings of the same texts, as --guide_model self at step 0) and another model; every margin option and
+    contrast flag. Enough of the guide's scores pass the thresholds that the masks are not empty."""
+    import sentence_transformers.sentence_transformer.losses as st_losses
+
+    scale = 20.0
+    columns = [embeddings(8, 12, seed=50 + s) for s in range(width)]
+    columns[1] = columns[0] + 0.8 * columns[1]  # positives near their anchors, as in training data
+    other_guide = [c + 0.7 * embeddings(8, 12, seed=60 + s) for s, c in enumerate(columns)]
+    anchors, positives = contrast
+    options = dict(margin_strategy=margin_strategy, margin=margin, contrast_anchors=anchors, contrast_positives=positives)
+    for guide_columns in (columns, other_guide):
+        reference = st_losses.GISTEmbedLoss(_given_model(), _given_model("guide"), temperature=1 / scale, **options)
+        theirs = _reference_and_gradients(reference, columns, guide_columns)
+        _assert_same(_gist_ours(columns, guide_columns, scale, **options), theirs)
+    # the guide masked something: without it (a guide that scores nothing above any positive) the loss differs
+    blind = [torch.zeros_like(c) for c in columns]
+    blind[0] = blind[1] = torch.ones_like(columns[0])
+    assert _gist_ours(columns, blind, scale, **options)[0] != pytest.approx(theirs[0], rel=1e-6)
+
+
+def test_gist_on_n_tuples_equals_cached_gist():
+    """n-tuples (3 negatives): CachedGISTEmbedLoss, the reference that takes them (mini-batches of 3)."""
+    import sentence_transformers.sentence_transformer.losses as st_losses
+
+    columns = [embeddings(7, 12, seed=70 + s) for s in range(5)]
+    guide_columns = [c + 0.5 * embeddings(7, 12, seed=80 + s) for s, c in enumerate(columns)]
+    reference = st_losses.CachedGISTEmbedLoss(_given_model(), _given_model("guide"), temperature=0.01, mini_batch_size=3)
+    _assert_same(_gist_ours(columns, guide_columns, 100.0), _reference_and_gradients(reference, columns, guide_columns))
+
+
+def test_matryoshka_gist_keeps_the_guide_at_full_width():
+    import sentence_transformers.sentence_transformer.losses as st_losses
+    from kfdeb.losses import Objective, nli_loss
+
+    columns = torch.stack([embeddings(8, 12, seed=90 + s) for s in range(3)])
+    guide_columns = columns + 0.5 * embeddings(3, 8, 12, seed=93)
+    dims, weights = (12, 6, 3), (1.0, 0.5, 0.25)
+    model = _given_model()
+    reference = st_losses.MatryoshkaLoss(model, st_losses.GISTEmbedLoss(model, _given_model("guide"), temperature=0.05),
+                                         matryoshka_dims=list(dims), matryoshka_weights=list(weights))
+    theirs = _reference_and_gradients(reference, list(columns), list(guide_columns))
+    objective = Objective(matryoshka_dims=dims, matryoshka_weights=weights, nli_loss="gist", scale=20.0)
+    ours = _ours_and_gradients(lambda c: nli_loss(torch.stack(c), objective, guide_columns=guide_columns), list(columns))
+    _assert_same(ours, theirs)
+
+
+def naive_masked_in_batch(columns, keys, scale, variant, guide=None, margin=0.0, contrast=(True, True)):
+    """The in-batch losses with shared positives masked, by their definitions, one row at a time in float64:
+    a candidate whose key is the row's positive key is left out, except the row's own positive; the reverse
+    direction and GIST's anchor and positive blocks leave out the rows with the same positive key."""
+    a, p, negatives = columns[0], columns[1], list(columns[2:])
+    B = len(a)
+
+    def cos(x, y):
+        return float(x @ y / (x.norm() * y.norm()))
+
+    total = 0.0
+    for i in range(B):
+        same = lambda j: keys[1][j] == keys[1][i]  # noqa: E731
+        # (score, candidate's guide score or None, kept) for every candidate of anchor i
+        terms = [(cos(a[i], p[j]), j) for j in range(B) if j == i or not same(j)]
+        terms += [(cos(a[i], n[j]), None) for c, n in enumerate(negatives) for j in range(B)
+                  if keys[2 + c][j] != keys[1][i]]
+        if variant == "gist":
+            threshold = cos(guide[0][i], guide[1][i]) - margin
+            kept = [cos(a[i], p[j]) for j in range(B) if j == i or (not same(j) and cos(guide[0][i], guide[1][j]) <= threshold)]
+            if contrast[0]:
+                kept += [cos(a[i], a[j]) for j in range(B) if j != i and not same(j)
+                         and cos(guide[0][i], guide[0][j]) <= threshold]
+            if contrast[1]:
+                kept += [cos(p[i], p[j]) for j in range(B) if j != i and not same(j)
+                         and cos(guide[1][i], guide[1][j]) <= threshold]
+            kept += [cos(a[i], n[j]) for c, n in enumerate(negatives) for j in range(B)
+                     if keys[2 + c][j] != keys[1][i] and cos(guide[0][i], guide[2 + c][j]) <= threshold]
+            scores = [scale * s for s in kept]
+        else:
+            scores = [scale * s for s, _ in terms]
+        forward = math.log(sum(math.exp(s) for s in scores)) - scale * cos(a[i], p[i])
+        if variant == "mnrl_symmetric":
+            reverse = [scale * cos(p[i], a[j]) for j in range(B) if j == i or not same(j)]
+            forward = (forward + math.log(sum(math.exp(s) for s in reverse)) - scale * cos(p[i], a[i])) / 2
+        total += forward
+    return total / B
+
+
+@pytest.mark.parametrize("variant", ["mnrl", "mnrl_symmetric", "gist"])
+def test_rows_that_share_a_positive_are_never_negatives_of_each_other(variant):
+    """Rows 0, 3, 5 share one positive text (one of them twice as a negative elsewhere), rows 1 and 6 another:
+    the loss is the masked formula, computed naively, and its gradient that formula's (finite differences)."""
+    from kfdeb.losses import Objective, nli_loss
+
+    columns = torch.stack([embeddings(7, 6, seed=100 + s) for s in range(3)])
+    positive_keys = [10, 11, 12, 10, 13, 10, 11]
+    keys = torch.tensor([[0, 1, 2, 3, 4, 5, 6], positive_keys, [20, 21, 10, 22, 23, 24, 25]])  # row 2's negative: text 10
+    columns[1, 3] = columns[1, 5] = columns[1, 0]  # one text, one embedding
+    columns[2, 2] = columns[1, 0]
+    guide = columns.detach() + 0.3 * embeddings(3, 7, 6, seed=110)
+    objective = Objective(nli_loss=variant, scale=20.0)
+    loss = nli_loss(columns, objective, keys, guide)
+    assert loss.item() == pytest.approx(naive_masked_in_batch(columns, keys, 20.0, variant, guide), rel=1e-12)
+    # unmasked, the same embeddings give another loss: the masks are what the figure above measured
+    assert nli_loss(columns, objective, None, guide).item() != pytest.approx(loss.item(), rel=1e-3)
+    leaf = columns.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda c: nli_loss(c, objective, keys, guide), (leaf,), eps=1e-6, atol=1e-7)
+    # with no key repeated the masks are empty: the reference's loss
+    distinct = torch.arange(21).view(3, 7)
+    assert nli_loss(columns, objective, distinct, guide).item() == pytest.approx(
+        nli_loss(columns, objective, None, guide).item(), rel=1e-15)

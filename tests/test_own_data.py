@@ -203,3 +203,91 @@ def test_n_tuples_train_with_gradcache_matryoshka_prompts_cache_and_resume(tiny_
         assert torch.equal(resumed[key], tensor), key
     saved = json.loads((tmp_path / "plain" / "best" / "config_sentence_transformers.json").read_text())
     assert saved["prompts"] == {"query": "질문: ", "document": "문서: "}
+
+
+def test_faq_shaped_pairs_train_with_the_levers_and_resume_as_one_run(tiny_deberta, tmp_path, monkeypatch):
+    """Many questions for one answer (20 of 30 questions share it: more than half of a batch of 8; 3 answers in
+    all, fewer than a batch, where the legacy no-duplicates rule could not fill one) train with gist (guide: a
+    frozen copy of the starting weights), --scale, Matryoshka and GradCache; stopped at step 4 and resumed, the
+    run ends with the uninterrupted run's weights; a resume whose starting model changed meanwhile is refused (the
+    guide is made again from it). Neither the state nor best/ holds the guide."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import kfdeb.loop
+    from kfdeb import train_state
+    from kfdeb.errors import TrainingStopped
+
+    start = tmp_path / "start"
+    shutil.copytree(tiny_deberta, start)
+
+    faq = tmp_path / "faq.jsonl"
+    faq.write_text("".join(json.dumps({"anchor": f"질문 {i} 은 무엇인가요", "positive": f"답변 {0 if i < 20 else 1 + i % 2}"},
+                                      ensure_ascii=False) + "\n" for i in range(30)), encoding="utf-8")
+    settings = dict(tasks="nli", nli_train_files=str(faq), sts_dev_file=str(EXAMPLES / "sts_train.tsv"),
+                    sts_test_file=str(EXAMPLES / "sts_test.csv"), nli_loss="gist", guide_model="self", scale=50.0,
+                    matryoshka_dims="64,16", nli_mini_batch_size=3, max_steps=6, eval_steps=3, save_steps=6)
+    straight = train(own_config(start, tmp_path / "straight", **settings))
+    with monkeypatch.context() as patched:
+        sigterm_during_step(patched, 4)
+        with pytest.raises(TrainingStopped, match="at step 4 of 6"):
+            train(own_config(start, tmp_path / "stopped", **settings))
+    weights = start / "model.safetensors"
+    original = weights.read_bytes()
+    changed = load_file(weights)
+    name = next(iter(changed))
+    changed[name] = changed[name] + 1.0
+    save_file(changed, weights, metadata={"format": "pt"})
+    with pytest.raises(UserInputError, match=f"--guide_model self: {start} no longer holds the weights this run started"):
+        train(own_config(start, tmp_path / "stopped", **settings, resume=True))
+    weights.write_bytes(original)
+    resumed = train(own_config(start, tmp_path / "stopped", **settings, resume=True))
+    assert resumed["test"] == straight["test"]
+    straight_state = train_state.read_part(train_state.latest(tmp_path / "straight"), "train")
+    stopped_state = train_state.read_part(train_state.latest(tmp_path / "stopped"), "train")
+    for name, tensor in straight_state["model"].items():
+        assert torch.equal(stopped_state["model"][name], tensor), name
+    encoder_keys = set(load_encoder(start).state_dict())
+    assert set(straight_state["model"]) == encoder_keys  # the trained model only; the guide is recorded by its digest:
+    assert straight_state["guide_sha256"] == train_state.weights_sha256(load_encoder(start))  # the starting weights
+    assert set(load_encoder(tmp_path / "straight" / "best").state_dict()) == encoder_keys
+    rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in rows if "task" in r)
+    # the card and kfdeb.json say which loss, scale and guide trained it
+    assert "guide-masked in-batch negatives (GISTEmbedLoss, scale 50)" in (tmp_path / "straight" / "best" / "README.md").read_text()
+    published = json.loads((tmp_path / "straight" / "best" / "kfdeb.json").read_text())["config"]
+    assert (published["nli_loss"], published["guide_model"], published["scale"]) == ("gist", "self", 50.0)
+
+
+def test_a_guide_model_with_its_own_tokenizer_reads_the_batch_prompted_texts(tiny_deberta, tiny_xlmr, tmp_path):
+    """--guide_model PATH (an XLM-R with another tokenizer and pad id) embeds the batch's texts, prompts included,
+    in its own token ids: the step's loss is GIST's on the model's and the guide's own encodings of those texts."""
+    from kfdeb.loop import batch_keys
+    from kfdeb.losses import gist_loss
+    from kfdeb.run import setup
+
+    faq = tmp_path / "faq.jsonl"
+    rows = [(f"질문 {i} 은 무엇인가요", f"답변 {i % 5} 입니다") for i in range(24)]
+    faq.write_text("".join(json.dumps({"anchor": a, "positive": p}, ensure_ascii=False) + "\n" for a, p in rows),
+                   encoding="utf-8")
+    config = own_config(tiny_deberta, tmp_path / "run", tasks="nli", nli_train_files=str(faq), sts_dev_file=str(
+        EXAMPLES / "sts_train.tsv"), sts_test_file=str(EXAMPLES / "sts_test.csv"), nli_loss="gist",
+        guide_model=str(tiny_xlmr), query_prompt="질문: ",
+        document_prompt="문서: ", no_cache=True)
+    run = setup(config, CPU)
+    (task,) = run.tasks
+    assert task.guide_sequences is not None and run.guide.pad_id == 1 != run.encoder.pad_id
+    batch = task.sampler.next_batch()
+    ours = task_loss(run.encoder, task, batch, CPU, run.encoder.pad_id, 1, run.objective, run.guide)
+    anchors, positives = [rows[i][0] for i in batch], [rows[i][1] for i in batch]
+    model, guide = load_encoder(tiny_deberta, max_seq_length=64), load_encoder(tiny_xlmr, max_seq_length=64)
+    columns = [model.encode(anchors, prompt="질문: "), model.encode(positives, prompt="문서: ")]
+    guide_columns = [guide.encode(anchors, prompt="질문: "), guide.encode(positives, prompt="문서: ")]
+    ids = {text: i for i, text in enumerate(dict.fromkeys(t for row in rows for t in row))}
+    keys = torch.tensor([[ids[a] for a in anchors], [ids[p] for p in positives]])
+    assert torch.equal(keys[1][:, None] == keys[1][None, :], batch_keys(task, batch, CPU.device)[1][:, None]
+                       == batch_keys(task, batch, CPU.device)[1][None, :])  # the same texts share keys
+    expected = gist_loss(columns, guide_columns, config.scale, keys=keys)
+    assert ours.item() == pytest.approx(expected.item(), abs=1e-5)
+    assert len(set(positives)) < len(positives)  # the batch holds shared positives: the masks were used
