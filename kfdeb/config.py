@@ -57,7 +57,12 @@ class TrainConfig:
     nli_triplet_scope: str = knob(
         "per_file", "per_file (reference: triplets built file by file, then concatenated) or union (one partner "
                     "table over all files: a sentence in several files is an anchor once)", choices=NLI_TRIPLET_SCOPES)
-    max_seq_length: int = knob(256, "tokens per sentence, [CLS]/[SEP] included")
+    max_seq_length: int = knob(256, "tokens per sentence in training, [CLS]/[SEP] included")
+    save_max_seq_length: int = knob(
+        0, "the inference limit the saved model keeps (sentence_bert_config.json; dev and test evaluations run at it): "
+           "0: the longer of --max_seq_length and the start model's own limit (its sentence_bert_config.json, else "
+           "its tokenizer's model_max_length capped by its position embeddings, as sentence-transformers reads it), "
+           "so that training shorter for speed does not shorten what the model reads")
     nli_batch_size: int = knob(64, "global batch of the in-batch negatives (nli) objective, whatever the number of GPUs")
     sts_batch_size: int = knob(8, "global batch of the sts objective, whatever the number of GPUs")
     batch_size: int = knob(
@@ -101,14 +106,22 @@ class TrainConfig:
     eval_steps: int = knob(1000, "dev evaluation every N steps (and at each epoch end)")
     eval_batch_size: int = knob(64, "sentences per batch when evaluating", resumable=True)
     metric_for_best: str = knob(
-        "max_spearman", "dev figure that selects the best checkpoint (with --matryoshka_dims: at the first width): "
-                        f"{', '.join(METRICS_FOR_BEST)}; with --ir_dev_data a retrieval figure ({', '.join(IR_KEYS)}) "
-                        "or the mean of a KorSTS and a retrieval figure, e.g. cosine_spearman+ndcg@10")
+        "auto", "dev figure that selects the best checkpoint (with --matryoshka_dims: at the first width): "
+                f"{', '.join(METRICS_FOR_BEST)}; with --ir_dev_data a retrieval figure ({', '.join(IR_KEYS)}) "
+                "or the mean of a KorSTS and a retrieval figure, e.g. cosine_spearman+ndcg@10. auto: max_spearman "
+                "when the run evaluates KorSTS dev (the reference recipes, an --sts_dev_file), else ndcg@10 with "
+                "retrieval dev data (--ir_dev_data, --ir_dev_fraction), else none: no dev data, the final weights "
+                "are kept. A KorSTS figure named here makes a run on own in-batch files evaluate KorSTS dev and test")
     ir_dev_data: str = knob(
         "", "retrieval evaluated beside KorSTS at every dev evaluation: a BEIR folder (corpus.jsonl, queries.jsonl, "
             "qrels/SPLIT.tsv) or a .tsv/.csv/.jsonl file of anchor, positive pairs; kfdeb:korsts-dev is the bundled "
             "KorSTS dev paraphrase set")
     ir_dev_split: str = knob("dev", "the qrels split of a BEIR --ir_dev_data")
+    ir_dev_fraction: float = knob(
+        0.0, "hold out this fraction (0 < F < 1) of the --nli_train_files rows as the retrieval dev set, seeded by "
+             "--seed: whole groups of rows sharing an anchor or a positive (no answer on both sides); its anchors "
+             "search every distinct positive of the files; written to the run folder's ir_dev_split/ (a BEIR folder, "
+             "split dev) for evaluate.py --ir_data (0: off)")
     ir_test_data: str = knob("", "retrieval evaluated beside KorSTS on the best model at the end (kfdeb:korsts-test: "
                                  "the bundled KorSTS test paraphrase set)")
     ir_test_split: str = knob("test", "the qrels split of a BEIR --ir_test_data")
@@ -275,8 +288,26 @@ def resolve(overrides: dict[str, Any]) -> TrainConfig:
     if values.get("batch_size"):
         values.update(_single_objective_batch_size(values, {**file_values, **overrides}))
     config = TrainConfig(**values)
+    if config.metric_for_best == "auto":
+        config.metric_for_best = default_metric_for_best(config)
     validate(config)
     return config
+
+
+def korsts_from_data_dir(config: TrainConfig) -> bool:
+    """Whether data_dir's KorSTS dev and test files are evaluated (for the splits no --sts_*_file gives): in the
+    reference recipes (the sts objective, or NLI from data_dir), and when --metric_for_best names a KorSTS figure
+    and no --sts_dev_file gives one. A run on own in-batch files alone evaluates only the dev data it is given."""
+    named = any(part in METRICS_FOR_BEST for part in config.metric_for_best.split("+"))
+    return "sts" in config.task_list or not config.nli_train_files or (named and not config.sts_dev_file)
+
+
+def default_metric_for_best(config: TrainConfig) -> str:
+    """--metric_for_best auto: max_spearman (the reference's) when KorSTS dev is evaluated, ndcg@10 with retrieval
+    dev data alone, "auto" (nothing selects: the final weights are kept) with no dev data."""
+    if config.sts_dev_file or korsts_from_data_dir(config):
+        return "max_spearman"
+    return "ndcg@10" if config.ir_dev_data or config.ir_dev_fraction else "auto"
 
 
 def _single_objective_batch_size(values: dict[str, Any], given: dict[str, Any]) -> dict[str, int]:
@@ -313,6 +344,9 @@ def validate(config: TrainConfig) -> None:
         raise UserInputError(f"--warmup_ratio {config.warmup_ratio}: must be in [0, 1]")
     if config.learning_rate <= 0 or config.weight_decay < 0 or config.max_grad_norm <= 0:
         raise UserInputError("--learning_rate and --max_grad_norm must be > 0, --weight_decay >= 0")
+    if config.save_max_seq_length < 0:
+        raise UserInputError(f"--save_max_seq_length {config.save_max_seq_length}: must be >= 0 (0: auto)")
+    _validate_ir_dev_fraction(config)
     _validate_matryoshka(config)
     _validate_metric_for_best(config)
     for name, spec in _FIELDS.items():
@@ -336,14 +370,30 @@ def positive_numbers(flag: str, text: str, kind: type = int) -> list:
 def _validate_metric_for_best(config: TrainConfig) -> None:
     """A KorSTS figure, a retrieval figure (which needs --ir_dev_data), or KorSTS + retrieval."""
     metric = config.metric_for_best
+    if metric == "auto":  # left by resolve only where the run has no dev data
+        return
     parts = metric.split("+")
     sts = [p for p in parts if p in METRICS_FOR_BEST]
     retrieval = [p for p in parts if p in IR_KEYS]
     if len(sts) + len(retrieval) != len(parts) or len(parts) > 2 or len(parts) == 2 and len(sts) != 1:
         raise UserInputError(f"--metric_for_best {metric!r}: expected one of {', '.join(METRICS_FOR_BEST + IR_KEYS)}, "
                              "or a KorSTS figure + a retrieval figure (e.g. cosine_spearman+ndcg@10)")
-    if retrieval and not config.ir_dev_data:
-        raise UserInputError(f"--metric_for_best {metric}: a retrieval figure needs --ir_dev_data")
+    if retrieval and not config.ir_dev_data and not config.ir_dev_fraction:
+        raise UserInputError(f"--metric_for_best {metric}: a retrieval figure needs --ir_dev_data or --ir_dev_fraction")
+
+
+def _validate_ir_dev_fraction(config: TrainConfig) -> None:
+    fraction = config.ir_dev_fraction
+    if not fraction:
+        return
+    if not 0.0 < fraction < 1.0:
+        raise UserInputError(f"--ir_dev_fraction {fraction}: must be between 0 and 1 (0: off)")
+    if "nli" not in config.task_list or not config.nli_train_files:
+        raise UserInputError(f"--ir_dev_fraction {fraction}: holds out rows of --nli_train_files, which this run "
+                             "does not train on")
+    if config.ir_dev_data:
+        raise UserInputError(f"--ir_dev_fraction {fraction} and --ir_dev_data {config.ir_dev_data}: one retrieval dev "
+                             "set; give one of them")
 
 
 def _validate_matryoshka(config: TrainConfig) -> None:

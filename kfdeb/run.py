@@ -24,6 +24,7 @@ reaches them through the process group (distributed.main_only, distributed.broad
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
@@ -40,7 +41,7 @@ from kfdeb import distributed, train_state
 from kfdeb.config import BUNDLED, TINY_MODEL, TrainConfig
 from kfdeb.errors import UserInputError
 from kfdeb.evaluation import TABLE_HEADER, StsResult, best_score, evaluate_sts, table_row
-from kfdeb.ir_data import IrData, read_ir_data, trained_on
+from kfdeb.ir_data import IrData, read_ir_data, trained_on, write_beir
 from kfdeb.losses import Objective
 from kfdeb.model import SentenceEncoder, load_encoder
 from kfdeb.optim import build_adamw, build_scheduler, warmup_steps_for
@@ -48,7 +49,10 @@ from kfdeb.readers import BUNDLED_DATA_DIR
 from kfdeb.retrieval import TABLE_HEADER as IR_TABLE_HEADER
 from kfdeb.retrieval import evaluate_retrieval, ir_table_row
 from kfdeb.report import plot_curves, public_config, write_model_card
-from kfdeb.tasks import Task, build_tasks, check_nodes_agree, data_fingerprint, examples_key, read_sts_split, task_examples
+from kfdeb.tasks import (
+    IR_DEV_SPLIT_DIR, Task, build_tasks, check_nodes_agree, data_fingerprint, examples_key, held_out_dev_set,
+    read_sts_split, task_examples,
+)
 from kfdeb.weights import BEST_DIR
 
 
@@ -78,6 +82,11 @@ class Run:
     last_saved_step: int = -1  # the step of the newest committed state (-1: none)
     eval_seconds: float = 0.0  # dev evaluations and best-model saves, for throughput figures
     objective: Objective = Objective()  # the STS loss and the Matryoshka widths (losses.py)
+    saved_max_seq_length: int = 0  # the limit best/ keeps and evaluations run at (saved_max_seq_length; 0: training's)
+
+    @property
+    def has_dev_data(self) -> bool:
+        return bool(self.dev_pairs) or self.dev_ir is not None
 
     @property
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -104,9 +113,17 @@ def setup(config: TrainConfig, ctx: distributed.Context) -> Run:
     dev_pairs, test_pairs = read_sts_split(config, data_dir, "dev"), read_sts_split(config, data_dir, "test")
     check_retrieval_sets_unseen(config, keys)
     dev_ir = read_ir_data(config.ir_dev_data, config.ir_dev_split, "--ir_dev_data") if config.ir_dev_data else None
+    if config.ir_dev_fraction:
+        dev_ir = held_out_dev_set(config, ctx)
+        distributed.main_only(ctx, lambda: _write_dev_split(dev_ir, output_dir / IR_DEV_SPLIT_DIR))
     test_ir = read_ir_data(config.ir_test_data, config.ir_test_split, "--ir_test_data") if config.ir_test_data else None
+    if not dev_pairs and dev_ir is None:
+        distributed.print0(ctx, "no dev data (no KorSTS dev, --sts_dev_file, --ir_dev_data or --ir_dev_fraction): "
+                                f"{BEST_DIR}/ keeps the final weights")
     encoder = _load_start_model(config, output_dir, ctx)
     encoder.metadata = {}  # a checkpoint's own kfdeb.json describes that run, not this one (best_metadata does)
+    saved_length = saved_max_seq_length(config, encoder)
+    distributed.print0(ctx, describe_saved_length(config, encoder, saved_length))
     # after the model is built (building a tiny model reseeds torch): dropout streams differ per rank
     seed_everything(config.seed + ctx.rank)
     frozen = encoder.freeze_unused_parameters()
@@ -137,11 +154,50 @@ def setup(config: TrainConfig, ctx: distributed.Context) -> Run:
         amp_dtype=amp_dtype,
         pad_multiple=config.pad_to_multiple_of or (8 if ctx.device.type == "cuda" else 1),  # tensor-core tiles
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, dev_pairs=dev_pairs, test_pairs=test_pairs,
-        dev_ir=dev_ir, test_ir=test_ir, prompts=prompts, objective=objective,
+        dev_ir=dev_ir, test_ir=test_ir, prompts=prompts, objective=objective, saved_max_seq_length=saved_length,
     )
     distributed.print0(ctx, f"{total_steps} steps ({steps_per_epoch} per epoch), warmup {warmup_steps}, "
                        f"{ctx.world_size} process(es) on {ctx.device}, amp {describe_amp(config.amp, amp_dtype, capability)}")
     return run
+
+
+def saved_max_seq_length(config: TrainConfig, encoder: SentenceEncoder) -> int:
+    """The inference limit best/ keeps: --save_max_seq_length, else the longer of the training length and the start
+    model's own (model.own_max_seq_length): training shorter for speed must not shorten what the model reads."""
+    if config.save_max_seq_length:
+        return config.save_max_seq_length
+    return max(encoder.max_seq_length, encoder.own_max_seq_length or 0)
+
+
+def describe_saved_length(config: TrainConfig, encoder: SentenceEncoder, saved: int) -> str:
+    """The startup line that says which limit the saved model keeps, and why."""
+    own = f"the start model's own is {encoder.own_max_seq_length}" if encoder.own_max_seq_length else \
+        "the start model sets none"
+    if config.save_max_seq_length:
+        why = f"--save_max_seq_length; {own}"
+    elif saved == encoder.max_seq_length:
+        why = f"the training length; {own}"
+    else:
+        why = "the start model's own"
+    return (f"max_seq_length: training at {encoder.max_seq_length} tokens; {BEST_DIR}/ keeps {saved} ({why}), "
+            "and dev and test evaluations run at it")
+
+
+@contextlib.contextmanager
+def at_saved_length(run: Run):
+    """The encoder at the limit best/ keeps while it is evaluated or saved (what evaluate.py on best/ will read), back
+    at the training length after: the training batches were tokenized at that length once, before the first step."""
+    training = run.encoder.max_seq_length
+    run.encoder.max_seq_length = run.saved_max_seq_length or training
+    try:
+        yield
+    finally:
+        run.encoder.max_seq_length = training
+
+
+def _write_dev_split(data: IrData, folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    write_beir(data, folder, "dev")
 
 
 def check_matryoshka_dims(dims: Sequence[int], dimension: int, ctx: distributed.Context) -> None:
@@ -255,8 +311,8 @@ def seed_everything(seed: int) -> None:
 
 def evaluate(encoder: SentenceEncoder, pairs: list, ctx: distributed.Context, batch_size: int,
              dims: Sequence[int] = (), ir: IrData | None = None, prompts: tuple[str, str] = ("", "")) -> StsResult:
-    """KorSTS figures, with `ir` the retrieval figures too (one dict: their keys differ), and those of each
-    width in `dims`; with several ranks each encodes every W-th text and all get all figures."""
+    """KorSTS figures (none without `pairs`), with `ir` the retrieval figures too (one dict: their keys differ), and
+    those of each width in `dims`; with several ranks each encodes every W-th text and all get all figures."""
 
     class Sharded:
         def encode(self, sentences: Sequence[str], batch_size: int = 64, convert_to_numpy: bool = True,
@@ -265,7 +321,7 @@ def evaluate(encoder: SentenceEncoder, pairs: list, ctx: distributed.Context, ba
                                   convert_to_numpy=True, prompt=prompt)
             return distributed.gather_strided(ctx, mine, len(sentences))
 
-    result = evaluate_sts(Sharded(), pairs, batch_size, dims)
+    result = evaluate_sts(Sharded(), pairs, batch_size, dims) if pairs else StsResult({}, 0, 0.0, {d: {} for d in dims})
     if ir is not None:  # queries and documents with the run's prompts (the model's own by default)
         retrieval = evaluate_retrieval(Sharded(), ir, batch_size, dims, *prompts)
         result.figures.update(retrieval.figures)
@@ -293,17 +349,29 @@ def best_metadata(config: TrainConfig, step: int, **figures: Any) -> dict[str, A
 
 
 def evaluate_and_keep_best(run: Run, position: train_state.Position, epoch: int) -> None:
+    """Evaluate on dev; save best/ when the selection figure beats the best so far. Step 0 (before any update)
+    is evaluated too: the starting model is the first best, so best/ never holds a model worse than the start."""
+    if not run.has_dev_data:
+        return
     started = time.perf_counter()
     dims = run.objective.matryoshka_dims
-    result = evaluate(run.encoder, run.dev_pairs, run.ctx, run.config.eval_batch_size, dims, run.dev_ir, run.prompts)
+    with at_saved_length(run):
+        result = evaluate(run.encoder, run.dev_pairs, run.ctx, run.config.eval_batch_size, dims, run.dev_ir, run.prompts)
     # Matryoshka: selected at the first width listed (jhgan00's choice), the full one when it is listed first
-    score = best_score(result.figures_at(dims[0] if dims else None), run.config.metric_for_best)
+    selected = result.figures_at(dims[0] if dims else None)
+    score = best_score(selected, run.config.metric_for_best)
     improved = score > position.best_score  # NaN never improves; every rank has the same figures
+    if position.step == 0:
+        position.start_figures = dict(selected)
+    elif score > position.best_trained_score:
+        position.best_trained_score, position.best_trained_step = score, position.step
     if improved:
         position.best_score, position.best_step = score, position.step
         if run.ctx.is_main:  # the others go on and wait for rank 0 at their next collective
-            run.encoder.save(run.best_dir, best_metadata(run.config, position.step, dev=result.figures,
-                                                          **({"dev_by_dim": _by_dim(result)} if dims else {})))
+            with at_saved_length(run):
+                run.encoder.save(run.best_dir, best_metadata(run.config, position.step, dev=result.figures,
+                                                              max_seq_length=run.saved_max_seq_length,
+                                                              **({"dev_by_dim": _by_dim(result)} if dims else {})))
     run.log.write(step=position.step, epoch=epoch, split="dev", score=score, best=improved, **result.figures)
     for dim in dims:  # one row per width; the row above is the full embedding's
         run.log.write(step=position.step, epoch=epoch, split="dev", dim=dim, **result.by_dim[dim])
@@ -311,10 +379,35 @@ def evaluate_and_keep_best(run: Run, position: train_state.Position, epoch: int)
         plot_curves(run.output_dir / "metrics.jsonl", run.output_dir / "curves.png")  # ~0.5 s: only with new dev points
     best = "best" if improved else f"best {position.best_score:.2f} at step {position.best_step}"
     widths = (f" at width {dims[0]}; cosine Spearman by width: "
-              + ", ".join(f"{d} {result.by_dim[d]['cosine_spearman']:.2f}" for d in dims)) if dims else ""
+              + ", ".join(f"{d} {result.by_dim[d]['cosine_spearman']:.2f}" for d in dims)) if dims and run.dev_pairs else ""
     ir = f", nDCG@10 {result.figures['ndcg@10']:.2f}" if run.dev_ir is not None and "ndcg@10" not in run.config.metric_for_best else ""
-    say(run, f"step {position.step}: dev {run.config.metric_for_best} {score:.2f}{widths}{ir} ({best})")
+    when = f"step {position.step}" + (" (the start, before any update)" if position.step == 0 else "")
+    say(run, f"{when}: dev {run.config.metric_for_best} {score:.2f}{widths}{ir} ({best})")
     run.eval_seconds += time.perf_counter() - started
+
+
+def headline_figures(metric: str, figures: dict[str, float]) -> list[str]:
+    """The dev figures the last line compares with the start: the selection figure, then cosine Spearman (KorSTS)
+    and nDCG@10 (retrieval) where evaluated and not already named."""
+    named = [metric] + [key for key in ("cosine_spearman", "ndcg@10") if key in figures and key not in metric.split("+")]
+    return named if metric != "auto" else named[1:]
+
+
+def start_comparison(metric: str, position: train_state.Position, best: dict[str, float]) -> str:
+    """One line: how much the best beat the start on each headline dev figure, or that no step beat it."""
+    start = position.start_figures
+
+    def value(figures: dict[str, float], key: str) -> float:
+        return best_score(figures, key) if key == metric else figures[key]
+
+    if position.best_step == 0:
+        trained = (f", best step {position.best_trained_step} {position.best_trained_score:.2f}"
+                   if position.best_trained_step > 0 else "")
+        return (f"no step beat the start on dev {metric} (start {value(start, metric):.2f}{trained}): "
+                f"{BEST_DIR}/ holds the starting weights")
+    parts = [f"{key} {value(best, key):.2f} (start {value(start, key):.2f}, {value(best, key) - value(start, key):+.2f})"
+             for key in headline_figures(metric, best)]
+    return f"best: step {position.best_step}, dev " + "; ".join(parts)
 
 
 def _load_best_weights(run: Run) -> None:
@@ -329,17 +422,21 @@ def _load_best_weights(run: Run) -> None:
 
 
 def finish(run: Run, position: train_state.Position, train_seconds: float) -> dict[str, Any]:
-    """Evaluate the best checkpoint on dev and test; write its metadata, the model card, the plot."""
+    """Evaluate the best checkpoint on dev and test; write its metadata, the model card, the plot; say how the best
+    compares with the start."""
     ctx = run.ctx
     if position.best_step >= 0:
         _load_best_weights(run)
-    elif ctx.is_main:  # every evaluation was NaN: keep the last weights
-        run.encoder.save(run.best_dir, best_metadata(run.config, position.step))
+    # else no dev data (setup said so), or every evaluation was NaN: keep the last weights
     dims = run.objective.matryoshka_dims
-    dev = evaluate(run.encoder, run.dev_pairs, ctx, run.config.eval_batch_size, dims, run.dev_ir, run.prompts)
-    test = evaluate(run.encoder, run.test_pairs, ctx, run.config.eval_batch_size, dims, run.test_ir, run.prompts)
+    with at_saved_length(run):
+        dev = evaluate(run.encoder, run.dev_pairs, ctx, run.config.eval_batch_size, dims, run.dev_ir, run.prompts)
+        test = evaluate(run.encoder, run.test_pairs, ctx, run.config.eval_batch_size, dims, run.test_ir, run.prompts)
     summary = {"best_step": position.best_step, "total_steps": run.total_steps, "dimension": run.encoder.dimension,
-               "train_seconds": train_seconds, "eval_seconds": run.eval_seconds, "dev": dev.figures, "test": test.figures}
+               "max_seq_length": run.saved_max_seq_length, "train_seconds": train_seconds,
+               "eval_seconds": run.eval_seconds, "dev": dev.figures, "test": test.figures}
+    if position.start_figures:
+        summary["dev_start"] = position.start_figures
     if dims:
         summary.update(dev_by_dim=_by_dim(dev), test_by_dim=_by_dim(test))
     if ctx.is_main:
@@ -347,20 +444,27 @@ def finish(run: Run, position: train_state.Position, train_seconds: float) -> di
         for dim in dims:
             run.log.write(step=position.step, split="test", dim=dim, best_step=position.best_step, **test.by_dim[dim])
         best_step = position.best_step if position.best_step >= 0 else position.step
-        run.encoder.save(run.best_dir, best_metadata(
-            run.config, best_step, best_step=position.best_step, dev=dev.figures, test=test.figures,
-            **{key: summary[key] for key in ("dev_by_dim", "test_by_dim") if key in summary}))
+        with at_saved_length(run):
+            run.encoder.save(run.best_dir, best_metadata(
+                run.config, best_step, best_step=position.best_step, max_seq_length=run.saved_max_seq_length,
+                dev=dev.figures, test=test.figures,
+                **{key: summary[key] for key in ("dev_start", "dev_by_dim", "test_by_dim") if key in summary}))
         write_model_card(run.best_dir, run.config, summary)
         plot_curves(run.output_dir / "metrics.jsonl", run.output_dir / "curves.png")
         name = run.output_dir.resolve().name
-        rows = [table_row(f"{name} ({split})", result.figures) for split, result in (("dev", dev), ("test", test))]
-        rows += [table_row(f"{name} ({split}, {dim} dims)", result.by_dim[dim])
-                 for split, result in (("dev", dev), ("test", test)) for dim in dims]
-        print(f"best model (step {position.best_step}) in {run.best_dir}\n{TABLE_HEADER}\n" + "\n".join(rows), flush=True)
+        print(f"best model (step {position.best_step}) in {run.best_dir}", flush=True)
+        korsts = [(split, result) for split, result in (("dev", dev), ("test", test)) if "cosine_spearman" in result.figures]
+        if korsts:
+            rows = [table_row(f"{name} ({split})", result.figures) for split, result in korsts]
+            rows += [table_row(f"{name} ({split}, {dim} dims)", result.by_dim[dim]) for split, result in korsts for dim in dims]
+            print(f"{TABLE_HEADER}\n" + "\n".join(rows), flush=True)
         retrieval = [(f"{data.name}", result.figures) for data, result in ((run.dev_ir, dev), (run.test_ir, test)) if data]
         if retrieval:
             print(IR_TABLE_HEADER + "\n" + "\n".join(ir_table_row(f"{name} ({which})", figures)
                                                      for which, figures in retrieval), flush=True)
+        if position.start_figures and position.best_step >= 0:
+            print(start_comparison(run.config.metric_for_best, position, dev.figures_at(dims[0] if dims else None)),
+                  flush=True)
     # every rank leaves together: none tears the process group down while rank 0 still writes
     distributed.barrier(ctx)
     return summary
