@@ -58,11 +58,8 @@ class TrainConfig:
         "per_file", "per_file (reference: triplets built file by file, then concatenated) or union (one partner "
                     "table over all files: a sentence in several files is an anchor once)", choices=NLI_TRIPLET_SCOPES)
     max_seq_length: int = knob(256, "tokens per sentence in training, [CLS]/[SEP] included")
-    save_max_seq_length: int = knob(
-        0, "the inference limit the saved model keeps (sentence_bert_config.json; dev and test evaluations run at it): "
-           "0: the longer of --max_seq_length and the start model's own limit (its sentence_bert_config.json, else "
-           "its tokenizer's model_max_length capped by its position embeddings, as sentence-transformers reads it), "
-           "so that training shorter for speed does not shorten what the model reads")
+    save_max_seq_length: int = knob(0, "the limit the saved model keeps, at which dev/test evaluations run (0: the longer of "
+                                       "--max_seq_length and the start model's own, as sentence-transformers reads it)")
     nli_batch_size: int = knob(64, "global batch of the in-batch negatives (nli) objective, whatever the number of GPUs")
     sts_batch_size: int = knob(8, "global batch of the sts objective, whatever the number of GPUs")
     batch_size: int = knob(
@@ -107,21 +104,16 @@ class TrainConfig:
     eval_batch_size: int = knob(64, "sentences per batch when evaluating", resumable=True)
     metric_for_best: str = knob(
         "auto", "dev figure that selects the best checkpoint (with --matryoshka_dims: at the first width): "
-                f"{', '.join(METRICS_FOR_BEST)}; with --ir_dev_data a retrieval figure ({', '.join(IR_KEYS)}) "
-                "or the mean of a KorSTS and a retrieval figure, e.g. cosine_spearman+ndcg@10. auto: max_spearman "
-                "when the run evaluates KorSTS dev (the reference recipes, an --sts_dev_file), else ndcg@10 with "
-                "retrieval dev data (--ir_dev_data, --ir_dev_fraction), else none: no dev data, the final weights "
-                "are kept. A KorSTS figure named here makes a run on own in-batch files evaluate KorSTS dev and test")
+                f"{', '.join(METRICS_FOR_BEST)}; with retrieval dev data a retrieval figure ({', '.join(IR_KEYS)}) or "
+                "the mean of a KorSTS and a retrieval figure, e.g. cosine_spearman+ndcg@10 (auto: max_spearman where "
+                "KorSTS dev is evaluated, else ndcg@10 with retrieval dev data, else none: the final weights are kept)")
     ir_dev_data: str = knob(
         "", "retrieval evaluated beside KorSTS at every dev evaluation: a BEIR folder (corpus.jsonl, queries.jsonl, "
             "qrels/SPLIT.tsv) or a .tsv/.csv/.jsonl file of anchor, positive pairs; kfdeb:korsts-dev is the bundled "
             "KorSTS dev paraphrase set")
     ir_dev_split: str = knob("dev", "the qrels split of a BEIR --ir_dev_data")
-    ir_dev_fraction: float = knob(
-        0.0, "hold out this fraction (0 < F < 1) of the --nli_train_files rows as the retrieval dev set, seeded by "
-             "--seed: whole groups of rows sharing an anchor or a positive (no answer on both sides); its anchors "
-             "search every distinct positive of the files; written to the run folder's ir_dev_split/ (a BEIR folder, "
-             "split dev) for evaluate.py --ir_data (0: off)")
+    ir_dev_fraction: float = knob(0.0, "hold out this fraction of the --nli_train_files rows (whole groups sharing an anchor "
+                                       "or a positive; seeded) as the retrieval dev set, saved in ir_dev_split/ (0: off)")
     ir_test_data: str = knob("", "retrieval evaluated beside KorSTS on the best model at the end (kfdeb:korsts-test: "
                                  "the bundled KorSTS test paraphrase set)")
     ir_test_split: str = knob("test", "the qrels split of a BEIR --ir_test_data")
@@ -336,17 +328,19 @@ def validate(config: TrainConfig) -> None:
                  "eval_steps", "save_steps", "logging_steps", "dist_timeout"):
         if getattr(config, name) < 1:
             raise UserInputError(f"--{name} {getattr(config, name)}: must be at least 1")
-    if config.max_steps < 0 or config.pad_to_multiple_of < 0 or config.nli_mini_batch_size < 0:
-        raise UserInputError("--max_steps, --pad_to_multiple_of and --nli_mini_batch_size must be >= 0")
+    if min(config.max_steps, config.pad_to_multiple_of, config.nli_mini_batch_size, config.save_max_seq_length) < 0:
+        raise UserInputError("--max_steps, --pad_to_multiple_of, --nli_mini_batch_size, --save_max_seq_length must be >= 0")
     if not 0.0 < config.score_max < float("inf"):
         raise UserInputError(f"--score_max {config.score_max}: must be a positive number")
     if not 0.0 <= config.warmup_ratio <= 1.0:
         raise UserInputError(f"--warmup_ratio {config.warmup_ratio}: must be in [0, 1]")
     if config.learning_rate <= 0 or config.weight_decay < 0 or config.max_grad_norm <= 0:
         raise UserInputError("--learning_rate and --max_grad_norm must be > 0, --weight_decay >= 0")
-    if config.save_max_seq_length < 0:
-        raise UserInputError(f"--save_max_seq_length {config.save_max_seq_length}: must be >= 0 (0: auto)")
-    _validate_ir_dev_fraction(config)
+    fraction = config.ir_dev_fraction
+    if fraction and not (0.0 < fraction < 1.0 and "nli" in config.task_list and config.nli_train_files
+                         and not config.ir_dev_data):
+        raise UserInputError(f"--ir_dev_fraction {fraction}: a fraction (0 < F < 1) of the --nli_train_files rows, held "
+                             "out as the only retrieval dev set (not with --ir_dev_data)")
     _validate_matryoshka(config)
     _validate_metric_for_best(config)
     for name, spec in _FIELDS.items():
@@ -380,20 +374,6 @@ def _validate_metric_for_best(config: TrainConfig) -> None:
                              "or a KorSTS figure + a retrieval figure (e.g. cosine_spearman+ndcg@10)")
     if retrieval and not config.ir_dev_data and not config.ir_dev_fraction:
         raise UserInputError(f"--metric_for_best {metric}: a retrieval figure needs --ir_dev_data or --ir_dev_fraction")
-
-
-def _validate_ir_dev_fraction(config: TrainConfig) -> None:
-    fraction = config.ir_dev_fraction
-    if not fraction:
-        return
-    if not 0.0 < fraction < 1.0:
-        raise UserInputError(f"--ir_dev_fraction {fraction}: must be between 0 and 1 (0: off)")
-    if "nli" not in config.task_list or not config.nli_train_files:
-        raise UserInputError(f"--ir_dev_fraction {fraction}: holds out rows of --nli_train_files, which this run "
-                             "does not train on")
-    if config.ir_dev_data:
-        raise UserInputError(f"--ir_dev_fraction {fraction} and --ir_dev_data {config.ir_dev_data}: one retrieval dev "
-                             "set; give one of them")
 
 
 def _validate_matryoshka(config: TrainConfig) -> None:

@@ -2,9 +2,10 @@
 
 Top to bottom: the `Run` type; `setup`, which makes the run's choices and builds its parts in
 dependency order (output folder, data, model, seeds, tasks, optimizers, schedules); the dev
-evaluation that keeps the best model (`evaluate_and_keep_best`); `finish` (the best model's dev
-and test figures, its kfdeb.json, the model card, the plot). Each objective's data: tasks.py;
-the resumable state: train_state.py.
+evaluation that keeps the best model, the start (step 0) included (`evaluate_and_keep_best`); `finish`
+(the best model's dev and test figures, its kfdeb.json, the model card, the plot, the comparison with
+the start). Each objective's data: tasks.py; the resumable state: train_state.py; the start and the
+length best/ keeps: keep_best.py.
 
 - Choices: the device (distributed.resolve_device), the autocast dtype (`amp_dtype_for`), the
   seeds: the data order and the NLI triplets depend on `seed` alone, so every rank draws the same
@@ -24,7 +25,6 @@ reaches them through the process group (distributed.main_only, distributed.broad
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import shutil
@@ -41,7 +41,8 @@ from kfdeb import distributed, train_state
 from kfdeb.config import BUNDLED, TINY_MODEL, TrainConfig
 from kfdeb.errors import UserInputError
 from kfdeb.evaluation import TABLE_HEADER, StsResult, best_score, evaluate_sts, table_row
-from kfdeb.ir_data import IrData, read_ir_data, trained_on, write_beir
+from kfdeb.ir_data import IrData, read_ir_data, trained_on
+from kfdeb.keep_best import at_length, describe_saved_length, saved_max_seq_length, start_comparison
 from kfdeb.losses import Objective
 from kfdeb.model import SentenceEncoder, load_encoder
 from kfdeb.optim import build_adamw, build_scheduler, warmup_steps_for
@@ -50,8 +51,7 @@ from kfdeb.retrieval import TABLE_HEADER as IR_TABLE_HEADER
 from kfdeb.retrieval import evaluate_retrieval, ir_table_row
 from kfdeb.report import plot_curves, public_config, write_model_card
 from kfdeb.tasks import (
-    IR_DEV_SPLIT_DIR, Task, build_tasks, check_nodes_agree, data_fingerprint, examples_key, held_out_dev_set,
-    read_sts_split, task_examples,
+    Task, build_tasks, check_nodes_agree, data_fingerprint, examples_key, held_out_dev_set, read_sts_split, task_examples,
 )
 from kfdeb.weights import BEST_DIR
 
@@ -82,11 +82,7 @@ class Run:
     last_saved_step: int = -1  # the step of the newest committed state (-1: none)
     eval_seconds: float = 0.0  # dev evaluations and best-model saves, for throughput figures
     objective: Objective = Objective()  # the STS loss and the Matryoshka widths (losses.py)
-    saved_max_seq_length: int = 0  # the limit best/ keeps and evaluations run at (saved_max_seq_length; 0: training's)
-
-    @property
-    def has_dev_data(self) -> bool:
-        return bool(self.dev_pairs) or self.dev_ir is not None
+    saved_max_seq_length: int = 0  # the limit best/ keeps and evaluations run at (keep_best.py; 0: training's)
 
     @property
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -113,9 +109,8 @@ def setup(config: TrainConfig, ctx: distributed.Context) -> Run:
     dev_pairs, test_pairs = read_sts_split(config, data_dir, "dev"), read_sts_split(config, data_dir, "test")
     check_retrieval_sets_unseen(config, keys)
     dev_ir = read_ir_data(config.ir_dev_data, config.ir_dev_split, "--ir_dev_data") if config.ir_dev_data else None
-    if config.ir_dev_fraction:
-        dev_ir = held_out_dev_set(config, ctx)
-        distributed.main_only(ctx, lambda: _write_dev_split(dev_ir, output_dir / IR_DEV_SPLIT_DIR))
+    if config.ir_dev_fraction:  # held out of the training files, and saved beside the run for evaluate.py
+        dev_ir = held_out_dev_set(config, ctx, output_dir)
     test_ir = read_ir_data(config.ir_test_data, config.ir_test_split, "--ir_test_data") if config.ir_test_data else None
     if not dev_pairs and dev_ir is None:
         distributed.print0(ctx, "no dev data (no KorSTS dev, --sts_dev_file, --ir_dev_data or --ir_dev_fraction): "
@@ -159,45 +154,6 @@ def setup(config: TrainConfig, ctx: distributed.Context) -> Run:
     distributed.print0(ctx, f"{total_steps} steps ({steps_per_epoch} per epoch), warmup {warmup_steps}, "
                        f"{ctx.world_size} process(es) on {ctx.device}, amp {describe_amp(config.amp, amp_dtype, capability)}")
     return run
-
-
-def saved_max_seq_length(config: TrainConfig, encoder: SentenceEncoder) -> int:
-    """The inference limit best/ keeps: --save_max_seq_length, else the longer of the training length and the start
-    model's own (model.own_max_seq_length): training shorter for speed must not shorten what the model reads."""
-    if config.save_max_seq_length:
-        return config.save_max_seq_length
-    return max(encoder.max_seq_length, encoder.own_max_seq_length or 0)
-
-
-def describe_saved_length(config: TrainConfig, encoder: SentenceEncoder, saved: int) -> str:
-    """The startup line that says which limit the saved model keeps, and why."""
-    own = f"the start model's own is {encoder.own_max_seq_length}" if encoder.own_max_seq_length else \
-        "the start model sets none"
-    if config.save_max_seq_length:
-        why = f"--save_max_seq_length; {own}"
-    elif saved == encoder.max_seq_length:
-        why = f"the training length; {own}"
-    else:
-        why = "the start model's own"
-    return (f"max_seq_length: training at {encoder.max_seq_length} tokens; {BEST_DIR}/ keeps {saved} ({why}), "
-            "and dev and test evaluations run at it")
-
-
-@contextlib.contextmanager
-def at_saved_length(run: Run):
-    """The encoder at the limit best/ keeps while it is evaluated or saved (what evaluate.py on best/ will read), back
-    at the training length after: the training batches were tokenized at that length once, before the first step."""
-    training = run.encoder.max_seq_length
-    run.encoder.max_seq_length = run.saved_max_seq_length or training
-    try:
-        yield
-    finally:
-        run.encoder.max_seq_length = training
-
-
-def _write_dev_split(data: IrData, folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)
-    write_beir(data, folder, "dev")
 
 
 def check_matryoshka_dims(dims: Sequence[int], dimension: int, ctx: distributed.Context) -> None:
@@ -351,11 +307,11 @@ def best_metadata(config: TrainConfig, step: int, **figures: Any) -> dict[str, A
 def evaluate_and_keep_best(run: Run, position: train_state.Position, epoch: int) -> None:
     """Evaluate on dev; save best/ when the selection figure beats the best so far. Step 0 (before any update)
     is evaluated too: the starting model is the first best, so best/ never holds a model worse than the start."""
-    if not run.has_dev_data:
+    if not run.dev_pairs and run.dev_ir is None:
         return
     started = time.perf_counter()
     dims = run.objective.matryoshka_dims
-    with at_saved_length(run):
+    with at_length(run.encoder, run.saved_max_seq_length):
         result = evaluate(run.encoder, run.dev_pairs, run.ctx, run.config.eval_batch_size, dims, run.dev_ir, run.prompts)
     # Matryoshka: selected at the first width listed (jhgan00's choice), the full one when it is listed first
     selected = result.figures_at(dims[0] if dims else None)
@@ -368,7 +324,7 @@ def evaluate_and_keep_best(run: Run, position: train_state.Position, epoch: int)
     if improved:
         position.best_score, position.best_step = score, position.step
         if run.ctx.is_main:  # the others go on and wait for rank 0 at their next collective
-            with at_saved_length(run):
+            with at_length(run.encoder, run.saved_max_seq_length):
                 run.encoder.save(run.best_dir, best_metadata(run.config, position.step, dev=result.figures,
                                                               max_seq_length=run.saved_max_seq_length,
                                                               **({"dev_by_dim": _by_dim(result)} if dims else {})))
@@ -386,30 +342,6 @@ def evaluate_and_keep_best(run: Run, position: train_state.Position, epoch: int)
     run.eval_seconds += time.perf_counter() - started
 
 
-def headline_figures(metric: str, figures: dict[str, float]) -> list[str]:
-    """The dev figures the last line compares with the start: the selection figure, then cosine Spearman (KorSTS)
-    and nDCG@10 (retrieval) where evaluated and not already named."""
-    named = [metric] + [key for key in ("cosine_spearman", "ndcg@10") if key in figures and key not in metric.split("+")]
-    return named if metric != "auto" else named[1:]
-
-
-def start_comparison(metric: str, position: train_state.Position, best: dict[str, float]) -> str:
-    """One line: how much the best beat the start on each headline dev figure, or that no step beat it."""
-    start = position.start_figures
-
-    def value(figures: dict[str, float], key: str) -> float:
-        return best_score(figures, key) if key == metric else figures[key]
-
-    if position.best_step == 0:
-        trained = (f", best step {position.best_trained_step} {position.best_trained_score:.2f}"
-                   if position.best_trained_step > 0 else "")
-        return (f"no step beat the start on dev {metric} (start {value(start, metric):.2f}{trained}): "
-                f"{BEST_DIR}/ holds the starting weights")
-    parts = [f"{key} {value(best, key):.2f} (start {value(start, key):.2f}, {value(best, key) - value(start, key):+.2f})"
-             for key in headline_figures(metric, best)]
-    return f"best: step {position.best_step}, dev " + "; ".join(parts)
-
-
 def _load_best_weights(run: Run) -> None:
     """Every rank's encoder gets the best model's weights, read from rank 0's disk only."""
     weights: dict[str, torch.Tensor] = {}
@@ -422,16 +354,15 @@ def _load_best_weights(run: Run) -> None:
 
 
 def finish(run: Run, position: train_state.Position, train_seconds: float) -> dict[str, Any]:
-    """Evaluate the best checkpoint on dev and test; write its metadata, the model card, the plot; say how the best
-    compares with the start."""
+    """Evaluate the best checkpoint on dev and test; write its metadata, the model card, the plot; compare with the start."""
     ctx = run.ctx
     if position.best_step >= 0:
         _load_best_weights(run)
     # else no dev data (setup said so), or every evaluation was NaN: keep the last weights
     dims = run.objective.matryoshka_dims
-    with at_saved_length(run):
-        dev = evaluate(run.encoder, run.dev_pairs, ctx, run.config.eval_batch_size, dims, run.dev_ir, run.prompts)
-        test = evaluate(run.encoder, run.test_pairs, ctx, run.config.eval_batch_size, dims, run.test_ir, run.prompts)
+    run.encoder.max_seq_length = run.saved_max_seq_length or run.encoder.max_seq_length  # training is over (keep_best.py)
+    dev = evaluate(run.encoder, run.dev_pairs, ctx, run.config.eval_batch_size, dims, run.dev_ir, run.prompts)
+    test = evaluate(run.encoder, run.test_pairs, ctx, run.config.eval_batch_size, dims, run.test_ir, run.prompts)
     summary = {"best_step": position.best_step, "total_steps": run.total_steps, "dimension": run.encoder.dimension,
                "max_seq_length": run.saved_max_seq_length, "train_seconds": train_seconds,
                "eval_seconds": run.eval_seconds, "dev": dev.figures, "test": test.figures}
@@ -444,11 +375,10 @@ def finish(run: Run, position: train_state.Position, train_seconds: float) -> di
         for dim in dims:
             run.log.write(step=position.step, split="test", dim=dim, best_step=position.best_step, **test.by_dim[dim])
         best_step = position.best_step if position.best_step >= 0 else position.step
-        with at_saved_length(run):
-            run.encoder.save(run.best_dir, best_metadata(
-                run.config, best_step, best_step=position.best_step, max_seq_length=run.saved_max_seq_length,
-                dev=dev.figures, test=test.figures,
-                **{key: summary[key] for key in ("dev_start", "dev_by_dim", "test_by_dim") if key in summary}))
+        run.encoder.save(run.best_dir, best_metadata(
+            run.config, best_step, best_step=position.best_step, max_seq_length=run.saved_max_seq_length,
+            dev=dev.figures, test=test.figures,
+            **{key: summary[key] for key in ("dev_start", "dev_by_dim", "test_by_dim") if key in summary}))
         write_model_card(run.best_dir, run.config, summary)
         plot_curves(run.output_dir / "metrics.jsonl", run.output_dir / "curves.png")
         name = run.output_dir.resolve().name

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from kfdeb.batching import NoDuplicatesBatches, ShuffledBatches, in_batch_exampl
 from kfdeb.config import TrainConfig, korsts_from_data_dir
 from kfdeb.errors import UserInputError
 from kfdeb.held_out import hold_out, retrieval_set
-from kfdeb.ir_data import IrData, source_files
+from kfdeb.ir_data import IrData, source_files, write_beir
 from kfdeb.model import SentenceEncoder
 from kfdeb.readers import (
     IN_BATCH_KINDS, ROW_KIND_NAMES, StsPair, expand_file_list, find_nli_files, read_nli, read_own_file,
@@ -94,14 +95,20 @@ def read_own_in_batch_rows(config: TrainConfig, ctx: distributed.Context) -> lis
     return [rows[i] for i in training]
 
 
-def held_out_dev_set(config: TrainConfig, ctx: distributed.Context) -> IrData:
-    """--ir_dev_fraction's retrieval dev set: the held-out anchors searching every distinct positive (held_out.py).
-    Read here from the files again: the training rows may come from the token cache."""
+def held_out_dev_set(config: TrainConfig, ctx: distributed.Context, output_dir: Path) -> IrData:
+    """--ir_dev_fraction's retrieval dev set: the held-out anchors searching every distinct positive (held_out.py),
+    written by rank 0 to output_dir/ir_dev_split/ (BEIR, split dev). Read here from the files again: the training
+    rows may come from the token cache."""
     rows = all_own_in_batch_rows(config, ctx, quiet=True)
     _, held = hold_out(rows, config.ir_dev_fraction, config.seed)
-    if not held:
-        raise UserInputError(f"--ir_dev_fraction {config.ir_dev_fraction}: holds out no row of {len(rows)}")
-    return retrieval_set(f"{IR_DEV_SPLIT_DIR} (dev)", rows, held)
+    data = retrieval_set(f"{IR_DEV_SPLIT_DIR} (dev)", rows, held)
+
+    def write() -> None:
+        shutil.rmtree(output_dir / IR_DEV_SPLIT_DIR, ignore_errors=True)
+        write_beir(data, output_dir / IR_DEV_SPLIT_DIR, "dev")
+
+    distributed.main_only(ctx, write)
+    return data
 
 
 def _check_batch_size(config: TrainConfig, name: str, ctx: distributed.Context) -> None:

@@ -231,3 +231,14 @@ def test_ir_dev_fraction_holds_out_whole_answers_trains_on_the_rest_and_writes_t
     assert {(written.queries[q], written.corpus[d]) for q, docs in written.relevant.items() for d in docs} == expected
     assert set(written.corpus.values()) == {p for _, p in rows}  # held-out questions search every answer
     assert summary["dev"]["ndcg@10"] >= 0 and "## Retrieval" in (out / "best" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("values", [
+    {"ir_dev_fraction": 1.0, "tasks": "nli", "nli_train_files": "pairs.jsonl"},
+    {"ir_dev_fraction": -0.1, "tasks": "nli", "nli_train_files": "pairs.jsonl"},
+    {"ir_dev_fraction": 0.1},  # KorNLI from data_dir: no own rows to hold out
+    {"ir_dev_fraction": 0.1, "tasks": "nli", "nli_train_files": "pairs.jsonl", "ir_dev_data": "dev.jsonl"},
+])
+def test_ir_dev_fraction_is_refused_where_it_cannot_hold_out_own_rows(values):
+    with pytest.raises(UserInputError, match="--ir_dev_fraction .*: a fraction \\(0 < F < 1\\) of the --nli_train_files"):
+        resolve(values)
