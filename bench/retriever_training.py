@@ -126,7 +126,8 @@ def child(args) -> None:
         recipe = {"model_name_or_path": args.model_path, "tasks": "nli", "num_epochs": 3, "learning_rate": 2e-5,
                   "warmup_ratio": 0.1, "max_seq_length": 128, "seed": args.seed, "eval_steps": 100000,
                   "save_steps": 100000, "output_dir": str(run), "overwrite_output_dir": True,
-                  "data_dir": str(BUNDLED_DATA_DIR), "progress": False, "device": args.device}
+                  "data_dir": str(BUNDLED_DATA_DIR), "progress": False, "device": args.device,
+                  "metric_for_best": "max_spearman"}  # KorSTS dev at each epoch end, as before metric auto
         cpu = Context(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
         # the rows as the training reads them; mined-pairs trains as mined does (same rows, batch and
         # updates), only without the negatives

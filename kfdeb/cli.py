@@ -102,12 +102,11 @@ def dtype_line(encoder: Any) -> str:
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:
-    import argparse
     import json
     from pathlib import Path
 
     import kfdeb
-    from kfdeb.config import positive_numbers
+    from kfdeb.config_checks import positive_numbers
     from kfdeb.evaluation import TABLE_HEADER, evaluate_sts, sts_set_line, table_row
     from kfdeb.ir_data import read_ir_data
     from kfdeb.readers import BUNDLED_DATA_DIR, read_scored_file, read_sts, sts_path
@@ -201,7 +200,6 @@ def evaluate_main(argv: list[str] | None = None) -> int:
 
 
 def mine_main(argv: list[str] | None = None) -> int:
-    import argparse
     import time
     from pathlib import Path
 
@@ -279,7 +277,6 @@ def mine_main(argv: list[str] | None = None) -> int:
 
 
 def export_main(argv: list[str] | None = None) -> int:
-    import argparse
     from pathlib import Path
 
     from kfdeb.onnx import DEFAULT_OPSET, FP16_RELATIVE_TOLERANCE, FP32_TOLERANCE, METADATA_FILE

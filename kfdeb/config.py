@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from kfdeb.batching import NLI_TRIPLET_SCOPES
+from kfdeb.config_checks import METRICS_FOR_BEST, TASKS, validate
 from kfdeb.errors import UserInputError, first_line
 from kfdeb.flags import PROGRESS_CHOICES, PROGRESS_HELP, FlagParser, add_field_flags, presets_help, progress_value
 from kfdeb.ir_metrics import IR_KEYS
@@ -24,12 +25,6 @@ from kfdeb.losses import GIST_MARGIN_STRATEGIES, NLI_LOSSES, STS_LOSSES
 
 TINY_MODEL = "kfdeb:tiny-deberta"  # build a random tiny DeBERTa-v2 offline (kfdeb/tiny.py)
 BUNDLED = "kfdeb:bundled"  # the KorNLU files shipped inside the package (kfdeb/bundled/kor-nlu)
-TASKS = ("nli", "sts")
-METRICS_FOR_BEST = (
-    "max_spearman",
-    "cosine_spearman", "cosine_pearson", "euclidean_spearman", "euclidean_pearson",
-    "manhattan_spearman", "manhattan_pearson", "dot_spearman", "dot_pearson",
-)
 
 
 # --help's sections, in this order; every field names one of them (tests/test_config.py checks)
@@ -75,7 +70,10 @@ class TrainConfig:
         "per_file", "per_file (reference: triplets built file by file, then concatenated) or union (one partner "
                     "table over all files: a sentence in several files is an anchor once)", choices=NLI_TRIPLET_SCOPES,
                     group="data")
-    max_seq_length: int = knob(256, "tokens per sentence, [CLS]/[SEP] included", group="model")
+    max_seq_length: int = knob(256, "tokens per sentence in training, [CLS]/[SEP] included", group="model")
+    save_max_seq_length: int = knob(0, "the limit the saved model keeps, at which dev/test evaluations run (0: the longer of "
+                                       "--max_seq_length and the start model's own, as sentence-transformers reads it)",
+                                    group="model")
     nli_batch_size: int = knob(64, "global batch of the in-batch negatives (nli) objective, whatever the number of GPUs",
                                group="objectives")
     sts_batch_size: int = knob(8, "global batch of the sts objective, whatever the number of GPUs", group="objectives")
@@ -153,14 +151,19 @@ class TrainConfig:
                    "(kfdeb/inference_dtype.py); training's forward follows --amp",
         choices=("float32", "bfloat16", "float16", "auto"), group="evaluation")
     metric_for_best: str = knob(
-        "max_spearman", "dev figure that selects the best checkpoint (with --matryoshka_dims: at the first width): "
-                        f"{', '.join(METRICS_FOR_BEST)}; with --ir_dev_data a retrieval figure ({', '.join(IR_KEYS)}) "
-                        "or the mean of a KorSTS and a retrieval figure, e.g. cosine_spearman+ndcg@10", group="evaluation")
+        "auto", "dev figure that selects the best checkpoint (with --matryoshka_dims: at the first width): "
+                f"{', '.join(METRICS_FOR_BEST)}; with retrieval dev data a retrieval figure ({', '.join(IR_KEYS)}) or "
+                "the mean of a KorSTS and a retrieval figure, e.g. cosine_spearman+ndcg@10 (auto: max_spearman where "
+                "KorSTS dev is evaluated, else ndcg@10 with retrieval dev data, else none: the final weights are kept)",
+        group="evaluation")
     ir_dev_data: str = knob(
         "", "retrieval evaluated beside KorSTS at every dev evaluation: a BEIR folder (corpus.jsonl, queries.jsonl, "
             "qrels/SPLIT.tsv) or a .tsv/.csv/.jsonl file of anchor, positive pairs; kfdeb:korsts-dev is the bundled "
             "KorSTS dev paraphrase set", group="evaluation")
     ir_dev_split: str = knob("dev", "the qrels split of a BEIR --ir_dev_data", group="evaluation")
+    ir_dev_fraction: float = knob(0.0, "hold out this fraction of the --nli_train_files rows (whole groups sharing an anchor "
+                                       "or a positive; seeded) as the retrieval dev set, saved in ir_dev_split/ (0: off)",
+                                      group="evaluation")
     ir_test_data: str = knob("", "retrieval evaluated beside KorSTS on the best model at the end (kfdeb:korsts-test: "
                                  "the bundled KorSTS test paraphrase set)", group="evaluation")
     ir_test_split: str = knob("test", "the qrels split of a BEIR --ir_test_data", group="evaluation")
@@ -328,8 +331,26 @@ def resolve(overrides: dict[str, Any]) -> TrainConfig:
     if "progress" in values:
         values["progress"] = progress_value(values["progress"], "--progress")
     config = TrainConfig(**values)
+    if config.metric_for_best == "auto":
+        config.metric_for_best = default_metric_for_best(config)
     validate(config)
     return config
+
+
+def korsts_from_data_dir(config: TrainConfig) -> bool:
+    """Whether data_dir's KorSTS dev and test files are evaluated (for the splits no --sts_*_file gives): in the
+    reference recipes (the sts objective, or NLI from data_dir), and when --metric_for_best names a KorSTS figure
+    and no --sts_dev_file gives one. A run on own in-batch files alone evaluates only the dev data it is given."""
+    named = any(part in METRICS_FOR_BEST for part in config.metric_for_best.split("+"))
+    return "sts" in config.task_list or not config.nli_train_files or (named and not config.sts_dev_file)
+
+
+def default_metric_for_best(config: TrainConfig) -> str:
+    """--metric_for_best auto: max_spearman (the reference's) when KorSTS dev is evaluated, ndcg@10 with retrieval
+    dev data alone, "auto" (nothing selects: the final weights are kept) with no dev data."""
+    if config.sts_dev_file or korsts_from_data_dir(config):
+        return "max_spearman"
+    return "ndcg@10" if config.ir_dev_data or config.ir_dev_fraction else "auto"
 
 
 def _single_objective_batch_size(values: dict[str, Any], given: dict[str, Any]) -> dict[str, int]:
@@ -344,89 +365,6 @@ def _single_objective_batch_size(values: dict[str, Any], given: dict[str, Any]) 
     if key in given and given[key] != size:
         raise UserInputError(f"--batch_size {size} and --{key} {given[key]} name the same batch; give one of them")
     return {key: size}
-
-
-def validate(config: TrainConfig) -> None:
-    tasks = config.task_list
-    if not tasks or any(t not in TASKS for t in tasks) or len(set(tasks)) != len(tasks):
-        raise UserInputError(f"--tasks {config.tasks!r}: expected nli, sts or nli,sts")
-    if config.batch_size < 0:
-        raise UserInputError(f"--batch_size {config.batch_size}: must be at least 1")
-    if "/" in config.output_prefix or config.output_prefix in (".", ".."):
-        raise UserInputError(f"--output_prefix {config.output_prefix!r}: a folder-name prefix, without '/'")
-    for name in ("max_seq_length", "nli_batch_size", "sts_batch_size", "eval_batch_size", "num_epochs",
-                 "eval_steps", "save_steps", "logging_steps", "dist_timeout"):
-        if getattr(config, name) < 1:
-            raise UserInputError(f"--{name} {getattr(config, name)}: must be at least 1")
-    if config.max_steps < 0 or config.pad_to_multiple_of < 0 or config.nli_mini_batch_size < 0:
-        raise UserInputError("--max_steps, --pad_to_multiple_of and --nli_mini_batch_size must be >= 0")
-    if not 0.0 < config.score_max < float("inf"):
-        raise UserInputError(f"--score_max {config.score_max}: must be a positive number")
-    if not 0.0 <= config.warmup_ratio <= 1.0:
-        raise UserInputError(f"--warmup_ratio {config.warmup_ratio}: must be in [0, 1]")
-    if config.learning_rate <= 0 or config.weight_decay < 0 or config.max_grad_norm <= 0:
-        raise UserInputError("--learning_rate and --max_grad_norm must be > 0, --weight_decay >= 0")
-    _validate_in_batch_loss(config)
-    _validate_matryoshka(config)
-    _validate_metric_for_best(config)
-    for name, spec in _FIELDS.items():
-        choices = spec.metadata["choices"]
-        allowed = choices + (("",) if name == "preset" else ())  # "": no preset
-        if choices and getattr(config, name) not in allowed:
-            raise UserInputError(f"--{name} {getattr(config, name)!r}: expected one of {', '.join(choices)}")
-
-
-def positive_numbers(flag: str, text: str, kind: type = int) -> list:
-    """A comma-separated list of positive numbers (--matryoshka_dims, evaluate.py --dims); "" is []."""
-    try:
-        values = [kind(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise UserInputError(f"--{flag} {text!r}: expected comma-separated {kind.__name__}s") from None
-    if text.strip() and not values or any(not v > 0 for v in values):
-        raise UserInputError(f"--{flag} {text!r}: every value must be > 0")
-    return values
-
-
-def _validate_metric_for_best(config: TrainConfig) -> None:
-    """A KorSTS figure, a retrieval figure (which needs --ir_dev_data), or KorSTS + retrieval."""
-    metric = config.metric_for_best
-    parts = metric.split("+")
-    sts = [p for p in parts if p in METRICS_FOR_BEST]
-    retrieval = [p for p in parts if p in IR_KEYS]
-    if len(sts) + len(retrieval) != len(parts) or len(parts) > 2 or len(parts) == 2 and len(sts) != 1:
-        raise UserInputError(f"--metric_for_best {metric!r}: expected one of {', '.join(METRICS_FOR_BEST + IR_KEYS)}, "
-                             "or a KorSTS figure + a retrieval figure (e.g. cosine_spearman+ndcg@10)")
-    if retrieval and not config.ir_dev_data:
-        raise UserInputError(f"--metric_for_best {metric}: a retrieval figure needs --ir_dev_data")
-
-
-def _validate_in_batch_loss(config: TrainConfig) -> None:
-    if not 0.0 < config.scale < float("inf"):
-        raise UserInputError(f"--scale {config.scale}: must be a positive number (1 / temperature)")
-    if config.gist_margin != config.gist_margin or abs(config.gist_margin) == float("inf"):
-        raise UserInputError(f"--gist_margin {config.gist_margin}: must be a finite number")
-    if config.nli_loss == "gist" and not config.guide_model:
-        raise UserInputError("--nli_loss gist: needs --guide_model (a model folder or hub id, or self: a frozen "
-                             "copy of the starting weights)")
-    if config.guide_model and config.nli_loss != "gist":
-        raise UserInputError(f"--guide_model {config.guide_model}: only --nli_loss gist uses a guide (the loss is "
-                             f"{config.nli_loss})")
-    if config.nli_loss != "mnrl" and "nli" not in config.task_list:
-        raise UserInputError(f"--nli_loss {config.nli_loss}: the in-batch objective is not trained "
-                             f"(--tasks {config.tasks})")
-
-
-def _validate_matryoshka(config: TrainConfig) -> None:
-    """Widths: positive integers, largest first, no repeats; weights: one positive number per width.
-    Whether the largest is the model's own width is checked once the model is loaded (run.setup)."""
-    numbers = positive_numbers
-    dims = numbers("matryoshka_dims", config.matryoshka_dims, int)
-    weights = numbers("matryoshka_weights", config.matryoshka_weights, float)
-    if any(later >= earlier for earlier, later in zip(dims, dims[1:])):
-        raise UserInputError(f"--matryoshka_dims {config.matryoshka_dims}: list the widths largest first, each once")
-    if weights and len(weights) != len(dims):
-        raise UserInputError(f"--matryoshka_weights {config.matryoshka_weights}: one weight per --matryoshka_dims width "
-                             f"({len(dims)}), got {len(weights)}")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:

@@ -5,7 +5,8 @@ slice, one forward over all of its columns, the loss, backward, and with the per
 optimizer (the reference) that objective's own clip + AdamW + scheduler step: two updates a step.
 With --optimizer joint the gradients of both losses add up and one update follows.
 steps per epoch = the shortest objective's batches; the samplers keep their position across
-epochs. Dev evaluation every eval_steps and at each epoch end keeps the best model; resumable
+epochs. Dev evaluation at step 0 (the start), every eval_steps and at each epoch end keeps the best
+model, so best/ holds the start when no step beat it; resumable
 state is written every save_steps and at each epoch end; the best model is evaluated on KorSTS
 test at the end. Setting the run up: run.py (its data: tasks.py); the resumable state: train_state.py.
 
@@ -240,6 +241,8 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
     run = setup(config, ctx)
     meter = StepMeter(run)
     position = train_state.resume(run, meter)
+    if position.step == 0:  # the start: best/ until a step beats it (a resumed run has its figures in the state)
+        evaluate_and_keep_best(run, position, epoch=0)
     stop_flag = distributed.AnyRankFlag(ctx)
     bar = None
     if ctx.is_main and progress_shown(config.progress):

@@ -144,6 +144,8 @@ class SentenceEncoder(torch.nn.Module, Prompts):
         self.pad_id = int(tokenizer.pad_token_id)
         # what encode computes in when not told (kfdeb.load's dtype; inference_dtype.py), and why
         self.inference_dtype, self.dtype_reason = torch.float32, "the default"
+        # the limit the loaded folder gives itself (load_encoder: own_max_seq_length), whatever max_seq_length was asked
+        self.own_max_seq_length: int | None = None
 
     @property
     def device(self) -> torch.device:
@@ -349,11 +351,28 @@ def load_encoder(
     length = max_seq_length or saved_length or DEFAULT_MAX_SEQ_LENGTH
     if getattr(transformer.config, "position_biased_input", True):  # relative attention (DeBERTa-v2) has no limit
         length = min(length, position_limit(transformer))
+    own_length = own_max_seq_length(layout.max_seq_length, tokenizer, transformer)
     if pooling is not None and layout.is_sentence_transformers and pooling != layout.pooling:
         raise UserInputError(f"{folder}: pooling {pooling} asked for, but the folder's Pooling module pools by "
                              f"{layout.pooling}; --pooling chooses for a plain Hugging Face model only")
     encoder = SentenceEncoder(transformer, tokenizer, int(length), layout.normalize, layout.do_lower_case, metadata,
                               pooling or layout.pooling, layout.prompts, layout.default_prompt_name)
+    encoder.own_max_seq_length = own_length
     if device is not None:
         encoder.to(device)
     return encoder
+
+
+def own_max_seq_length(declared: int | None, tokenizer: Any, transformer: torch.nn.Module) -> int | None:
+    """The inference limit a model folder gives itself, as sentence-transformers reads it: `declared`
+    (sentence_bert_config.json's max_seq_length), else the tokenizer's model_max_length capped by the
+    config's max_position_embeddings, else max_position_embeddings; each capped, for absolute positions,
+    at what the position table covers (position_limit). None when nothing says."""
+    if declared:
+        return int(declared)
+    limits = [value for value in (getattr(tokenizer, "model_max_length", None),
+                                  getattr(transformer.config, "max_position_embeddings", None))
+              if isinstance(value, int) and 0 < value < 10**6]  # transformers' "no limit" is 1e30
+    if getattr(transformer.config, "position_biased_input", True):
+        limits.append(position_limit(transformer))
+    return min(limits) if limits and min(limits) < 10**6 else None

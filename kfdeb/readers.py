@@ -379,6 +379,7 @@ def sts_path(data_dir: str | os.PathLike, split: str, instead: str = "") -> Path
         raise UserInputError(
             f"{path}: KorSTS {split} file not found (expected <data_dir>/KorSTS/{STS_SPLITS[split]}; "
             f"get it with `{KORNLU_CLONE}`"
-            + (f", or pass {instead} with a file of scored pairs: sentence1, sentence2, score)" if instead else ")")
+            + (f", train offline on the copy shipped with kfdeb: --data_dir kfdeb:bundled, or pass {instead} with a "
+               "file of scored pairs: sentence1, sentence2, score)" if instead else ")")
         )
     return path

@@ -38,12 +38,15 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
         loss_axis.plot(*zip(*points), label=f"{task} loss")
     loss_axis.set_xlabel("step")
     loss_axis.set_ylabel("training loss")
-    dev = [(r["step"], r["cosine_spearman"]) for r in rows if r.get("split") == "dev" and "dim" not in r]
+    dev = [(r["step"], r["cosine_spearman"]) for r in rows if r.get("split") == "dev" and "dim" not in r
+           and "cosine_spearman" in r]
     if dev:
         dev_axis.plot(*zip(*dev), marker="o", label="dev cosine Spearman")
     for dim in sorted({r["dim"] for r in rows if r.get("split") == "dev" and "dim" in r}, reverse=True):  # Matryoshka
-        points = [(r["step"], r["cosine_spearman"]) for r in rows if r.get("split") == "dev" and r.get("dim") == dim]
-        dev_axis.plot(*zip(*points), marker=".", linestyle="--", label=f"{dim} dims")
+        points = [(r["step"], r["cosine_spearman"]) for r in rows if r.get("split") == "dev" and r.get("dim") == dim
+                  and "cosine_spearman" in r]
+        if points:
+            dev_axis.plot(*zip(*points), marker=".", linestyle="--", label=f"{dim} dims")
     retrieval = [(r["step"], r["ndcg@10"]) for r in rows if r.get("split") == "dev" and "dim" not in r and "ndcg@10" in r]
     if retrieval:  # --ir_dev_data: on the same x100 scale
         dev_axis.plot(*zip(*retrieval), marker="s", label="dev retrieval nDCG@10")
@@ -84,10 +87,34 @@ def model_name(config: TrainConfig) -> str:
     return config.hub_model_id or config.run_dir.resolve().name
 
 
+def _selection(config: TrainConfig, summary: dict[str, Any]) -> str:
+    """Which weights the model is: the best checkpoint and what selected it, or the final weights."""
+    if config.metric_for_best == "auto":  # no dev data
+        return f"the final weights (step {summary['total_steps']}; no dev data selected a checkpoint)"
+    start = " (the starting weights: no step beat them)" if summary["best_step"] == 0 else ""
+    return (f"the best checkpoint (step {summary['best_step']} of {summary['total_steps']}{start}, selected on dev "
+            f"{config.metric_for_best})")
+
+
+def _korsts_section(name: str, config: TrainConfig, summary: dict[str, Any]) -> str:
+    """The KorSTS table, for the splits the run evaluated on KorSTS (or own scored pairs)."""
+    rows = [table_row(f"{name} ({split})", summary[split]) for split in ("dev", "test") if "cosine_spearman" in summary[split]]
+    if not rows:
+        return f"\nFigures of {_selection(config, summary)}.\n"
+    return f"""
+## KorSTS
+
+Pearson and Spearman correlation (x100) of each similarity with the gold scores; {_selection(config, summary)}.
+
+{TABLE_HEADER}
+""" + "\n".join(rows) + "\n"
+
+
 def _retrieval_section(name: str, config: TrainConfig, summary: dict[str, Any]) -> str:
     """The retrieval table (--ir_dev_data / --ir_test_data) beside the KorSTS one."""
     rows = [ir_table_row(f"{name} ({_local_name(source)}, {split})", summary[which])
-            for which, source, split in (("dev", config.ir_dev_data, config.ir_dev_split),
+            for which, source, split in (("dev", config.ir_dev_data or ("ir_dev_split" if config.ir_dev_fraction else ""),
+                                          config.ir_dev_split if config.ir_dev_data else "dev"),
                                          ("test", config.ir_test_data, config.ir_test_split))
             if source and "ndcg@10" in summary[which]]
     if not rows:
@@ -108,7 +135,7 @@ def _matryoshka_section(name: str, config: TrainConfig, summary: dict[str, Any])
         return ""
     dims = config.matryoshka_dim_list
     rows = "\n".join(table_row(f"{name} ({split}, {dim} dims)", summary[f"{split}_by_dim"][str(dim)])
-                     for split in ("dev", "test") for dim in dims)
+                     for split in ("dev", "test") for dim in dims if "cosine_spearman" in summary[f"{split}_by_dim"][str(dim)])
     return f"""
 ### Matryoshka widths
 
@@ -181,16 +208,7 @@ tags:
 A Korean sentence-embedding model: `{base}` fine-tuned with kfdeb on {recipe_text(config)}.
 Sentences become {summary.get('dimension', 'fixed-size')} vectors (mean of the token embeddings);
 similar meanings give a high cosine similarity, for semantic search, clustering and deduplication.
-{tiny_note}
-## KorSTS
-
-Pearson and Spearman correlation (x100) of each similarity with the gold scores; the best
-checkpoint (step {summary['best_step']} of {summary['total_steps']}, selected on dev {config.metric_for_best}).
-
-{TABLE_HEADER}
-{table_row(f"{name} (dev)", summary['dev'])}
-{table_row(f"{name} (test)", summary['test'])}
-{_retrieval_section(name, config, summary)}{_matryoshka_section(name, config, summary)}
+{tiny_note}{_korsts_section(name, config, summary)}{_retrieval_section(name, config, summary)}{_matryoshka_section(name, config, summary)}
 ## Usage
 
 kfdeb:
@@ -220,7 +238,7 @@ from transformers import AutoModel, AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained("{name}")
 model = AutoModel.from_pretrained("{name}")
 batch = tokenizer(["안녕하세요?", "한국어 문장 임베딩을 위한 모델입니다."], padding=True, truncation=True,
-                  max_length={config.max_seq_length}, return_tensors="pt")
+                  max_length={summary.get("max_seq_length") or config.max_seq_length}, return_tensors="pt")
 with torch.no_grad():
     tokens = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
 mask = batch["attention_mask"].unsqueeze(-1).float()

@@ -2,9 +2,10 @@
 
 Top to bottom: the `Run` type; `setup`, which makes the run's choices and builds its parts in
 dependency order (output folder, data, model, seeds, tasks, optimizers, schedules); the dev
-evaluation that keeps the best model (`evaluate_and_keep_best`); `finish` (the best model's dev
-and test figures, its kfdeb.json, the model card, the plot). Each objective's data: tasks.py;
-the resumable state: train_state.py.
+evaluation that keeps the best model, the start (step 0) included (`evaluate_and_keep_best`); `finish`
+(the best model's dev and test figures, its kfdeb.json, the model card, the plot, the comparison with
+the start). Each objective's data: tasks.py; the resumable state: train_state.py; the start and the
+length best/ keeps: keep_best.py.
 
 - Choices: the device (distributed.resolve_device), the autocast dtype (`amp_dtype_for`), the
   seeds: the data order and the NLI triplets depend on `seed` alone, so every rank draws the same
@@ -38,20 +39,25 @@ import numpy as np
 import torch
 
 from kfdeb import distributed, train_state
+from kfdeb.amp import amp_dtype_for, describe_amp
 from kfdeb.config import BUNDLED, TINY_MODEL, TrainConfig
 from kfdeb.errors import UserInputError
-from kfdeb.evaluation import TABLE_HEADER, StsResult, best_score, evaluate_sts, sts_set_line, table_row
+from kfdeb.evaluation import TABLE_HEADER, best_score, sts_set_line, table_row
 from kfdeb.flags import progress_shown
 from kfdeb.inference_dtype import describe_dtype, resolve_dtype
 from kfdeb.ir_data import IrData, read_ir_data, trained_on
+from kfdeb.keep_best import (at_length, describe_saved_length, evaluate, figures_by_dim, saved_max_seq_length,
+                              start_comparison)
 from kfdeb.losses import Objective
 from kfdeb.model import SentenceEncoder, load_encoder
 from kfdeb.optim import build_adamw, build_scheduler, warmup_steps_for
 from kfdeb.readers import BUNDLED_DATA_DIR
 from kfdeb.retrieval import TABLE_HEADER as IR_TABLE_HEADER
-from kfdeb.retrieval import evaluate_retrieval, ir_set_line, ir_table_row
+from kfdeb.retrieval import ir_set_line, ir_table_row
 from kfdeb.report import plot_curves, public_config, write_model_card
-from kfdeb.tasks import Task, build_tasks, check_nodes_agree, data_fingerprint, examples_key, read_sts_split, task_examples
+from kfdeb.tasks import (
+    Task, build_tasks, check_nodes_agree, data_fingerprint, examples_key, held_out_dev_set, read_sts_split, task_examples,
+)
 from kfdeb.weights import BEST_DIR
 
 
@@ -83,6 +89,7 @@ class Run:
     objective: Objective = Objective()  # the STS loss, the Matryoshka widths, the in-batch loss (losses.py)
     guide: SentenceEncoder | None = None  # --guide_model (gist): frozen, eval mode, never saved
     guide_sha256: str = ""  # its weights' digest, kept in the state (a resume needs the same guide)
+    saved_max_seq_length: int = 0  # the limit best/ keeps and evaluations run at (keep_best.py; 0: training's)
 
     @property
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -109,12 +116,19 @@ def setup(config: TrainConfig, ctx: distributed.Context) -> Run:
     dev_pairs, test_pairs = read_sts_split(config, data_dir, "dev"), read_sts_split(config, data_dir, "test")
     check_retrieval_sets_unseen(config, keys)
     dev_ir = read_ir_data(config.ir_dev_data, config.ir_dev_split, "--ir_dev_data") if config.ir_dev_data else None
+    if config.ir_dev_fraction:  # held out of the training files, and saved beside the run for evaluate.py
+        dev_ir = held_out_dev_set(config, ctx, output_dir)
     test_ir = read_ir_data(config.ir_test_data, config.ir_test_split, "--ir_test_data") if config.ir_test_data else None
+    if not dev_pairs and dev_ir is None:
+        distributed.print0(ctx, "no dev data (no KorSTS dev, --sts_dev_file, --ir_dev_data or --ir_dev_fraction): "
+                                f"{BEST_DIR}/ keeps the final weights")
     encoder = _load_start_model(config, output_dir, ctx)
     encoder.metadata = {}  # a checkpoint's own kfdeb.json describes that run, not this one (best_metadata does)
     # what the dev and final evaluations encode in (encode's default); training's forward follows --amp
     encoder.inference_dtype, eval_dtype_reason = resolve_dtype(config.eval_dtype, ctx.device)
     guide = load_guide(config, encoder, ctx)
+    saved_length = saved_max_seq_length(config, encoder)
+    distributed.print0(ctx, describe_saved_length(config, encoder, saved_length))
     # after the model is built (building a tiny model reseeds torch): dropout streams differ per rank
     seed_everything(config.seed + ctx.rank)
     frozen = encoder.freeze_unused_parameters()
@@ -148,7 +162,7 @@ def setup(config: TrainConfig, ctx: distributed.Context) -> Run:
         pad_multiple=config.pad_to_multiple_of or (8 if ctx.device.type == "cuda" else 1),  # tensor-core tiles
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, dev_pairs=dev_pairs, test_pairs=test_pairs,
         dev_ir=dev_ir, test_ir=test_ir, prompts=prompts, objective=objective, guide=guide,
-        guide_sha256=train_state.weights_sha256(guide) if guide is not None else "",
+        guide_sha256=train_state.weights_sha256(guide) if guide is not None else "", saved_max_seq_length=saved_length,
     )
     distributed.print0(ctx, f"{total_steps} steps ({steps_per_epoch} per epoch), warmup {warmup_steps}, "
                        f"{ctx.world_size} process(es) on {ctx.device}, amp {describe_amp(config.amp, amp_dtype, capability)}, "
@@ -253,62 +267,10 @@ def _load_start_model(config: TrainConfig, output_dir: Path, ctx: distributed.Co
         return load_encoder(scratch, max_seq_length=config.max_seq_length, device=ctx.device, pooling=pooling)
 
 
-def amp_dtype_for(amp: str, device_type: str, cuda_capability: tuple[int, int] | None) -> torch.dtype | None:
-    """The autocast dtype for `--amp` on this device (None: full fp32).
-
-    auto: bf16 on GPUs with native bf16 (compute capability 8.0 and up: A100, H100, RTX 30xx+);
-    fp16 with a GradScaler on older GPUs (V100, T4), which only emulate bf16 (slowly) and where
-    the reference trained with fp16; none on CPU, where bf16 pays only with avx512_bf16/AMX.
-    """
-    if amp == "auto":
-        if device_type != "cuda":
-            return None
-        return torch.bfloat16 if cuda_capability is not None and cuda_capability >= (8, 0) else torch.float16
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
-def describe_amp(amp: str, dtype: torch.dtype | None, cuda_capability: tuple[int, int] | None) -> str:
-    """The startup line's words for the precision chosen, and why."""
-    name = {None: "none (fp32)", torch.bfloat16: "bf16", torch.float16: "fp16 with GradScaler"}[dtype]
-    if amp != "auto":
-        return f"{name} (--amp {amp})"
-    if cuda_capability is None:
-        return f"{name} (auto: not a GPU)"
-    native = "native bf16" if cuda_capability >= (8, 0) else "no native bf16"
-    return f"{name} (auto: GPU compute capability {cuda_capability[0]}.{cuda_capability[1]}, {native})"
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # CPU and every CUDA device
-
-
-def evaluate(encoder: SentenceEncoder, pairs: list, ctx: distributed.Context, batch_size: int,
-             dims: Sequence[int] = (), ir: IrData | None = None, prompts: tuple[str, str] = ("", ""),
-             progress: bool = False) -> StsResult:
-    """KorSTS figures, with `ir` the retrieval figures too (one dict: their keys differ), and those of each
-    width in `dims`; with several ranks each encodes every W-th text and all get all figures.
-    progress: rank 0 draws a bar for each encode."""
-
-    class Sharded:
-        def encode(self, sentences: Sequence[str], batch_size: int = 64, convert_to_numpy: bool = True,
-                   prompt: str | None = None, show_progress: bool = False) -> np.ndarray:
-            mine = encoder.encode(list(sentences)[ctx.rank :: ctx.world_size], batch_size=batch_size,
-                                  convert_to_numpy=True, prompt=prompt, show_progress=show_progress and ctx.is_main)
-            return distributed.gather_strided(ctx, mine, len(sentences))
-
-    result = evaluate_sts(Sharded(), pairs, batch_size, dims, show_progress=progress)
-    if ir is not None:  # queries and documents with the run's prompts (the model's own by default)
-        retrieval = evaluate_retrieval(Sharded(), ir, batch_size, dims, *prompts, show_progress=progress)
-        result.figures.update(retrieval.figures)
-        for dim in dims:
-            result.by_dim[dim].update(retrieval.by_dim[dim])
-    return result
-
-
-def _by_dim(result: StsResult) -> dict[str, dict[str, float]]:
-    return {str(dim): figures for dim, figures in result.by_dim.items()}  # JSON keys are strings
 
 
 def announce_evaluation(run: Run, split: str, pairs: list, ir: IrData | None) -> bool:
@@ -336,19 +298,31 @@ def best_metadata(config: TrainConfig, step: int, **figures: Any) -> dict[str, A
 
 
 def evaluate_and_keep_best(run: Run, position: train_state.Position, epoch: int) -> None:
+    """Evaluate on dev; save best/ when the selection figure beats the best so far. Step 0 (before any update)
+    is evaluated too: the starting model is the first best, so best/ never holds a model worse than the start."""
+    if not run.dev_pairs and run.dev_ir is None:
+        return
     started = time.perf_counter()
     dims = run.objective.matryoshka_dims
     progress = announce_evaluation(run, "dev", run.dev_pairs, run.dev_ir)
-    result = evaluate(run.encoder, run.dev_pairs, run.ctx, run.config.eval_batch_size, dims, run.dev_ir, run.prompts,
-                      progress)
+    with at_length(run.encoder, run.saved_max_seq_length):
+        result = evaluate(run.encoder, run.dev_pairs, run.ctx, run.config.eval_batch_size, dims, run.dev_ir, run.prompts,
+                          progress)
     # Matryoshka: selected at the first width listed (jhgan00's choice), the full one when it is listed first
-    score = best_score(result.figures_at(dims[0] if dims else None), run.config.metric_for_best)
+    selected = result.figures_at(dims[0] if dims else None)
+    score = best_score(selected, run.config.metric_for_best)
     improved = score > position.best_score  # NaN never improves; every rank has the same figures
+    if position.step == 0:
+        position.start_figures = dict(selected)
+    elif score > position.best_trained_score:
+        position.best_trained_score, position.best_trained_step = score, position.step
     if improved:
         position.best_score, position.best_step = score, position.step
         if run.ctx.is_main:  # the others go on and wait for rank 0 at their next collective
-            run.encoder.save(run.best_dir, best_metadata(run.config, position.step, dev=result.figures,
-                                                          **({"dev_by_dim": _by_dim(result)} if dims else {})))
+            with at_length(run.encoder, run.saved_max_seq_length):
+                run.encoder.save(run.best_dir, best_metadata(run.config, position.step, dev=result.figures,
+                                                              max_seq_length=run.saved_max_seq_length,
+                                                              **({"dev_by_dim": figures_by_dim(result)} if dims else {})))
     run.log.write(step=position.step, epoch=epoch, split="dev", score=score, best=improved, **result.figures)
     for dim in dims:  # one row per width; the row above is the full embedding's
         run.log.write(step=position.step, epoch=epoch, split="dev", dim=dim, **result.by_dim[dim])
@@ -356,9 +330,10 @@ def evaluate_and_keep_best(run: Run, position: train_state.Position, epoch: int)
         plot_curves(run.output_dir / "metrics.jsonl", run.output_dir / "curves.png")  # ~0.5 s: only with new dev points
     best = "best" if improved else f"best {position.best_score:.2f} at step {position.best_step}"
     widths = (f" at width {dims[0]}; cosine Spearman by width: "
-              + ", ".join(f"{d} {result.by_dim[d]['cosine_spearman']:.2f}" for d in dims)) if dims else ""
+              + ", ".join(f"{d} {result.by_dim[d]['cosine_spearman']:.2f}" for d in dims)) if dims and run.dev_pairs else ""
     ir = f", nDCG@10 {result.figures['ndcg@10']:.2f}" if run.dev_ir is not None and "ndcg@10" not in run.config.metric_for_best else ""
-    say(run, f"step {position.step}: dev {run.config.metric_for_best} {score:.2f}{widths}{ir} ({best})")
+    when = f"step {position.step}" + (" (the start, before any update)" if position.step == 0 else "")
+    say(run, f"{when}: dev {run.config.metric_for_best} {score:.2f}{widths}{ir} ({best})")
     run.eval_seconds += time.perf_counter() - started
 
 
@@ -374,41 +349,50 @@ def _load_best_weights(run: Run) -> None:
 
 
 def finish(run: Run, position: train_state.Position, train_seconds: float) -> dict[str, Any]:
-    """Evaluate the best checkpoint on dev and test; write its metadata, the model card, the plot."""
+    """Evaluate the best checkpoint on dev and test; write its metadata, the model card, the plot; compare with the start."""
     ctx = run.ctx
     if position.best_step >= 0:
         _load_best_weights(run)
-    elif ctx.is_main:  # every evaluation was NaN: keep the last weights
-        run.encoder.save(run.best_dir, best_metadata(run.config, position.step))
+    # else no dev data (setup said so), or every evaluation was NaN: keep the last weights
     dims = run.objective.matryoshka_dims
+    run.encoder.max_seq_length = run.saved_max_seq_length or run.encoder.max_seq_length  # training is over (keep_best.py)
     progress = announce_evaluation(run, "dev", run.dev_pairs, run.dev_ir)
     dev = evaluate(run.encoder, run.dev_pairs, ctx, run.config.eval_batch_size, dims, run.dev_ir, run.prompts, progress)
     announce_evaluation(run, "test", run.test_pairs, run.test_ir)
     test = evaluate(run.encoder, run.test_pairs, ctx, run.config.eval_batch_size, dims, run.test_ir, run.prompts,
                     progress)
     summary = {"best_step": position.best_step, "total_steps": run.total_steps, "dimension": run.encoder.dimension,
-               "train_seconds": train_seconds, "eval_seconds": run.eval_seconds, "dev": dev.figures, "test": test.figures}
+               "max_seq_length": run.saved_max_seq_length, "train_seconds": train_seconds,
+               "eval_seconds": run.eval_seconds, "dev": dev.figures, "test": test.figures}
+    if position.start_figures:
+        summary["dev_start"] = position.start_figures
     if dims:
-        summary.update(dev_by_dim=_by_dim(dev), test_by_dim=_by_dim(test))
+        summary.update(dev_by_dim=figures_by_dim(dev), test_by_dim=figures_by_dim(test))
     if ctx.is_main:
         run.log.write(step=position.step, split="test", best_step=position.best_step, **test.figures)
         for dim in dims:
             run.log.write(step=position.step, split="test", dim=dim, best_step=position.best_step, **test.by_dim[dim])
         best_step = position.best_step if position.best_step >= 0 else position.step
         run.encoder.save(run.best_dir, best_metadata(
-            run.config, best_step, best_step=position.best_step, dev=dev.figures, test=test.figures,
-            **{key: summary[key] for key in ("dev_by_dim", "test_by_dim") if key in summary}))
+            run.config, best_step, best_step=position.best_step, max_seq_length=run.saved_max_seq_length,
+            dev=dev.figures, test=test.figures,
+            **{key: summary[key] for key in ("dev_start", "dev_by_dim", "test_by_dim") if key in summary}))
         write_model_card(run.best_dir, run.config, summary)
         plot_curves(run.output_dir / "metrics.jsonl", run.output_dir / "curves.png")
         name = run.output_dir.resolve().name
-        rows = [table_row(f"{name} ({split})", result.figures) for split, result in (("dev", dev), ("test", test))]
-        rows += [table_row(f"{name} ({split}, {dim} dims)", result.by_dim[dim])
-                 for split, result in (("dev", dev), ("test", test)) for dim in dims]
-        print(f"best model (step {position.best_step}) in {run.best_dir}\n{TABLE_HEADER}\n" + "\n".join(rows), flush=True)
+        print(f"best model (step {position.best_step}) in {run.best_dir}", flush=True)
+        korsts = [(split, result) for split, result in (("dev", dev), ("test", test)) if "cosine_spearman" in result.figures]
+        if korsts:
+            rows = [table_row(f"{name} ({split})", result.figures) for split, result in korsts]
+            rows += [table_row(f"{name} ({split}, {dim} dims)", result.by_dim[dim]) for split, result in korsts for dim in dims]
+            print(f"{TABLE_HEADER}\n" + "\n".join(rows), flush=True)
         retrieval = [(f"{data.name}", result.figures) for data, result in ((run.dev_ir, dev), (run.test_ir, test)) if data]
         if retrieval:
             print(IR_TABLE_HEADER + "\n" + "\n".join(ir_table_row(f"{name} ({which})", figures)
                                                      for which, figures in retrieval), flush=True)
+        if position.start_figures and position.best_step >= 0:
+            print(start_comparison(run.config.metric_for_best, position, dev.figures_at(dims[0] if dims else None)),
+                  flush=True)
     # every rank leaves together: none tears the process group down while rank 0 still writes
     distributed.barrier(ctx)
     return summary

@@ -1,8 +1,10 @@
 """Each objective's data for a run: its examples read (or taken from the token cache), token ids, sampler.
 
 - Reading (`read_task_texts`): NLI triplets of the recipe from KorNLI files or own files, or own
-  anchor-positive pairs; STS scored pairs; each batch size checked against the world size (batch
-  sizes are global).
+  anchor-positive pairs, less the rows --ir_dev_fraction holds out as the retrieval dev set
+  (`held_out_dev_set`, held_out.py); STS scored pairs; KorSTS dev/test only where the run
+  evaluates them (`read_sts_split`); each batch size checked against the world size (batch sizes
+  are global).
 - The token cache (token_cache.py): `examples_key` says what an objective's examples depend on
   (its files' fingerprints, the reader, the settings that change the rows); `task_examples` takes
   them from the cache, built on a miss by each node's local rank 0 while the node's other ranks
@@ -17,6 +19,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,15 +29,18 @@ import numpy as np
 
 from kfdeb import distributed, token_cache
 from kfdeb.batching import NoDuplicatesBatches, ShuffledBatches, in_batch_examples, nli_triplets_of_files
-from kfdeb.config import TrainConfig
+from kfdeb.config import TrainConfig, korsts_from_data_dir
 from kfdeb.errors import UserInputError
-from kfdeb.ir_data import source_files
+from kfdeb.held_out import hold_out, retrieval_set
+from kfdeb.ir_data import IrData, source_files, write_beir
 from kfdeb.model import SentenceEncoder
 from kfdeb.readers import (
     IN_BATCH_KINDS, ROW_KIND_NAMES, StsPair, expand_file_list, find_nli_files, read_nli, read_own_file,
     read_scored_file, read_sts, sts_path,
 )
 from kfdeb.token_cache import Examples, TokenTable
+
+IR_DEV_SPLIT_DIR = "ir_dev_split"  # the run folder's copy of the --ir_dev_fraction dev set (BEIR, split dev)
 
 
 @dataclass
@@ -64,22 +70,53 @@ class Task:
 
 
 def read_sts_split(config: TrainConfig, data_dir: Path, split: str) -> list[StsPair]:
-    """Scored pairs of `split` (train, dev, test): the --sts_{split}_file if given, else data_dir's KorSTS file."""
+    """Scored pairs of `split` (train, dev, test): the --sts_{split}_file if given, else data_dir's KorSTS file,
+    which a run on own in-batch files alone evaluates only when asked (config.korsts_from_data_dir): else none."""
     flag = f"--sts_{split}_file"
     own = getattr(config, flag[2:])
     if own:
         return read_scored_file(own, flag, config.score_max)
+    if split != "train" and not korsts_from_data_dir(config):
+        return []
     return read_sts(sts_path(data_dir, split, instead=flag))
 
 
-def read_own_in_batch_rows(config: TrainConfig, ctx: distributed.Context) -> list[tuple[str, ...]]:
+def all_own_in_batch_rows(config: TrainConfig, ctx: distributed.Context, quiet: bool = False) -> list[tuple[str, ...]]:
     """The --nli_train_files: triplets (recipe of the NLI pairs, then the given ones) or anchor-positive pairs."""
     files = [read_own_file(path, IN_BATCH_KINDS, "--nli_train_files")
              for path in expand_file_list(config.nli_train_files, "--nli_train_files")]
-    for file in files:
+    for file in files if not quiet else ():
         distributed.print0(ctx, f"read {len(file.rows)} {ROW_KIND_NAMES[file.kind]} from {file.path}"
                            + (f" ({file.skipped_no_consensus} with gold label '-', not used)" if file.skipped_no_consensus else ""))
     return in_batch_examples(files, config.seed, "--nli_train_files", config.nli_triplet_scope)
+
+
+def read_own_in_batch_rows(config: TrainConfig, ctx: distributed.Context) -> list[tuple[str, ...]]:
+    """The rows the in-batch objective trains on: all of the --nli_train_files' rows, less the --ir_dev_fraction
+    held out (held_out.py)."""
+    rows = all_own_in_batch_rows(config, ctx)
+    if not config.ir_dev_fraction:
+        return rows
+    training, held = hold_out(rows, config.ir_dev_fraction, config.seed)
+    distributed.print0(ctx, f"--ir_dev_fraction {config.ir_dev_fraction}: {len(held)} of {len(rows)} rows held out "
+                            "as the retrieval dev set")
+    return [rows[i] for i in training]
+
+
+def held_out_dev_set(config: TrainConfig, ctx: distributed.Context, output_dir: Path) -> IrData:
+    """--ir_dev_fraction's retrieval dev set: the held-out anchors searching every distinct positive (held_out.py),
+    written by rank 0 to output_dir/ir_dev_split/ (BEIR, split dev). Read here from the files again: the training
+    rows may come from the token cache."""
+    rows = all_own_in_batch_rows(config, ctx, quiet=True)
+    _, held = hold_out(rows, config.ir_dev_fraction, config.seed)
+    data = retrieval_set(f"{IR_DEV_SPLIT_DIR} (dev)", rows, held)
+
+    def write() -> None:
+        shutil.rmtree(output_dir / IR_DEV_SPLIT_DIR, ignore_errors=True)
+        write_beir(data, output_dir / IR_DEV_SPLIT_DIR, "dev")
+
+    distributed.main_only(ctx, write)
+    return data
 
 
 def _check_batch_size(config: TrainConfig, name: str, ctx: distributed.Context) -> None:
@@ -132,6 +169,8 @@ def examples_key(config: TrainConfig, data_dir: Path, name: str) -> dict[str, An
         files = (expand_file_list(config.nli_train_files, "--nli_train_files") if own
                  else find_nli_files(data_dir, config.nli_train_glob))
         settings = {"seed": config.seed, "nli_triplet_scope": config.nli_triplet_scope}
+        if own and config.ir_dev_fraction:  # other rows (the key of a run without it stays as it was)
+            settings["ir_dev_fraction"] = config.ir_dev_fraction
     else:
         own = bool(config.sts_train_file)
         files = [config.sts_train_file if own else sts_path(data_dir, "train", instead="--sts_train_file")]
@@ -199,8 +238,9 @@ def data_fingerprint(config: TrainConfig, data_dir: Path, keys: dict[str, dict[s
         found[f"{task.name} examples"] = len(task.rows)
     for split in ("dev", "test"):
         own = getattr(config, f"sts_{split}_file")
-        path = own or sts_path(data_dir, split, instead=f"--sts_{split}_file")
-        found[f"{split} file"] = _file_digests([token_cache.file_fingerprint(path)])
+        if own or korsts_from_data_dir(config):
+            path = own or sts_path(data_dir, split, instead=f"--sts_{split}_file")
+            found[f"{split} file"] = _file_digests([token_cache.file_fingerprint(path)])
     for which in ("dev", "test"):  # retrieval sets, evaluated sharded over the ranks like KorSTS
         source = getattr(config, f"ir_{which}_data")
         if source:

@@ -2,8 +2,8 @@
 
 What a state holds (`state_dict` and `load_state_dict`, side by side, the same keys in the same
 order): model weights, each optimizer's moments, each scheduler, the grad scaler (fp16), each
-sampler's position, the run's `Position` (step, best dev score and step, length of
-metrics.jsonl), the config (a --resume with another value of a key that changes the computation
+sampler's position, the run's `Position` (step, best dev score and step, the step-0 dev figures,
+length of metrics.jsonl), the config (a --resume with another value of a key that changes the computation
 is refused; config.RESUMABLE lists the others), the world size; and, as parts of their own, every
 rank's RNG streams (Python, NumPy, torch CPU, its own CUDA device) and its open logging window
 (the loss and gradient-norm sums since the last log line: not empty only in a state saved at a
@@ -33,7 +33,7 @@ import random
 import shutil
 import socket
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +63,11 @@ class Position:
     best_score: float = -math.inf
     best_step: int = -1
     metrics_bytes: int = 0  # length of metrics.jsonl when this state was saved
+    # the step-0 dev evaluation (the start every later step must beat) and the best evaluation after it, for the
+    # run's last line (run.finish) when no step beat the start
+    start_figures: dict = field(default_factory=dict)
+    best_trained_score: float = -math.inf
+    best_trained_step: int = -1
 
 
 class MetricsLog:

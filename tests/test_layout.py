@@ -9,7 +9,7 @@ KFDEB = Path(__file__).resolve().parents[1] / "kfdeb"
 GROUND = {"errors", "files"}  # every module may import these; they import nothing of kfdeb but each other
 LEAVES = {"pooling", "losses", "metrics", "optim", "distributed", "readers", "batching", "search", "gradcache",
           "deberta", "onnx_quantize", "ir_data", "ir_metrics", "encoding", "cpu_linear", "decoding",
-          "inference_dtype"}  # the components: they import only the ground and one another
+          "inference_dtype", "amp"}  # the components: they import only the ground and one another
 LONGEST = 400  # lines: "each readable top to bottom in one sitting"
 
 

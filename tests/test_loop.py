@@ -165,7 +165,7 @@ def test_short_run_writes_every_output(tiny_deberta, small_data, tmp_path):
         assert row["lr"] == pytest.approx(1e-4 * warmup_linear(row["step"], 2, 12), rel=1e-9)
         assert np.isfinite(row["loss"]) and row["grad_norm"] > 0 and row["examples_per_s"] > 0
     dev = [r for r in rows if r.get("split") == "dev"]
-    assert [r["step"] for r in dev] == [6, 12]
+    assert [r["step"] for r in dev] == [0, 6, 12]  # step 0: the start, the best until a step beats it
     best = max(dev, key=lambda r: r["score"])
     assert summary["best_step"] == best["step"]
     assert rows[-1]["split"] == "test" and rows[-1]["best_step"] == best["step"]
@@ -461,7 +461,7 @@ def test_single_task_recipes_train_and_evaluate(tiny_deberta, small_data, tmp_pa
     assert summary["total_steps"] == expected_steps
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {r["task"] for r in rows if "task" in r} == {task}
-    assert [r["step"] for r in rows if r.get("split") == "dev"] == [expected_steps]  # the epoch end
+    assert [r["step"] for r in rows if r.get("split") == "dev"] == [0, expected_steps]  # the start, the epoch end
     assert json.loads((out / "train_config.json").read_text())["tasks"] == task
     assert np.isfinite(summary["test"]["cosine_spearman"])
 
@@ -561,7 +561,7 @@ def test_matryoshka_run_reports_every_width_and_selects_at_the_first(tiny_debert
     assert "leaves out the model's own width 64" in capsys.readouterr().out
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     dev = [r for r in rows if r.get("split") == "dev"]
-    assert [(r["step"], r.get("dim")) for r in dev] == [(s, d) for s in (3, 6, 9) for d in (None, 32, 16, 8)]
+    assert [(r["step"], r.get("dim")) for r in dev] == [(s, d) for s in (0, 3, 6, 9) for d in (None, 32, 16, 8)]
     at_32 = {r["step"]: r for r in dev if r.get("dim") == 32}
     for row in dev:
         if "score" in row:  # the selection score is width 32's max Spearman, not the full embedding's

@@ -121,7 +121,7 @@ def test_end_to_end_own_pairs_and_scored_pairs_evaluated_on_an_own_test_file(tin
     # 24 pairs and 24 scored pairs, batches of 8: an epoch of 3 steps
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["task"]) for r in rows if "task" in r] == [(3, "nli"), (3, "sts")]
-    assert [r["step"] for r in rows if r.get("split") == "dev"] == [3] and summary["best_step"] == 3
+    assert [r["step"] for r in rows if r.get("split") == "dev"] == [0, 3] and summary["best_step"] == 3
 
     # the test figures, recomputed from the best model and the file as Python's csv module reads it
     test = csv_rows(EXAMPLES / "sts_test.csv")
@@ -291,3 +291,39 @@ def test_a_guide_model_with_its_own_tokenizer_reads_the_batch_prompted_texts(tin
     expected = gist_loss(columns, guide_columns, config.scale, keys=keys)
     assert ours.item() == pytest.approx(expected.item(), abs=1e-5)
     assert len(set(positives)) < len(positives)  # the batch holds shared positives: the masks were used
+
+
+def test_ir_dev_fraction_holds_out_whole_answers_trains_on_the_rest_and_writes_the_dev_set(tiny_deberta, tmp_path):
+    """FAQ-shaped pairs (chatbot questions, several per answer): the held-out rows are the dev set's queries, written
+    to the run folder as a BEIR folder evaluate.py reads; the objective trains on the other rows only."""
+    from kfdeb.held_out import hold_out
+    from kfdeb.ir_data import read_ir_data
+
+    pairs = jsonl_rows(EXAMPLES / "chatbot_train_pairs.jsonl")[:160]
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
+    out = tmp_path / "run"
+    config = own_config(tiny_deberta, out, tasks="nli", nli_train_files=str(source), ir_dev_fraction=0.25,
+                        max_steps=2, eval_steps=2, seed=5)
+    assert config.metric_for_best == "ndcg@10"
+    rows = [(p["anchor"], p["positive"]) for p in pairs]
+    training, held = hold_out(rows, 0.25, seed=5)
+    trained, _ = read_task_data(config, tmp_path, CPU)["nli"]
+    assert sorted(trained) == sorted(rows[i] for i in training) and len(held) >= 0.25 * len(rows)
+    summary = train(config)
+    written = read_ir_data(out / "ir_dev_split", "dev")
+    expected = {(a, p) for a, p in (rows[i] for i in held)}
+    assert {(written.queries[q], written.corpus[d]) for q, docs in written.relevant.items() for d in docs} == expected
+    assert set(written.corpus.values()) == {p for _, p in rows}  # held-out questions search every answer
+    assert summary["dev"]["ndcg@10"] >= 0 and "## Retrieval" in (out / "best" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("values", [
+    {"ir_dev_fraction": 1.0, "tasks": "nli", "nli_train_files": "pairs.jsonl"},
+    {"ir_dev_fraction": -0.1, "tasks": "nli", "nli_train_files": "pairs.jsonl"},
+    {"ir_dev_fraction": 0.1},  # KorNLI from data_dir: no own rows to hold out
+    {"ir_dev_fraction": 0.1, "tasks": "nli", "nli_train_files": "pairs.jsonl", "ir_dev_data": "dev.jsonl"},
+])
+def test_ir_dev_fraction_is_refused_where_it_cannot_hold_out_own_rows(values):
+    with pytest.raises(UserInputError, match="--ir_dev_fraction .*: a fraction \\(0 < F < 1\\) of the --nli_train_files"):
+        resolve(values)

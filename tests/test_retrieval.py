@@ -175,7 +175,7 @@ def test_retrieval_during_training_selects_on_a_mean_and_reaches_metrics_card_an
     summary = train(config)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     dev = [r for r in rows if r.get("split") == "dev"]
-    assert [r["step"] for r in dev] == [2, 4, 6] and all(set(IR_KEYS) <= set(r) for r in dev)
+    assert [r["step"] for r in dev] == [0, 2, 4, 6] and all(set(IR_KEYS) <= set(r) for r in dev)
     for row in dev:
         assert row["score"] == pytest.approx((row["cosine_spearman"] + row["ndcg@10"]) / 2)
     best = max(dev, key=lambda r: r["score"])
