@@ -102,7 +102,7 @@ def test_training_announces_each_evaluation_without_carriage_returns(tiny_debert
 
     ir = read_ir_data("kfdeb:korsts-test", "test")
     lines = [line for line in result.stdout.splitlines() if line.startswith("evaluating ")]
-    assert lines == [f"evaluating dev: KorSTS dev, {dev:,} sentences"] * 2 + [
+    assert lines == [f"evaluating dev: KorSTS dev, {dev:,} sentences"] * 3 + [
         f"evaluating test: KorSTS test, {test:,} sentences; {ir.name}, {len(ir.queries):,} queries over "
-        f"{len(ir.corpus):,} documents"]  # step 2's evaluation, then the best model's dev and test
+        f"{len(ir.corpus):,} documents"]  # step 0's and step 2's evaluations, then the best model's dev and test
     assert "\r" not in result.stdout + result.stderr

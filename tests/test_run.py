@@ -106,12 +106,11 @@ def test_a_run_that_never_beats_the_start_keeps_the_starting_weights_and_says_so
     any weights), so no step can beat step 0. Stopped at step 3 and resumed, the run still compares with step 0."""
     import json
 
-    import kfdeb.loop
     from kfdeb import train_state
     from kfdeb.errors import TrainingStopped
     from kfdeb.loop import train
 
-    from conftest import REPO
+    from conftest import REPO, sigterm_during_step
 
     pairs = [json.loads(line) for line in (REPO / FAQ).read_text(encoding="utf-8").splitlines()]
     beir = tmp_path / "identity"
@@ -123,12 +122,10 @@ def test_a_run_that_never_beats_the_start_keeps_the_starting_weights_and_says_so
                                                for i, t in enumerate(documents)), encoding="utf-8")
     (beir / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(len(pairs))))
     out = tmp_path / "run"
-    real_flush = kfdeb.loop.StepMeter.flush
-    monkeypatch.setattr(kfdeb.loop.StepMeter, "flush", lambda self, step, bar, stop_requested=False:
-                        real_flush(self, step, bar, stop_requested or step == 3))
-    with pytest.raises(TrainingStopped, match="at step 3 of 6"):
-        train(retrieval_run(tiny_deberta, out, ir_dev_data=str(beir)))
-    monkeypatch.setattr(kfdeb.loop.StepMeter, "flush", real_flush)
+    with monkeypatch.context() as patched:
+        sigterm_during_step(patched, 3)
+        with pytest.raises(TrainingStopped, match="at step 3 of 6"):
+            train(retrieval_run(tiny_deberta, out, ir_dev_data=str(beir)))
     capsys.readouterr()
     summary = train(retrieval_run(tiny_deberta, out, ir_dev_data=str(beir), resume=True))
     printed = capsys.readouterr().out
