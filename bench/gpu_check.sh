@@ -6,6 +6,7 @@
 # 1. the smoke preset on cuda with --amp auto, bf16 and fp16 (GradScaler): trains, finite losses,
 #    KorSTS test figures in the usual range of the tiny model (~60 cosine Spearman)
 # 2. evaluate.py on cuda (TF32) against evaluate.py on cpu for the same checkpoint: same figures
+#    and evaluate.py on cuda with --dtype bfloat16 and float16 beside float32: the figures each costs, the speed
 # 3. with 2+ GPUs: the same run under torchrun on 2 GPUs with NCCL
 # 4. training throughput of the DeBERTa-v2-base shape, kfdeb (bf16) vs the reference old_fit (fp16
 #    AMP), 50 steps each, one after the other
@@ -80,6 +81,18 @@ import json
 a, b = (json.load(open('$WORK/eval-' + d + '.json')) for d in ('cuda', 'cpu'))
 print(f'{max(abs(a[k] - b[k]) for k in a):.4f}')" 2>/dev/null || echo "?")
   eval_rows+=("| max difference cuda (TF32) vs cpu, 8 figures x100 | $gap |")
+  for dtype in bfloat16 float16; do  # inference dtypes on the GPU (issue 35): figures against cuda float32's
+    if python evaluate.py "$WORK/smoke cuda bf16" --device cuda --dtype "$dtype" --json "$WORK/eval-$dtype.json" \
+        >"$WORK/eval-$dtype.log" 2>&1; then
+      gap=$(python -c "
+import json
+a, b = (json.load(open('$WORK/eval-' + d + '.json')) for d in ('cuda', '$dtype'))
+print(f'{max(abs(a[k] - b[k]) for k in a):.4f}')" 2>/dev/null || echo "?")
+      eval_rows+=("| evaluate.py on cuda --dtype $dtype | $(grep -o 'encoded.*' "$WORK/eval-$dtype.log"); max difference to float32, 8 figures x100: $gap |")
+    else
+      eval_rows+=("| evaluate.py on cuda --dtype $dtype | FAILED (see $WORK/eval-$dtype.log) |"); fail=1
+    fi
+  done
 fi
 
 python bench/train_vs_reference.py --model deberta-base-random --device cuda --amp bf16 --reference_amp \

@@ -16,10 +16,15 @@ best/ (dev-selected; the starting model when no step beat it). Nothing is chosen
     gist        recipe + --nli_loss gist --guide_model self (the starting weights guide the masking)
     preset      --preset retriever (its own settings)
 
+`--data xnli` is the second held-out set's scenario: training on the bundled XNLI **dev** premise -> entailment
+pairs (830; xnli-test is built from the test file), with `--ir_dev_fraction 0.1` of them held out as the dev set
+(no dev file of its own), scored on the same test sets.
+
 Each (variant, seed) runs in its own process, one after another (alone on the machine), and writes
 OUT/<model>-<variant>-seed<seed>.json; a run whose JSON exists is not repeated.
 
     python bench/retriever_recipe.py --model e5 --seeds 42 1 2
+    python bench/retriever_recipe.py --model e5 --data xnli --seeds 42 1 2
     python bench/retriever_recipe.py --model e5 --report
 """
 
@@ -53,6 +58,23 @@ VARIANTS: dict[str, dict | None] = {
 TESTS = ("chatbot-test", "xnli-test")
 
 
+def training_data(data: str, out: Path) -> dict:
+    """The flags that name the training pairs and the dev set of `data` (module docstring)."""
+    if data == "chatbot":
+        return {"nli_train_files": COMMON["nli_train_files"], "ir_dev_data": COMMON["ir_dev_data"]}
+    from kfdeb.readers import BUNDLED_DATA_DIR, read_nli
+
+    pairs = out / "xnli-dev-pairs.jsonl"
+    if not pairs.exists():  # each premise -> its first entailment hypothesis, in file order
+        partners: dict[str, str] = {}
+        for premise, hypothesis, label in read_nli(BUNDLED_DATA_DIR / "KorNLI" / "xnli.dev.ko.tsv").pairs:
+            if label == "entailment":
+                partners.setdefault(premise, hypothesis)
+        pairs.write_text("".join(json.dumps({"anchor": a, "positive": p}, ensure_ascii=False) + "\n"
+                                 for a, p in partners.items()), encoding="utf-8")
+    return {"nli_train_files": str(pairs), "ir_dev_fraction": 0.1}
+
+
 def flags(values: dict) -> list[str]:
     return [part for key, value in values.items() for part in (f"--{key}", str(value))]
 
@@ -79,13 +101,14 @@ def child(args) -> None:
     from kfdeb.model import load_encoder
 
     out = Path(args.out)
-    result = {"model": args.name, "variant": args.variant, "seed": args.seed, "commit": git_commit(), "cpu": cpu_model()}
+    result = {"model": args.name, "data": args.data, "variant": args.variant, "seed": args.seed, "commit": git_commit(), "cpu": cpu_model()}
     if VARIANTS[args.variant] is None:
         result["final"] = figures(Path(args.model_path), args.device)
     else:
-        run = out / f"{args.name}-{args.variant}-seed{args.seed}"
-        values = {**COMMON, **VARIANTS[args.variant]} if args.variant != "preset" else {
-            "nli_train_files": COMMON["nli_train_files"], "ir_dev_data": COMMON["ir_dev_data"], **VARIANTS["preset"]}
+        run = out / f"{args.name}-{args.data}-{args.variant}-seed{args.seed}"
+        common = {key: value for key, value in COMMON.items() if key not in ("nli_train_files", "ir_dev_data")}
+        values = {**(common if args.variant != "preset" else {}), **training_data(args.data, out),
+                  **VARIANTS[args.variant]}
         command = [sys.executable, str(REPO / "train.py"), "--model_name_or_path", args.model_path, "--seed",
                    str(args.seed), "--output_dir", str(run), "--overwrite_output_dir", "true", "--device", args.device,
                    *flags(values)]
@@ -122,17 +145,17 @@ def cell(values: list[float]) -> str:
 
 
 def summarize(results: list[dict]) -> None:
-    print("\n| variant | weights | seeds | chatbot-test nDCG@10 | chatbot-test R@1 | xnli-test nDCG@10 | "
+    print("\n| training data | variant | weights | seeds | chatbot-test nDCG@10 | chatbot-test R@1 | xnli-test nDCG@10 | "
           "KorSTS test cos Spearman | best step |")
-    print("|---|---|---|---|---|---|---|---|")
-    for variant in VARIANTS:
-        runs = [r for r in results if r["variant"] == variant]
+    print("|---|---|---|---|---|---|---|---|---|")
+    for data, variant in [(d, v) for d in ("chatbot", "xnli") for v in VARIANTS]:
+        runs = [r for r in results if r["variant"] == variant and r.get("data", "chatbot") == data]
         for weights in ("final", "best") if variant != "none" else ("final",):
             if not runs:
                 continue
             figure = lambda key, metric: cell([r[weights][key][metric] for r in runs])  # noqa: E731
             steps = ", ".join(str(r.get("best_step", "-")) for r in runs) if weights == "best" else "-"
-            print(f"| {variant} | {weights if variant != 'none' else 'untrained'} | "
+            print(f"| {data if variant != 'none' else '-'} | {variant} | {weights if variant != 'none' else 'untrained'} | "
                   f"{', '.join(str(r['seed']) for r in runs)} | {figure('chatbot-test', 'ndcg@10')} | "
                   f"{figure('chatbot-test', 'recall@1')} | {figure('xnli-test', 'ndcg@10')} | "
                   f"{figure('korsts_test', 'cosine_spearman')} | {steps} |")
@@ -141,6 +164,7 @@ def summarize(results: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="e5")
+    parser.add_argument("--data", default="chatbot", choices=("chatbot", "xnli"), help="the training pairs and dev set")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 1, 2])
     parser.add_argument("--device", default="cpu")
@@ -154,17 +178,18 @@ def main() -> None:
         return child(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = model_path(args.model, Path(args.cache))
-    results = []
-    for seed in args.seeds:
+    path = "" if args.report else model_path(args.model, Path(args.cache))
+    results = [json.loads(p.read_text()) for p in sorted(out.glob(f"{args.model}-*.json"))] if args.report else []
+    for seed in args.seeds if not args.report else []:
         for variant in args.variants:
             if variant == "none" and seed != args.seeds[0]:
                 continue  # the untrained model has no seed
-            json_path = out / f"{args.model}-{variant}-seed{seed}.json"
+            json_path = out / f"{args.model}-{args.data}-{variant}-seed{seed}.json"
             if not json_path.exists() and not args.report:
                 started = time.perf_counter()
                 command = [sys.executable, __file__, "--variant", variant, "--seed", str(seed), "--json", str(json_path),
-                           "--model_path", path, "--name", args.model, "--out", str(out), "--device", args.device]
+                           "--model_path", path, "--name", args.model, "--out", str(out), "--device", args.device,
+                           "--data", args.data]
                 if subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}).returncode:
                     sys.exit(f"{variant} seed {seed}: failed (its message above)")
                 print(f"{variant} seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)
