@@ -202,11 +202,13 @@ def test_sigterm_to_torchrun_stops_both_ranks_one_step_later_and_resume_gives_th
     out = tmp_path / "terminated"
     agent = start(torchrun(str(Path(__file__).parent / "pause_for_sigterm.py"), "3",
                            *train_args(tiny_deberta, ddp_data, out, *extra)))
-    paused = 0
+    paused, seen = 0, []
     for line in agent.stdout:  # both ranks' lines come through the agent
+        seen.append(line)
         paused += line.startswith("paused in step 3")
         if paused == 2:
             break
+    assert paused == 2, f"the run ended before both ranks paused in step 3; its stdout:\n{''.join(seen)}"
     agent.send_signal(signal.SIGTERM)
     [(status, stdout, stderr)] = wait_all([agent], tmp_path / "terminated-logs")
     assert status != 0 and stdout.count("exit status 143") == 2  # the agent's own status: 1, after its SIGTERM
