@@ -47,17 +47,18 @@ def child(args) -> None:
                       "output_dir": str(Path(args.workdir) / f"run-{batch}-{mini}"), "overwrite_output_dir": True,
                       "progress": False, "device": "cpu", "amp": "none"})
     run = setup(config, distributed.Context(0, 0, 1, torch.device("cpu")))
-    task = run.tasks[0]
+    parts = run.parts
+    task = parts.tasks[0]
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    run.model.train()
+    parts.model.train()
     started = time.perf_counter()
-    indices = task.sampler.next_batch()
+    batch = task.rank_batch(task.sampler.next_batch(), run.ctx)
     if mini:
-        loss = cached_nli_backward(run, task, indices, mini)
+        loss = cached_nli_backward(run, task, batch, mini)
     else:
-        loss = task_loss(run.model, task, indices, run.ctx, run.encoder.pad_id, 1)
+        loss = task_loss(parts.model, task, batch, run.ctx, parts.encoder.pad_id, 1)
         loss.backward()
-    update(run.parameters, run.optimizers[0], run.schedulers[0], None, 1.0)
+    update(parts.parameters, parts.optimizers[0], parts.schedulers[0], None, 1.0)
     seconds = time.perf_counter() - started
     result = {"batch": batch, "mini": mini, "seconds": seconds, "loss": loss.item(),
               "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "rss_before_step_gb": rss_before,

@@ -1,8 +1,9 @@
 """What keep-best measures the trained model against, and at which length: the start (step 0) and the saved limit.
 
-- The start: the dev evaluation at step 0, before any update, is the first best (run.evaluate_and_keep_best), so a
-  step must beat the starting weights to replace them in best/; `start_comparison` is the run's last line: by how
-  much the best beat the start on each headline dev figure, or that no step did and best/ holds the start.
+- The start: the dev evaluation at step 0, before any update, is the first best
+  (run_evaluation.evaluate_and_keep_best), so a step must beat the starting weights to replace them in best/;
+  `start_comparison` is the run's last line: by how much the best beat the start on each headline dev figure, or
+  that no step did and best/ holds the start.
 - The length: `--max_seq_length` is what training truncates to (shorter is faster); best/ keeps
   `saved_max_seq_length`: --save_max_seq_length, else the longer of the training length and the start model's own
   limit (model.own_max_seq_length: sentence_bert_config.json, else the tokenizer's model_max_length capped by the
@@ -25,7 +26,7 @@ from kfdeb.evaluation import StsResult, best_score, evaluate_sts
 from kfdeb.ir_data import IrData
 from kfdeb.model import SentenceEncoder
 from kfdeb.retrieval import evaluate_retrieval
-from kfdeb.train_state import Position
+from kfdeb.train_state import TrainingState
 from kfdeb.weights import BEST_DIR
 
 
@@ -68,21 +69,21 @@ def headline_figures(metric: str, figures: dict[str, float]) -> list[str]:
     return [metric] + [key for key in ("cosine_spearman", "ndcg@10") if key in figures and key not in metric.split("+")]
 
 
-def start_comparison(metric: str, position: Position, best: dict[str, float]) -> str:
+def start_comparison(metric: str, state: TrainingState, best: dict[str, float]) -> str:
     """One line: how much the best (dev figures `best`) beat the start on each headline figure, or that no step did."""
-    start = position.start_figures
+    start = state.start_figures
 
     def value(figures: dict[str, float], key: str) -> float:
         return best_score(figures, key) if key == metric else figures[key]
 
-    if position.best_step == 0:
-        trained = (f", best step {position.best_trained_step} {position.best_trained_score:.2f}"
-                   if position.best_trained_step > 0 else "")
+    if state.best_step == 0:
+        trained = (f", best step {state.best_trained_step} {state.best_trained_score:.2f}"
+                   if state.best_trained_step > 0 else "")
         return (f"no step beat the start on dev {metric} (start {value(start, metric):.2f}{trained}): "
                 f"{BEST_DIR}/ holds the starting weights")
     parts = [f"{key} {value(best, key):.2f} (start {value(start, key):.2f}, {value(best, key) - value(start, key):+.2f})"
              for key in headline_figures(metric, best)]
-    return f"best: step {position.best_step}, dev " + "; ".join(parts)
+    return f"best: step {state.best_step}, dev " + "; ".join(parts)
 
 
 def evaluate(encoder: SentenceEncoder, pairs: list, ctx: distributed.Context, batch_size: int,

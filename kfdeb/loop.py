@@ -8,7 +8,8 @@ steps per epoch = the shortest objective's batches; the samplers keep their posi
 epochs. Dev evaluation at step 0 (the start), every eval_steps and at each epoch end keeps the best
 model, so best/ holds the start when no step beat it; resumable
 state is written every save_steps and at each epoch end; the best model is evaluated on KorSTS
-test at the end. Setting the run up: run.py (its data: tasks.py); the resumable state: train_state.py.
+test at the end. Setting the run up: run.py (its data and batches: tasks.py); where the run stands
+and its resumable state: train_state.py; its evaluations: run_evaluation.py.
 
 The in-batch objective's loss (--nli_loss, losses.py) gets the global batch's text keys (shared
 positives are masked) and, for gist, the guide's embeddings of this rank's rows: one forward of the
@@ -44,14 +45,15 @@ import numpy as np
 import torch
 
 from kfdeb import distributed, train_state
-from kfdeb.batching import length_sorted_chunks, shard
+from kfdeb.batching import length_sorted_chunks
 from kfdeb.config import TrainConfig
 from kfdeb.errors import TrainingStopped
 from kfdeb.flags import progress_shown
 from kfdeb.gradcache import cached_backward
 from kfdeb.losses import Objective, nli_loss, sts_loss
-from kfdeb.run import Run, evaluate_and_keep_best, finish, setup
-from kfdeb.tasks import Task
+from kfdeb.run import Run, setup
+from kfdeb.run_evaluation import evaluate_and_keep_best, finish
+from kfdeb.tasks import Batch, Task
 
 
 def embed_columns(model: torch.nn.Module, task: Task, rows: np.ndarray, ctx: distributed.Context,
@@ -68,13 +70,6 @@ def embed_columns(model: torch.nn.Module, task: Task, rows: np.ndarray, ctx: dis
     return embeddings[restore.to(ctx.device, non_blocking=True)].view(rows.shape[1], len(rows), -1)
 
 
-def batch_keys(task: Task, batch: list[int], device: torch.device) -> torch.Tensor | None:
-    """The global batch's normalised-text ids, columns x B: what the in-batch losses mask shared positives by."""
-    if task.keys is None:
-        return None
-    return torch.from_numpy(np.ascontiguousarray(task.keys[batch].T)).to(device, torch.long, non_blocking=True)
-
-
 def guide_embeddings(guide: torch.nn.Module | None, task: Task, rows: np.ndarray, ctx: distributed.Context,
                      pad_multiple: int, autocast: Any, mini_batch_size: int = 0) -> torch.Tensor | None:
     """--guide_model's embeddings of this rank's rows (columns x b x H_guide): one forward without gradient, in
@@ -88,38 +83,31 @@ def guide_embeddings(guide: torch.nn.Module | None, task: Task, rows: np.ndarray
     return torch.cat(parts, dim=1).float()
 
 
-def task_loss(model: torch.nn.Module, task: Task, batch: list[int], ctx: distributed.Context,
+def task_loss(model: torch.nn.Module, task: Task, batch: Batch, ctx: distributed.Context,
               pad_id: int, pad_to_multiple_of: int, objective: Objective = Objective(),
               guide: torch.nn.Module | None = None) -> torch.Tensor:
-    """This rank's share of the objective's loss on the global `batch` (losses.py explains the scaling);
+    """This rank's share of the objective's loss on the global batch (losses.py explains the scaling);
     guide: --guide_model's encoder (gist)."""
-    local = shard(batch, ctx.rank, ctx.world_size)
-    placeholder = not local
-    if placeholder:  # a short last STS batch with fewer pairs than ranks: one pair that counts for nothing,
-        local = batch[:1]  # so every rank still joins DDP's gradient reduction (and the ranking loss's gather)
-    columns = embed_columns(model, task, task.rows[local], ctx, pad_id, pad_to_multiple_of)
+    columns = embed_columns(model, task, batch.rows, ctx, pad_id, pad_to_multiple_of)
     if task.name == "nli":
-        guided = guide_embeddings(guide, task, task.rows[local], ctx, pad_to_multiple_of, contextlib.nullcontext)
-        return nli_loss(columns, objective, batch_keys(task, batch, ctx.device), guided)
-    labels = torch.from_numpy(task.labels[local]).to(ctx.device, non_blocking=True)
-    return sts_loss(columns, labels, len(batch), objective, placeholder)
+        guided = guide_embeddings(guide, task, batch.rows, ctx, pad_to_multiple_of, contextlib.nullcontext)
+        return nli_loss(columns, objective, batch.keys, guided)
+    return sts_loss(columns, batch.labels, batch.size, objective, batch.placeholder)
 
 
-def cached_nli_backward(run: Run, task: Task, batch: list[int], mini_batch_size: int) -> torch.Tensor:
+def cached_nli_backward(run: Run, task: Task, batch: Batch, mini_batch_size: int) -> torch.Tensor:
     """The NLI loss and its full-batch gradient, embedding `mini_batch_size` triplets at a time (gradcache.py);
     the guide (gist) embeds the batch once, before."""
-    ctx, encoder = run.ctx, run.encoder
+    ctx, encoder, model = run.ctx, run.parts.encoder, run.parts.model
 
     def embed(rows: np.ndarray, with_grad: bool) -> torch.Tensor:
         with run.autocast():  # without autograd, the bare encoder: DDP has nothing to reduce
-            return embed_columns(run.model if with_grad else encoder, task, rows, ctx, encoder.pad_id, run.pad_multiple)
+            return embed_columns(model if with_grad else encoder, task, rows, ctx, encoder.pad_id, run.pad_multiple)
 
-    no_sync = run.model.no_sync if ctx.distributed else contextlib.nullcontext
-    rows = task.rows[shard(batch, ctx.rank, ctx.world_size)]
-    keys = batch_keys(task, batch, ctx.device)
-    guided = guide_embeddings(run.guide, task, rows, ctx, run.pad_multiple, run.autocast, mini_batch_size)
-    return cached_backward(embed, lambda columns: nli_loss(columns, run.objective, keys, guided), rows, mini_batch_size,
-                           run.backward, no_sync, ctx.device)
+    no_sync = model.no_sync if ctx.distributed else contextlib.nullcontext
+    guided = guide_embeddings(run.parts.guide, task, batch.rows, ctx, run.pad_multiple, run.autocast, mini_batch_size)
+    return cached_backward(embed, lambda columns: nli_loss(columns, run.objective, batch.keys, guided), batch.rows,
+                           mini_batch_size, run.backward, no_sync, ctx.device)
 
 
 def update(parameters: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -152,9 +140,10 @@ class StepMeter:
     def __init__(self, run: Run):
         self.run = run
         device = run.ctx.device
-        self.loss_sums = torch.zeros(len(run.tasks), device=device)
-        self.norm_sums = torch.zeros(len(run.tasks), device=device)
-        self.first_bad_step = torch.full((len(run.tasks),), -1, dtype=torch.long, device=device)
+        tasks = len(run.parts.tasks)
+        self.loss_sums = torch.zeros(tasks, device=device)
+        self.norm_sums = torch.zeros(tasks, device=device)
+        self.first_bad_step = torch.full((tasks,), -1, dtype=torch.long, device=device)
         self.steps = 0
         self.started = time.perf_counter()
 
@@ -172,8 +161,9 @@ class StepMeter:
         else:
             self.norm_sums[task_index] += norm
 
-    def check_finite(self) -> None:
-        """Raise FloatingPointError if a loss of the window was not finite, on every rank alike."""
+    def check_finite(self, last_saved_step: int) -> None:
+        """Raise FloatingPointError if a loss of the window was not finite, on every rank alike; the message names
+        the state that stays (`last_saved_step`: -1 for none)."""
         run = self.run
         # agreed by all ranks (a NaN may show on one rank's shard only), so all stop at the same
         # step with the same message; rank 0 prints it (cli.py)
@@ -182,27 +172,27 @@ class StepMeter:
         first_bad = distributed.all_reduce_min(run.ctx, first_bad).tolist()  # host sync
         at = min(first_bad)
         if at != never:
-            name = run.tasks[first_bad.index(at)].name
-            kept = (f"the last good state (step-{run.last_saved_step:08d}) stays in {run.output_dir / train_state.STATE_DIR}"
-                    if run.last_saved_step >= 0 else "no state had been saved yet")
+            name = run.parts.tasks[first_bad.index(at)].name
+            kept = (f"the last good state (step-{last_saved_step:08d}) stays in {run.output_dir / train_state.STATE_DIR}"
+                    if last_saved_step >= 0 else "no state had been saved yet")
             raise FloatingPointError(
                 f"the {name} loss is not finite at step {at}; training stopped and {kept} "
                 "(lower --learning_rate, or use --amp bf16 instead of fp16)"
             )
 
-    def flush(self, step: int, bar: Any) -> None:
+    def flush(self, step: int, bar: Any, last_saved_step: int) -> None:
         """The non-finite check, then the window's means logged and the window closed."""
         run = self.run
-        self.check_finite()
+        self.check_finite(last_saved_step)
         seconds = time.perf_counter() - self.started
-        rate = sum(t.batch_size for t in run.tasks) * self.steps / seconds if seconds > 0 else 0.0
+        rate = sum(t.batch_size for t in run.parts.tasks) * self.steps / seconds if seconds > 0 else 0.0
         losses = (distributed.all_reduce_mean(run.ctx, self.loss_sums) / self.steps).tolist()
         norms = (self.norm_sums / self.steps).tolist()
-        lrs = [s.get_last_lr()[0] for s in run.schedulers]
+        lrs = [s.get_last_lr()[0] for s in run.parts.schedulers]
         postfix = {}
-        for i, task in enumerate(run.tasks):
+        for i, task in enumerate(run.parts.tasks):
             lr = lrs[i] if len(lrs) > 1 else lrs[0]
-            run.log.write(step=step, epoch=(step - 1) // run.steps_per_epoch, task=task.name, loss=losses[i], lr=lr,
+            run.log.write(step=step, epoch=run.epoch_of(step), task=task.name, loss=losses[i], lr=lr,
                           grad_norm=norms[i], examples_per_s=rate)
             postfix[f"{task.name}_loss"] = f"{losses[i]:.4f}"
         if bar is not None:
@@ -239,38 +229,39 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
 def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
     run = setup(config, ctx)
+    parts = run.parts
     meter = StepMeter(run)
-    position = train_state.resume(run, meter)
-    if position.step == 0:  # the start: best/ until a step beats it (a resumed run has its figures in the state)
-        evaluate_and_keep_best(run, position, epoch=0)
+    state = train_state.resume(run, meter)
+    if state.step == 0:  # the start: best/ until a step beats it (a resumed run has its figures in the state)
+        evaluate_and_keep_best(run, state, epoch=0)
     stop_flag = distributed.AnyRankFlag(ctx)
     bar = None
     if ctx.is_main and progress_shown(config.progress):
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=run.total_steps, initial=position.step, desc="train", unit="step", mininterval=1.0)
-    run.model.train()
+        bar = tqdm(total=run.total_steps, initial=state.step, desc="train", unit="step", mininterval=1.0)
+    parts.model.train()
     started = time.perf_counter()
     with StopRequest() as sigterm:
-        while position.step < run.total_steps:
-            step = position.step + 1  # 1-based: the step being taken
-            for t, task in enumerate(run.tasks):  # NLI, then STS
-                batch = task.sampler.next_batch()  # the global batch; task_loss takes this rank's slice
+        while state.step < run.total_steps:
+            step = state.step + 1  # 1-based: the step being taken
+            for t, task in enumerate(parts.tasks):  # NLI, then STS
+                batch = task.rank_batch(task.sampler.next_batch(), ctx)  # the global batch, this rank's share of it
                 if task.name == "nli" and config.nli_mini_batch_size:  # GradCache: same gradient, less memory
                     loss = cached_nli_backward(run, task, batch, config.nli_mini_batch_size)
                 else:
                     with run.autocast():
-                        loss = task_loss(run.model, task, batch, ctx, run.encoder.pad_id, run.pad_multiple, run.objective,
-                                         run.guide)
+                        loss = task_loss(parts.model, task, batch, ctx, parts.encoder.pad_id, run.pad_multiple,
+                                         run.objective, parts.guide)
                     run.backward(loss)
                 meter.add_loss(t, loss, step)
                 if config.optimizer == "per_task":  # the reference: each objective updates right after its backward
-                    meter.add_norm(t, update(run.parameters, run.optimizers[t], run.schedulers[t], run.scaler,
+                    meter.add_norm(t, update(parts.parameters, parts.optimizers[t], parts.schedulers[t], parts.scaler,
                                              config.max_grad_norm))
             if config.optimizer == "joint":  # the gradients of both objectives have added up
-                meter.add_norm(None, update(run.parameters, run.optimizers[0], run.schedulers[0], run.scaler,
+                meter.add_norm(None, update(parts.parameters, parts.optimizers[0], parts.schedulers[0], parts.scaler,
                                             config.max_grad_norm))
-            position.step = step
+            state.step = step
             meter.steps += 1
             if bar is not None:
                 bar.update(1)
@@ -281,20 +272,20 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
             evaluate_now = step % config.eval_steps == 0 or epoch_end
             save_now = step % config.save_steps == 0 or epoch_end
             if step % config.logging_steps == 0 or evaluate_now or save_now:
-                meter.flush(step, bar)  # host sync: loss values and the non-finite check
+                meter.flush(step, bar, state.last_saved_step)  # host sync: loss values and the non-finite check
             elif stop:
-                meter.check_finite()  # the state about to be saved must be a good one; the window stays open
+                meter.check_finite(state.last_saved_step)  # the state to be saved must be good; the window stays open
             if evaluate_now:
-                evaluate_and_keep_best(run, position, epoch=(step - 1) // run.steps_per_epoch)
-            if save_now or (stop and run.last_saved_step != step):
-                train_state.save(run, position, meter)
+                evaluate_and_keep_best(run, state, epoch=run.epoch_of(step))
+            if save_now or (stop and state.last_saved_step != step):
+                train_state.save(run, state, meter)
             if stop:  # every rank stops here, the state of this step saved: --resume goes on exactly
                 raise TrainingStopped(stopped_message(run, step))
             meter.restart_clock()
         stop_flag.close()
     if bar is not None:
         bar.close()
-    return finish(run, position, train_seconds=time.perf_counter() - started)  # steps, evaluations and saves
+    return finish(run, state, train_seconds=time.perf_counter() - started)  # steps, evaluations and saves
 
 
 class StopRequest:

@@ -11,7 +11,8 @@
   wait, then memory-mapped by every rank; `task_tokens` does the same for their token ids. With
   --no_cache every rank reads and tokenizes in memory (`read_task_data`).
 - `build_tasks`: each objective's rows, token ids and sampler (NLI: no duplicates; STS: shuffled),
-  both drawing from `seed` alone, so every rank draws the same global batches.
+  both drawing from `seed` alone, so every rank draws the same global batches; `Task.rank_batch`:
+  a global batch as one rank trains on it (`Batch`).
 - `check_nodes_agree`: before the first step, every rank's data (`data_fingerprint`) must equal
   rank 0's: nodes without a shared disk read their own copies.
 """
@@ -26,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from kfdeb import distributed, token_cache
-from kfdeb.batching import NoDuplicatesBatches, ShuffledBatches, in_batch_examples, nli_triplets_of_files
+from kfdeb.batching import NoDuplicatesBatches, ShuffledBatches, in_batch_examples, nli_triplets_of_files, shard
 from kfdeb.config import TrainConfig, korsts_from_data_dir
 from kfdeb.errors import UserInputError
 from kfdeb.held_out import hold_out, retrieval_set
@@ -41,6 +43,24 @@ from kfdeb.readers import (
 from kfdeb.token_cache import Examples, TokenTable
 
 IR_DEV_SPLIT_DIR = "ir_dev_split"  # the run folder's copy of the --ir_dev_fraction dev set (BEIR, split dev)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One objective's global batch, as this rank trains on it."""
+
+    indices: list[int]  # the global batch: example numbers, as the sampler drew them
+    rows: np.ndarray  # this rank's share (b x columns of text ids): the examples it embeds
+    labels: torch.Tensor | None  # STS: this rank's scores / score_max (b), on the device
+    keys: torch.Tensor | None  # NLI: the global batch's normalised-text ids (columns x B), on the device
+    # this rank got no example (a short last STS batch with fewer pairs than ranks): it embeds one that counts
+    # for nothing, so that every rank still joins DDP's gradient reduction (and the ranking loss's gather)
+    placeholder: bool = False
+
+    @property
+    def size(self) -> int:
+        """Examples in the global batch (the losses scale by it: losses.py)."""
+        return len(self.indices)
 
 
 @dataclass
@@ -67,6 +87,20 @@ class Task:
             sequences, anchors = self.guide_sequences, self.guide_anchor_sequences
         tables = [anchors or sequences] + [sequences] * (rows.shape[1] - 1)
         return [tables[column][i] for column in range(rows.shape[1]) for i in rows[:, column]]
+
+    def rank_batch(self, indices: list[int], ctx: distributed.Context) -> Batch:
+        """The global batch `indices` as this rank trains on it: its shard of the rows, its labels, the batch's keys
+        (what the in-batch losses mask shared positives by)."""
+        local = shard(indices, ctx.rank, ctx.world_size)
+        placeholder = not local
+        if placeholder:
+            local = indices[:1]
+        labels = keys = None
+        if self.labels is not None:
+            labels = torch.from_numpy(self.labels[local]).to(ctx.device, non_blocking=True)
+        if self.keys is not None:
+            keys = torch.from_numpy(np.ascontiguousarray(self.keys[indices].T)).to(ctx.device, torch.long, non_blocking=True)
+        return Batch(indices, self.rows[local], labels, keys, placeholder)
 
 
 def read_sts_split(config: TrainConfig, data_dir: Path, split: str) -> list[StsPair]:

@@ -1,10 +1,10 @@
 """A run's resumable training state: what it holds, how it is written atomically, how every rank gets it back.
 
 What a state holds (`state_dict` and `load_state_dict`, side by side, the same keys in the same
-order): model weights, each optimizer's moments, each scheduler, the grad scaler (fp16), each
-sampler's position, the run's `Position` (step, best dev score and step, the step-0 dev figures,
-length of metrics.jsonl), the config (a --resume with another value of a key that changes the computation
-is refused; config.RESUMABLE lists the others), the world size; and, as parts of their own, every
+order): the run's parts (run.Parts: model weights, each optimizer's moments, each scheduler, the
+grad scaler (fp16), each sampler's position), the run's `TrainingState` (step, best dev score and
+step, the step-0 dev figures, length of metrics.jsonl), the config (a --resume with another value
+of a key that changes the computation is refused; config.RESUMABLE lists the others), the world size; and, as parts of their own, every
 rank's RNG streams (Python, NumPy, torch CPU, its own CUDA device) and its open logging window
 (the loss and gradient-norm sums since the last log line: not empty only in a state saved at a
 SIGTERM between log lines), gathered to rank 0.
@@ -35,7 +35,7 @@ import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -48,7 +48,6 @@ from kfdeb.files import publish_folder, write_text
 
 if TYPE_CHECKING:
     from kfdeb.loop import StepMeter
-    from kfdeb.run import Run
 
 STATE_DIR = "state"
 LATEST = "LATEST"
@@ -56,30 +55,57 @@ METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
-class Position:
-    """Where a run stands, besides weights and optimizers: what a resumed run must get back."""
+class TrainingState:
+    """Where a run stands, besides weights, optimizers and samplers (run.Parts): what changes as it trains."""
 
-    step: int = 0
+    step: int = 0  # the last step taken (0: none)
     best_score: float = -math.inf
     best_step: int = -1
     metrics_bytes: int = 0  # length of metrics.jsonl when this state was saved
     # the step-0 dev evaluation (the start every later step must beat) and the best evaluation after it, for the
-    # run's last line (run.finish) when no step beat the start
+    # run's last line (run_evaluation.finish) when no step beat the start
     start_figures: dict = field(default_factory=dict)
     best_trained_score: float = -math.inf
     best_trained_step: int = -1
+    # this process's own account, never saved: a resumed run starts them again
+    last_saved_step: int = -1  # the step of the newest committed state (-1: none)
+    eval_seconds: float = 0.0  # dev evaluations and best-model saves, for throughput figures
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "best_score": self.best_score, "best_step": self.best_step,
+                "metrics_bytes": self.metrics_bytes, "start_figures": dict(self.start_figures),
+                "best_trained_score": self.best_trained_score, "best_trained_step": self.best_trained_step}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        fresh = TrainingState()  # a key a state saved by an older kfdeb lacks had its default then
+        for key in self.state_dict():
+            setattr(self, key, saved.get(key, getattr(fresh, key)))
+        self.last_saved_step = self.step  # the state just read is the newest committed one
+
+
+class Resumable(Protocol):
+    """What `save` and `resume` read of a run (run.Run), named here so that this module imports nothing above it."""
+
+    config: TrainConfig
+    ctx: distributed.Context
+    output_dir: Path
+    parts: Any  # run.Parts: state_dict() and load_state_dict(), and guide_sha256
+    log: MetricsLog
 
 
 class MetricsLog:
-    """metrics.jsonl, appended by the main rank; truncated to the saved length on resume."""
+    """metrics.jsonl, appended by the main rank; emptied at the start, truncated to the saved length on resume."""
 
-    def __init__(self, path: Path, ctx: distributed.Context, keep_bytes: int | None):
+    def __init__(self, path: Path, ctx: distributed.Context):
         self.path, self.ctx = path, ctx
-        if ctx.is_main:
+
+    def start(self, keep_bytes: int | None) -> None:
+        """Empty the file (None: a run from step 0), or keep its first `keep_bytes` (a resumed run's)."""
+        if self.ctx.is_main:
             if keep_bytes is None:
-                path.write_text("", encoding="utf-8")
+                self.path.write_text("", encoding="utf-8")
             else:
-                with open(path, "ab") as handle:
+                with open(self.path, "ab") as handle:
                     handle.truncate(keep_bytes)
 
     def write(self, **row: Any) -> None:
@@ -107,36 +133,24 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def state_dict(run: Run, position: Position) -> dict[str, Any]:
+def state_dict(run: Resumable, state: TrainingState) -> dict[str, Any]:
     """The run's "train" part (rank-independent: every rank holds the same values)."""
     return {
-        "model": run.encoder.state_dict(),
-        "optimizers": [o.state_dict() for o in run.optimizers],
-        "schedulers": [s.state_dict() for s in run.schedulers],
-        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
-        "samplers": {t.name: t.sampler.state_dict() for t in run.tasks},
-        "progress": dict(position.__dict__),  # "progress": the key states have always had
+        **run.parts.state_dict(),  # model, optimizers, schedulers, scaler, samplers
+        "progress": state.state_dict(),  # "progress": the key states have always had
         "config": run.config.to_dict(),
         "world_size": run.ctx.world_size,
         # --guide_model: not saved (self is re-made from the starting weights); its weights' digest, so that a
         # resume whose --model_name_or_path (or guide path) no longer holds them is refused (_read_saved)
-        "guide_sha256": run.guide_sha256 or None,
+        "guide_sha256": run.parts.guide_sha256 or None,
     }
 
 
-def load_state_dict(run: Run, saved: dict[str, Any]) -> Position:
-    """`state_dict`'s inverse, key by key; returns the saved position."""
-    run.encoder.load_state_dict(saved["model"])
-    for optimizer, optimizer_state in zip(run.optimizers, saved["optimizers"]):
-        optimizer.load_state_dict(optimizer_state)
-    for scheduler, scheduler_state in zip(run.schedulers, saved["schedulers"]):
-        scheduler.load_state_dict(scheduler_state)
-    if run.scaler is not None and saved["scaler"] is not None:
-        run.scaler.load_state_dict(saved["scaler"])
-    for task in run.tasks:
-        task.sampler.load_state_dict(saved["samplers"][task.name])
+def load_state_dict(run: Resumable, state: TrainingState, saved: dict[str, Any]) -> None:
+    """`state_dict`'s inverse, key by key."""
+    run.parts.load_state_dict(saved)
+    state.load_state_dict(saved["progress"])
     # "config" and "guide_sha256": checked by rank 0 when it read the state (_read_saved), before it sent anything
-    return Position(**saved["progress"])
 
 
 def _check_config(config: TrainConfig, saved: dict[str, Any]) -> None:
@@ -157,33 +171,34 @@ def weights_sha256(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _check_guide(run: Run, saved: str | None) -> None:
-    if saved and run.guide_sha256 and saved != run.guide_sha256:
+def _check_guide(run: Resumable, saved: str | None) -> None:
+    now = run.parts.guide_sha256
+    if saved and now and saved != now:
         config = run.config
         where = (f"{config.model_name_or_path} no longer holds the weights this run started from"
                  if config.guide_model == "self" else f"{config.guide_model} holds other weights than when the run began")
         raise UserInputError(f"--resume: --guide_model {config.guide_model}: {where} (sha256 {saved[:12]} then, "
-                             f"{run.guide_sha256[:12]} now); put that model back, or start a new run")
+                             f"{now[:12]} now); put that model back, or start a new run")
 
 
-def save(run: Run, position: Position, meter: StepMeter) -> None:
+def save(run: Resumable, state: TrainingState, meter: StepMeter) -> None:
     """Resumable state of this step, committed atomically by rank 0, every rank's RNG and logging window in it."""
     ctx = run.ctx
     own = {**rng_state(ctx.device), "window": meter.state_dict()}
     rank_states = distributed.gather_objects(ctx, own)  # sync: every rank is at this step
     if ctx.is_main:
-        position.metrics_bytes = run.log.size()
-        scratch = begin(run.output_dir, position.step)
-        for rank, state in enumerate(rank_states):
-            write_part(scratch, f"rank-{rank}", state)
-        write_part(scratch, "train", state_dict(run, position))
-        commit(scratch, position.step)
+        state.metrics_bytes = run.log.size()
+        scratch = begin(run.output_dir, state.step)
+        for rank, rank_state in enumerate(rank_states):
+            write_part(scratch, f"rank-{rank}", rank_state)
+        write_part(scratch, "train", state_dict(run, state))
+        commit(scratch, state.step)
     # no barrier: the other ranks go on and wait for rank 0 in the next step's gradient all-reduce
     # (bounded by --dist_timeout); none of them reads the state
-    run.last_saved_step = position.step
+    state.last_saved_step = state.step
 
 
-def resume(run: Run, meter: StepMeter) -> Position:
+def resume(run: Resumable, meter: StepMeter) -> TrainingState:
     """Step 0, or with --resume the latest state: rank 0 reads it and sends every rank its share."""
     ctx = run.ctx
     if run.config.resume:
@@ -193,26 +208,26 @@ def resume(run: Run, meter: StepMeter) -> Position:
     if found is None:
         if run.config.resume:
             distributed.print0(ctx, f"no saved state in {run.output_dir / STATE_DIR}: starting at step 0")
-        run.log = MetricsLog(run.output_dir / METRICS_FILE, ctx, None)
-        return Position()
+        run.log.start(None)
+        return TrainingState()
     folder, skeleton = found
-    state = join(skeleton, distributed.broadcast_tensors(ctx, tensors if ctx.is_main else None))
-    position = load_state_dict(run, state["train"])
-    ranks = state["ranks"]
+    saved = join(skeleton, distributed.broadcast_tensors(ctx, tensors if ctx.is_main else None))
+    state = TrainingState()
+    load_state_dict(run, state, saved["train"])
+    ranks = saved["ranks"]
     if ctx.rank < len(ranks) and ranks[ctx.rank] is not None:
         set_rng_state(ranks[ctx.rank], ctx.device)
         # a window continues only where every rank has its own (a state without one was saved at a log line: empty)
         if "window" in ranks[ctx.rank] and len(ranks) == ctx.world_size:
             meter.load_state_dict(ranks[ctx.rank]["window"])
     else:  # resumed with more ranks than saved: dropout masks differ from an uninterrupted run
-        distributed.print0(ctx, f"note: saved with {state['train']['world_size']} ranks; new ranks start fresh RNG streams")
-    run.last_saved_step = position.step
-    run.log = MetricsLog(run.output_dir / METRICS_FILE, ctx, position.metrics_bytes)
-    distributed.print0(ctx, f"resumed from {folder} at step {position.step}")
-    return position
+        distributed.print0(ctx, f"note: saved with {saved['train']['world_size']} ranks; new ranks start fresh RNG streams")
+    run.log.start(state.metrics_bytes)
+    distributed.print0(ctx, f"resumed from {folder} at step {state.step}")
+    return state
 
 
-def _read_saved(run: Run, tensors: dict[str, torch.Tensor]) -> tuple[str, Any] | None:
+def _read_saved(run: Resumable, tensors: dict[str, torch.Tensor]) -> tuple[str, Any] | None:
     """Rank 0: the latest state's folder and its skeleton (`split`); its tensors go into `tensors`."""
     folder = latest(run.output_dir)
     if folder is None:
@@ -227,7 +242,7 @@ def _read_saved(run: Run, tensors: dict[str, torch.Tensor]) -> tuple[str, Any] |
     return str(folder), skeleton
 
 
-def _check_rank0_holds_the_state(run: Run) -> None:
+def _check_rank0_holds_the_state(run: Resumable) -> None:
     """Without a shared disk, only the node that ran rank 0 has the state: it must be rank 0 again."""
     if not run.ctx.distributed:
         return

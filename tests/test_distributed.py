@@ -266,13 +266,13 @@ def _nan_agreement_worker(rank: int, world: int, port: int, results: dict) -> No
     try:
         ctx = distributed.Context(rank, rank, world, torch.device("cpu"))
         tasks = [SimpleNamespace(name="nli", batch_size=4), SimpleNamespace(name="sts", batch_size=4)]
-        run = SimpleNamespace(ctx=ctx, tasks=tasks, output_dir=Path("out"), last_saved_step=6)
+        run = SimpleNamespace(ctx=ctx, parts=SimpleNamespace(tasks=tasks), output_dir=Path("out"))
         meter = StepMeter(run)
         meter.add_loss(0, torch.tensor(1.0), step=7)
         # only rank 1's STS shard goes non-finite, at step 8
         meter.add_loss(1, torch.tensor(float("nan") if rank == 1 else 1.0), step=8)
         try:
-            meter.flush(8, None)
+            meter.flush(8, None, last_saved_step=6)
             results[rank] = "no error"
         except FloatingPointError as err:
             results[rank] = str(err)

@@ -24,23 +24,24 @@ def nli_run(model, data, out, **overrides):
 def test_cached_gradient_equals_the_full_batch_gradient_under_the_same_dropout_masks(
         tiny_deberta_dropout, small_data, tmp_path, mini_batch_size):
     run = nli_run(tiny_deberta_dropout, small_data, tmp_path / "run")
-    run.encoder.double()  # float64: the two computations agree to summation order, ~1e-12
-    run.encoder.train()
-    task = run.tasks[0]
-    batch = task.sampler.next_batch()
-    parameters = [p for p in run.encoder.parameters() if p.requires_grad]
+    run.parts.encoder.double()  # float64: the two computations agree to summation order, ~1e-12
+    run.parts.encoder.train()
+    task = run.parts.tasks[0]
+    indices = task.sampler.next_batch()
+    batch = task.rank_batch(indices, run.ctx)
+    parameters = [p for p in run.parts.encoder.parameters() if p.requires_grad]
 
     torch.manual_seed(7)
     cached_loss = cached_nli_backward(run, task, batch, mini_batch_size)
     cached = [p.grad.clone() for p in parameters]
     after_cached = torch.get_rng_state()
-    run.encoder.zero_grad(set_to_none=True)
+    run.parts.encoder.zero_grad(set_to_none=True)
 
     # the reference: one autograd graph over the whole batch, each mini-batch embedded from the
     # random state the cached step started it with (the same order of draws from the same seed)
     torch.manual_seed(7)
-    rows = task.rows[batch]
-    columns = torch.cat([embed_columns(run.encoder, task, rows[start:start + mini_batch_size], run.ctx, run.encoder.pad_id, 1)
+    rows = task.rows[indices]
+    columns = torch.cat([embed_columns(run.parts.encoder, task, rows[start:start + mini_batch_size], run.ctx, run.parts.encoder.pad_id, 1)
                          for start in range(0, len(rows), mini_batch_size)], dim=1)
     full_loss = in_batch_negatives_loss(columns[0], columns[1], columns[2])
     full_loss.backward()
@@ -52,7 +53,7 @@ def test_cached_gradient_equals_the_full_batch_gradient_under_the_same_dropout_m
         torch.testing.assert_close(grad, param.grad, rtol=0, atol=1e-10)
 
     # the masks matter: another draw gives another gradient, so the equality above is not trivial
-    run.encoder.zero_grad(set_to_none=True)
+    run.parts.encoder.zero_grad(set_to_none=True)
     torch.manual_seed(8)
     cached_nli_backward(run, task, batch, mini_batch_size)
     assert max((p.grad - g).abs().max().item() for p, g in zip(parameters, cached)) > 1e-6
@@ -66,9 +67,11 @@ def test_a_short_run_with_gradcache_ends_with_the_same_losses_and_weights(tiny_d
     into steps of ~lr on gradient entries near its eps, which would hide what is compared here.
     """
     import kfdeb.run
+    import kfdeb.run_evaluation
 
     load_encoder = kfdeb.run.load_encoder
-    monkeypatch.setattr(kfdeb.run, "load_encoder", lambda *args, **kwargs: load_encoder(*args, **kwargs).double())
+    for module in (kfdeb.run, kfdeb.run_evaluation):  # the start model, and the best one read back at the end
+        monkeypatch.setattr(module, "load_encoder", lambda *args, **kwargs: load_encoder(*args, **kwargs).double())
     results = []
     for name, mini in (("plain", 0), ("cached", 3)):
         out = tmp_path / name
@@ -96,15 +99,16 @@ def test_under_fp16_autocast_the_grad_scaler_reaches_the_cached_gradient(tiny_de
     from kfdeb.loop import task_loss
 
     run = nli_run(tiny_deberta, small_data, tmp_path / "fp16", amp="fp16", nli_batch_size=8)
-    assert run.scaler is not None and run.scaler.get_scale() == 65536.0
-    task = run.tasks[0]
-    batch = task.sampler.next_batch()
-    parameters = [p for p in run.encoder.parameters() if p.requires_grad]
+    assert run.parts.scaler is not None and run.parts.scaler.get_scale() == 65536.0
+    task = run.parts.tasks[0]
+    indices = task.sampler.next_batch()
+    batch = task.rank_batch(indices, run.ctx)
+    parameters = [p for p in run.parts.encoder.parameters() if p.requires_grad]
     cached_loss = cached_nli_backward(run, task, batch, 3)
     cached = torch.cat([p.grad.flatten() for p in parameters])
-    run.encoder.zero_grad(set_to_none=True)
+    run.parts.encoder.zero_grad(set_to_none=True)
     with run.autocast():
-        plain_loss = task_loss(run.model, task, batch, run.ctx, run.encoder.pad_id, 1)
+        plain_loss = task_loss(run.parts.model, task, batch, run.ctx, run.parts.encoder.pad_id, 1)
     run.backward(plain_loss)
     plain = torch.cat([p.grad.flatten() for p in parameters])
     assert cached_loss.item() == pytest.approx(plain_loss.item(), rel=1e-2)  # fp16 encoders, other groupings
@@ -123,31 +127,33 @@ def test_cached_gradient_of_the_levers_equals_the_plain_step(tiny_deberta, small
     load_encoder = kfdeb.run.load_encoder
     monkeypatch.setattr(kfdeb.run, "load_encoder", lambda *args, **kwargs: load_encoder(*args, **kwargs).double())
     run = nli_run(tiny_deberta, small_data, tmp_path / "run", **overrides)
-    task = run.tasks[0]
-    batch = task.sampler.next_batch()
+    task = run.parts.tasks[0]
+    indices = task.sampler.next_batch()
+    batch = task.rank_batch(indices, run.ctx)
     with torch.no_grad():  # the run has moved away from its start: the guide must still be the starting weights
-        for parameter in run.encoder.parameters():
+        for parameter in run.parts.encoder.parameters():
             parameter.add_(0.01 * torch.randn_like(parameter))
     embedded = []
-    if run.guide is not None:
-        assert not run.guide.training and not any(p.requires_grad for p in run.guide.parameters())
-        forward = run.guide.forward
-        monkeypatch.setattr(run.guide, "forward", lambda ids, masks: embedded.append(  # a call per length group
+    if run.parts.guide is not None:
+        assert not run.parts.guide.training and not any(p.requires_grad for p in run.parts.guide.parameters())
+        forward = run.parts.guide.forward
+        monkeypatch.setattr(run.parts.guide, "forward", lambda ids, masks: embedded.append(  # a call per length group
             sum(len(i) for i in ids) if isinstance(ids, list) else 0) or forward(ids, masks))
-    parameters = [p for p in run.encoder.parameters() if p.requires_grad]
+    parameters = [p for p in run.parts.encoder.parameters() if p.requires_grad]
     cached_loss = cached_nli_backward(run, task, batch, 5)
     cached = [p.grad.clone() for p in parameters]
-    if run.guide is not None:
-        assert sum(embedded) == 3 * len(batch)  # anchors, positives, negatives: each once
+    if run.parts.guide is not None:
+        assert sum(embedded) == 3 * batch.size  # anchors, positives, negatives: each once
         starting = load_encoder(tiny_deberta).double().state_dict()
-        for name, tensor in run.guide.state_dict().items():
+        for name, tensor in run.parts.guide.state_dict().items():
             assert torch.equal(tensor, starting[name]), name
-    run.encoder.zero_grad(set_to_none=True)
-    plain_loss = task_loss(run.model, task, batch, run.ctx, run.encoder.pad_id, 1, run.objective, run.guide)
+    run.parts.encoder.zero_grad(set_to_none=True)
+    plain_loss = task_loss(run.parts.model, task, batch, run.ctx, run.parts.encoder.pad_id, 1, run.objective,
+                           run.parts.guide)
     plain_loss.backward()
     assert cached_loss.item() == pytest.approx(plain_loss.item(), abs=1e-12)
     for param, grad in zip(parameters, cached):
         torch.testing.assert_close(grad, param.grad, rtol=0, atol=1e-10)
     # the lever changed the loss: the plain mnrl of the same batch is another figure
     assert plain_loss.item() != pytest.approx(
-        task_loss(run.model, task, batch, run.ctx, run.encoder.pad_id, 1).item(), rel=1e-4)
+        task_loss(run.parts.model, task, batch, run.ctx, run.parts.encoder.pad_id, 1).item(), rel=1e-4)

@@ -58,7 +58,8 @@ def test_one_step_equals_sentence_transformers(tiny_deberta, small_data):
     lr, decay = 1e-3, 0.01
     for task in tasks:  # NLI then STS, each followed by its own AdamW step, as in the loop
         ours_optimizer = build_adamw(encoder.named_parameters(), lr, decay, fused=True)
-        ours_loss = task_loss(encoder, task, list(range(len(examples[task.name][0]))), ctx, encoder.pad_id, 1)
+        batch = task.rank_batch(list(range(len(examples[task.name][0]))), ctx)
+        ours_loss = task_loss(encoder, task, batch, ctx, encoder.pad_id, 1)
         ours_loss.backward()
         ours_grads = {n: p.grad.clone() for n, p in encoder.transformer.named_parameters()}
 
@@ -494,7 +495,7 @@ def test_a_bf16_step_feeds_the_losses_float32(tiny_deberta, small_data, monkeypa
     with RecordOps() as step:
         for task in tasks:
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = task_loss(encoder, task, list(range(8)), ctx, encoder.pad_id, 1)
+                loss = task_loss(encoder, task, task.rank_batch(list(range(8)), ctx), ctx, encoder.pad_id, 1)
             loss.backward()
     assert any(torch.bfloat16 in inputs for name, inputs, _ in step.calls if name == "addmm")  # the encoder: bf16
     for name in ("nli", "sts"):

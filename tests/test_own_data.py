@@ -83,7 +83,7 @@ def test_pair_rows_batch_without_duplicates_and_score_against_the_positives_only
     texts = [pairs[i] for i in batch]
     assert len(batch) == 8 and len({t.strip().lower() for pair in texts for t in pair}) == 16
 
-    ours = task_loss(encoder, task, batch, CPU, encoder.pad_id, 1)
+    ours = task_loss(encoder, task, task.rank_batch(batch, CPU), CPU, encoder.pad_id, 1)
     reference = SentenceTransformer(str(tiny_deberta), device="cpu")
     reference.max_seq_length = 64
     features, labels = reference.smart_batching_collate([InputExample(texts=list(pair)) for pair in texts])
@@ -263,7 +263,6 @@ def test_faq_shaped_pairs_train_with_the_levers_and_resume_as_one_run(tiny_deber
 def test_a_guide_model_with_its_own_tokenizer_reads_the_batch_prompted_texts(tiny_deberta, tiny_xlmr, tmp_path):
     """--guide_model PATH (an XLM-R with another tokenizer and pad id) embeds the batch's texts, prompts included,
     in its own token ids: the step's loss is GIST's on the model's and the guide's own encodings of those texts."""
-    from kfdeb.loop import batch_keys
     from kfdeb.losses import gist_loss
     from kfdeb.run import setup
 
@@ -276,18 +275,19 @@ def test_a_guide_model_with_its_own_tokenizer_reads_the_batch_prompted_texts(tin
         guide_model=str(tiny_xlmr), query_prompt="질문: ",
         document_prompt="문서: ", no_cache=True)
     run = setup(config, CPU)
-    (task,) = run.tasks
-    assert task.guide_sequences is not None and run.guide.pad_id == 1 != run.encoder.pad_id
-    batch = task.sampler.next_batch()
-    ours = task_loss(run.encoder, task, batch, CPU, run.encoder.pad_id, 1, run.objective, run.guide)
-    anchors, positives = [rows[i][0] for i in batch], [rows[i][1] for i in batch]
+    (task,) = run.parts.tasks
+    encoder, guide = run.parts.encoder, run.parts.guide
+    assert task.guide_sequences is not None and guide.pad_id == 1 != encoder.pad_id
+    batch = task.rank_batch(task.sampler.next_batch(), CPU)
+    ours = task_loss(encoder, task, batch, CPU, encoder.pad_id, 1, run.objective, guide)
+    anchors, positives = [rows[i][0] for i in batch.indices], [rows[i][1] for i in batch.indices]
     model, guide = load_encoder(tiny_deberta, max_seq_length=64), load_encoder(tiny_xlmr, max_seq_length=64)
     columns = [model.encode(anchors, prompt="질문: "), model.encode(positives, prompt="문서: ")]
     guide_columns = [guide.encode(anchors, prompt="질문: "), guide.encode(positives, prompt="문서: ")]
     ids = {text: i for i, text in enumerate(dict.fromkeys(t for row in rows for t in row))}
     keys = torch.tensor([[ids[a] for a in anchors], [ids[p] for p in positives]])
-    assert torch.equal(keys[1][:, None] == keys[1][None, :], batch_keys(task, batch, CPU.device)[1][:, None]
-                       == batch_keys(task, batch, CPU.device)[1][None, :])  # the same texts share keys
+    assert torch.equal(keys[1][:, None] == keys[1][None, :],
+                       batch.keys[1][:, None] == batch.keys[1][None, :])  # the same texts share keys
     expected = gist_loss(columns, guide_columns, config.scale, keys=keys)
     assert ours.item() == pytest.approx(expected.item(), abs=1e-5)
     assert len(set(positives)) < len(positives)  # the batch holds shared positives: the masks were used
