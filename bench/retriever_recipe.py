@@ -16,6 +16,15 @@ best/ (dev-selected; the starting model when no step beat it). Nothing is chosen
     gist        recipe + --nli_loss gist --guide_model self (the starting weights guide the masking)
     preset      --preset retriever (its own settings)
 
+The same recipe in sentence-transformers (SentenceTransformerTrainer, its BatchSamplers.NO_DUPLICATES, the same
+data, prompts `query: ` / `passage: ` on anchor / positive, batch 32, 1 epoch, lr 2e-5, warmup 10%, weight decay
+0.01, clip 1.0, max_seq_length 128, the last incomplete batch dropped as kfdeb does: 275 updates), final weights
+scored by the same kfdeb evaluators (needs `accelerate`, sentence-transformers' [train] extra):
+
+    st-scale100   MultipleNegativesRankingLoss(scale=100): the preset's objective
+    st-symmetric  MultipleNegativesSymmetricRankingLoss(scale=20)
+    st-gist       GISTEmbedLoss(guide=the starting model, temperature=0.05): kfdeb's gist variant
+
 `--data xnli` is the second held-out set's scenario: training on the bundled XNLI **dev** premise -> entailment
 pairs (830; xnli-test is built from the test file), with `--ir_dev_fraction 0.1` of them held out as the dev set
 (no dev file of its own), scored on the same test sets.
@@ -54,6 +63,9 @@ VARIANTS: dict[str, dict | None] = {
     "symmetric": {"nli_loss": "mnrl_symmetric"},
     "gist": {"nli_loss": "gist", "guide_model": "self"},
     "preset": {"preset": "retriever"},
+    "st-scale100": {"st_loss": "mnrl", "scale": 100.0},
+    "st-symmetric": {"st_loss": "mnrl_symmetric", "scale": 20.0},
+    "st-gist": {"st_loss": "gist", "scale": 20.0},
 }
 TESTS = ("chatbot-test", "xnli-test")
 
@@ -96,13 +108,61 @@ def figures(folder: Path, device: str) -> dict:
     return found
 
 
+def train_reference(args, run: Path) -> None:
+    """The variant's recipe in sentence-transformers (module docstring); its final weights saved in run/final."""
+    import sentence_transformers
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.sentence_transformer import losses
+    from sentence_transformers.sentence_transformer.training_args import BatchSamplers
+
+    settings = VARIANTS[args.variant]
+    model = SentenceTransformer(args.model_path, device=args.device)
+    model.max_seq_length = COMMON["max_seq_length"]
+    data = training_data(args.data, Path(args.out))
+    rows = [(r["anchor"], r["positive"]) for r in map(json.loads, Path(data["nli_train_files"]).read_text(
+        encoding="utf-8").splitlines())]
+    if data.get("ir_dev_fraction"):  # the rows kfdeb trains on: the same seeded hold-out (held_out.py)
+        from kfdeb.held_out import hold_out
+
+        rows = [rows[i] for i in hold_out(rows, data["ir_dev_fraction"], args.seed)[0]]
+    dataset = Dataset.from_dict({"anchor": [a for a, _ in rows], "positive": [p for _, p in rows]})
+    if settings["st_loss"] == "mnrl":
+        loss = losses.MultipleNegativesRankingLoss(model, scale=settings["scale"])
+    elif settings["st_loss"] == "mnrl_symmetric":
+        loss = losses.MultipleNegativesSymmetricRankingLoss(model, scale=settings["scale"])
+    else:  # the starting weights as the guide, as kfdeb's --guide_model self
+        guide = SentenceTransformer(args.model_path, device=args.device)
+        guide.max_seq_length = COMMON["max_seq_length"]
+        loss = losses.GISTEmbedLoss(model, guide=guide, temperature=1 / settings["scale"])
+    training_args = SentenceTransformerTrainingArguments(
+        output_dir=str(run), num_train_epochs=COMMON["num_epochs"], per_device_train_batch_size=COMMON["nli_batch_size"],
+        learning_rate=COMMON["learning_rate"], warmup_ratio=COMMON["warmup_ratio"], weight_decay=0.01, max_grad_norm=1.0,
+        lr_scheduler_type="linear", seed=args.seed, data_seed=args.seed, batch_sampler=BatchSamplers.NO_DUPLICATES,
+        prompts={"anchor": "query: ", "positive": "passage: "}, dataloader_drop_last=True, save_strategy="no",
+        logging_steps=25, report_to="none", use_cpu=args.device == "cpu", disable_tqdm=True)
+    trainer = SentenceTransformerTrainer(model=model, args=training_args, train_dataset=dataset, loss=loss)
+    trainer.train()
+    print(f"sentence-transformers {sentence_transformers.__version__}: {trainer.state.global_step} updates", flush=True)
+    model.save(str(run / "final"))
+
+
 def child(args) -> None:
     from kfdeb import train_state
     from kfdeb.model import load_encoder
 
     out = Path(args.out)
     result = {"model": args.name, "data": args.data, "variant": args.variant, "seed": args.seed, "commit": git_commit(), "cpu": cpu_model()}
-    if VARIANTS[args.variant] is None:
+    if args.variant.startswith("st-"):
+        import sentence_transformers
+
+        run = out / f"{args.name}-{args.data}-{args.variant}-seed{args.seed}"
+        started = time.perf_counter()
+        train_reference(args, run)
+        result["seconds"] = time.perf_counter() - started
+        result["engine"] = f"sentence-transformers {sentence_transformers.__version__}"
+        result["final"] = figures(run / "final", args.device)
+    elif VARIANTS[args.variant] is None:
         result["final"] = figures(Path(args.model_path), args.device)
     else:
         run = out / f"{args.name}-{args.data}-{args.variant}-seed{args.seed}"
@@ -150,7 +210,7 @@ def summarize(results: list[dict]) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for data, variant in [(d, v) for d in ("chatbot", "xnli") for v in VARIANTS]:
         runs = [r for r in results if r["variant"] == variant and r.get("data", "chatbot") == data]
-        for weights in ("final", "best") if variant != "none" else ("final",):
+        for weights in ("final", "best") if variant != "none" and not variant.startswith("st-") else ("final",):
             if not runs:
                 continue
             figure = lambda key, metric: cell([r[weights][key][metric] for r in runs])  # noqa: E731

@@ -141,6 +141,13 @@ class TrainConfig:
             "every width and selects the best checkpoint at the first", group="objectives")
     matryoshka_weights: str = knob("", "comma-separated weight of each --matryoshka_dims width (default: 1 each)",
                                    group="objectives")
+    remine_every: int = knob(
+        0, "re-mine the in-batch rows' negatives with the current weights every N steps (kfdeb/remine.py; rows with "
+           "negatives, e.g. mine.py's output; rank 0 mines over the rows' positives and negatives; 0: off)",
+        group="objectives")
+    remine_options: str = knob("", "mine.py's options for --remine_every, e.g. range_min=10,absolute_margin=0.1 "
+                                   "(range_min, range_max, max_score, min_score, absolute_margin, relative_margin, "
+                                   "sampling_strategy)", group="objectives")
     # evaluation and outputs
     eval_steps: int = knob(1000, "dev evaluation every N steps (and at each epoch end)", group="evaluation")
     eval_batch_size: int = knob(64, "sentences per batch when evaluating", resumable=True, group="evaluation")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from kfdeb.errors import UserInputError
 from kfdeb.ir_metrics import IR_KEYS
+from kfdeb.mining import settings_from_options
 
 if TYPE_CHECKING:
     from kfdeb.config import TrainConfig
@@ -53,6 +54,11 @@ def validate(config: TrainConfig) -> None:
                              "out as the only retrieval dev set (not with --ir_dev_data)")
     _validate_matryoshka(config)
     _validate_metric_for_best(config)
+    if config.remine_every < 0 or (config.remine_every and "nli" not in config.task_list):
+        raise UserInputError(f"--remine_every {config.remine_every}: a number of steps (0: off), with the nli objective")
+    if config.remine_options and not config.remine_every:
+        raise UserInputError("--remine_options: set --remine_every too (the options of its mining)")
+    settings_from_options(config.remine_options, config.seed)  # each wrong option: its one-line error now
     for spec in dataclasses.fields(config):
         name, choices = spec.name, spec.metadata["choices"]
         allowed = choices + (("",) if name == "preset" else ())  # "": no preset

@@ -51,6 +51,8 @@ from kfdeb.errors import TrainingStopped
 from kfdeb.flags import progress_shown
 from kfdeb.gradcache import cached_backward
 from kfdeb.losses import Objective, nli_loss, sts_loss
+from kfdeb.mining import settings_from_options
+from kfdeb.remine import refresh
 from kfdeb.run import Run, setup
 from kfdeb.run_evaluation import evaluate_and_keep_best, finish
 from kfdeb.tasks import Batch, Task
@@ -245,6 +247,8 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
     with StopRequest() as sigterm:
         while state.step < run.total_steps:
             step = state.step + 1  # 1-based: the step being taken
+            if config.remine_every and step > 1 and (step - 1) % config.remine_every == 0:
+                refresh_negatives(run, step - 1)  # at the step's start, not the last one's end: a stop stays quick
             for t, task in enumerate(parts.tasks):  # NLI, then STS
                 batch = task.rank_batch(task.sampler.next_batch(), ctx)  # the global batch, this rank's share of it
                 if task.name == "nli" and config.nli_mini_batch_size:  # GradCache: same gradient, less memory
@@ -286,6 +290,17 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
     if bar is not None:
         bar.close()
     return finish(run, state, train_seconds=time.perf_counter() - started)  # steps, evaluations and saves
+
+
+def refresh_negatives(run: Run, step: int) -> None:
+    """--remine_every: the in-batch rows' negatives mined again with the weights of `step` (remine.py; rank 0 mines,
+    every rank gets its columns). Done before step + 1 rather than at the end of `step`, so that a state saved at
+    `step` (a stop included) holds the negatives before the refresh and --resume refreshes them the same way."""
+    config, task = run.config, next(t for t in run.parts.tasks if t.name == "nli")
+    settings = settings_from_options(config.remine_options, config.seed)
+    done = refresh(task, run.parts.encoder, task.remine_pool, settings, run.prompts, config.eval_batch_size, run.ctx,
+                   step)
+    distributed.print0(run.ctx, done.line())
 
 
 class StopRequest:

@@ -84,6 +84,29 @@ class MiningSettings:
                                  f"remain after skipping --range_min {self.range_min} of --range_max {range_max}")
 
 
+REFRESH_OPTIONS = ("range_min", "range_max", "max_score", "min_score", "absolute_margin", "relative_margin",
+                   "sampling_strategy")  # what --remine_options may set: the rows fix num_negatives and the format
+
+
+def settings_from_options(text: str, seed: int, flag: str = "--remine_options") -> MiningSettings:
+    """MiningSettings from "range_min=10,absolute_margin=0.1" (mine.py's option names); each wrong key or value
+    a one-line error naming the flag."""
+    values: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if name not in REFRESH_OPTIONS or not value.strip():
+            raise UserInputError(f"{flag} {item!r}: expected NAME=VALUE with NAME one of {', '.join(REFRESH_OPTIONS)}")
+        kind = str if name == "sampling_strategy" else int if name.startswith("range") else float
+        try:
+            values[name] = kind(value.strip())
+        except ValueError:
+            raise UserInputError(f"{flag} {item!r}: {name} takes {'an integer' if kind is int else 'a number'}") from None
+    settings = MiningSettings(**values, num_negatives=1, output_format="n-tuple", seed=seed)
+    settings.check()
+    return settings
+
+
 @dataclass
 class Mined:
     columns: tuple[str, ...]

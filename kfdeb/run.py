@@ -48,6 +48,7 @@ from kfdeb.losses import Objective
 from kfdeb.model import SentenceEncoder, load_encoder
 from kfdeb.optim import build_adamw, build_scheduler, warmup_steps_for
 from kfdeb.readers import BUNDLED_DATA_DIR, StsPair
+from kfdeb.remine import apply_negatives, pool_of
 from kfdeb.tasks import (
     Task, build_tasks, check_nodes_agree, data_fingerprint, examples_key, held_out_dev_set, read_sts_split, task_examples,
 )
@@ -74,13 +75,18 @@ class Parts:
         return [p for p in self.encoder.parameters() if p.requires_grad]
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "model": self.encoder.state_dict(),
             "optimizers": [o.state_dict() for o in self.optimizers],
             "schedulers": [s.state_dict() for s in self.schedulers],
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "samplers": {t.name: t.sampler.state_dict() for t in self.tasks},
         }
+        refreshed = {t.name: torch.from_numpy(np.ascontiguousarray(t.rows[:, 2:])) for t in self.tasks
+                     if t.negatives_refreshed}
+        if refreshed:  # --remine_every's negative columns (remine.py); a state before the first refresh has none
+            state["negatives"] = refreshed
+        return state
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         self.encoder.load_state_dict(saved["model"])
@@ -92,6 +98,8 @@ class Parts:
             self.scaler.load_state_dict(saved["scaler"])
         for task in self.tasks:
             task.sampler.load_state_dict(saved["samplers"][task.name])
+            if task.name in saved.get("negatives", {}):
+                apply_negatives(task, saved["negatives"][task.name].numpy(), task.remine_pool)
 
 
 @dataclass(frozen=True)
@@ -165,6 +173,9 @@ def setup(config: TrainConfig, ctx: distributed.Context) -> Run:
         distributed.print0(ctx, f"not trained (the sentence embedding does not use them): {', '.join(frozen)}")
     prompts = run_prompts(config, encoder)
     tasks = build_tasks(config, examples, encoder, ctx, prompts, guide if config.guide_model != "self" else None)
+    for task in tasks if config.remine_every else []:  # the in-batch rows as read: what each refresh mines over
+        if task.name == "nli":
+            task.remine_pool = pool_of(task.rows, task.keys, len(task.texts))
     check_nodes_agree(ctx, data_fingerprint(config, data_dir, keys, tasks, encoder))
     objective = Objective(config.sts_loss, config.matryoshka_dim_list, config.matryoshka_weight_list, config.nli_loss,
                           config.scale, config.gist_margin_strategy, config.gist_margin, config.gist_contrast_anchors,

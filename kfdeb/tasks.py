@@ -78,6 +78,9 @@ class Task:
     # --guide_model with a tokenizer of its own: the same (prompted) texts in its ids (None: the model's ids)
     guide_sequences: TokenTable | None = None
     guide_anchor_sequences: TokenTable | None = None
+    texts: Any = None  # NLI: the distinct texts by text id (what --remine_every mines over: remine.py)
+    remine_pool: Any = None  # --remine_every: remine.Pool, what every refresh mines over (None: off)
+    negatives_refreshed: bool = False  # --remine_every replaced the negative columns: the state keeps them
 
     def token_ids(self, rows: np.ndarray, guide: bool = False) -> list[np.ndarray]:
         """The token ids of every text of `rows` (examples x columns), column by column (anchors first); guide:
@@ -355,7 +358,7 @@ def build_tasks(config: TrainConfig, examples: dict[str, Examples], encoder: Sen
         sequences = task_tokens(name, data, encoder, ctx, document_prompt)
         anchors = task_tokens(name, data, encoder, ctx, query_prompt) if query_prompt != document_prompt else None
         task = Task(name, rows, sequences, data.labels, sampler, batch_size, anchors,
-                    keys=data.keys if name == "nli" else None)
+                    keys=data.keys if name == "nli" else None, texts=data.texts if name == "nli" else None)
         if name == "nli" and guide is not None:
             task.guide_sequences = task_tokens(name, data, guide, ctx, document_prompt)
             task.guide_anchor_sequences = (task_tokens(name, data, guide, ctx, query_prompt)

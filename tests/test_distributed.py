@@ -196,9 +196,11 @@ def test_sigterm_to_torchrun_stops_both_ranks_one_step_later_and_resume_gives_th
     the agent forwards it, the ranks agree to stop at the end of step 4 at the latest (their flags are exchanged
     one step late, with no sync added to the steps), not at a log line; rank 0 saves, both exit 143; the same
     command with --resume ends as the uninterrupted two-rank run, bit for bit."""
-    extra = ("--logging_steps", "1000", "--save_steps", "1000", "--eval_steps", "1000")
+    # and the hard negatives re-mined before steps 3, 5, ... (remine.py): rank 0 mines, both ranks take its columns
+    extra = ("--logging_steps", "1000", "--save_steps", "1000", "--eval_steps", "1000", "--remine_every", "2")
     straight = tmp_path / "straight"
-    two_ranks(tiny_deberta, ddp_data, straight, tmp_path / "straight-logs", *extra)
+    assert two_ranks(tiny_deberta, ddp_data, straight, tmp_path / "straight-logs", *extra).count(
+        "hard negatives re-mined") == 5  # before steps 3, 5, 7, 9, 11 of 12, said once (rank 0)
     out = tmp_path / "terminated"
     agent = start(torchrun(str(Path(__file__).parent / "pause_for_sigterm.py"), "3",
                            *train_args(tiny_deberta, ddp_data, out, *extra)))

@@ -373,8 +373,9 @@ def test_sigkill_and_resume_give_the_uninterrupted_result(tiny_deberta_dropout, 
     assert (out / "best" / "model.safetensors").read_bytes() == (straight_run / "best" / "model.safetensors").read_bytes()
 
 
-# log lines and saves only at the evaluations (steps 10, 20) and the end
-SIGTERM_FLAGS = ("--logging_steps", "1000", "--save_steps", "1000")
+# log lines and saves only at the evaluations (steps 10, 20) and the end; the hard negatives re-mined before steps
+# 5, 9, 13, 17 and 21 (remine.py): the state saved at step 5 holds the first refresh's, --resume goes on from them
+SIGTERM_FLAGS = ("--logging_steps", "1000", "--save_steps", "1000", "--remine_every", "4")
 
 
 def test_sigterm_stops_at_the_end_of_its_step_and_resume_gives_the_uninterrupted_run_bit_for_bit(
@@ -386,6 +387,9 @@ def test_sigterm_stops_at_the_end_of_its_step_and_resume_gives_the_uninterrupted
     reference = subprocess.run(train_command(tiny_deberta_dropout, small_data, straight, *SIGTERM_FLAGS),
                                capture_output=True, text=True, timeout=300)
     assert reference.returncode == 0, reference.stderr
+    refreshed = [line for line in reference.stdout.splitlines() if "hard negatives re-mined" in line]
+    assert [line.split(":")[0] for line in refreshed] == ["step 4", "step 8", "step 12", "step 16", "step 20"]
+    assert all(not line.split(": ")[1].startswith("0 of") for line in refreshed[:1])  # the negatives did change
     out = tmp_path / "terminated"
     command = train_command(tiny_deberta_dropout, small_data, out, *SIGTERM_FLAGS)
     process = subprocess.Popen([sys.executable, str(REPO / "tests" / "pause_for_sigterm.py"), "5", *command[1:]],
@@ -407,11 +411,13 @@ def test_sigterm_stops_at_the_end_of_its_step_and_resume_gives_the_uninterrupted
     resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {out}/state/step-{step:08d} at step {step}" in resumed.stdout
+    assert "step 8: hard negatives re-mined" in resumed.stdout
     expected, expected_rows = final_state(straight)
     got, got_rows = final_state(out)
     assert got["progress"]["step"] == 24
     for name, tensor in expected["model"].items():
         assert torch.equal(got["model"][name], tensor), name
+    assert torch.equal(got["negatives"]["nli"], expected["negatives"]["nli"])  # the last refresh's, in the state
     assert got_rows == expected_rows and [r["step"] for r in got_rows if "task" in r][:2] == [10, 10]
     assert (out / "best" / "model.safetensors").read_bytes() == (straight / "best" / "model.safetensors").read_bytes()
     metadata = [json.loads((folder / "best" / "kfdeb.json").read_text()) for folder in (straight, out)]
