@@ -29,11 +29,16 @@ scored by the same kfdeb evaluators (needs `accelerate`, sentence-transformers' 
 pairs (830; xnli-test is built from the test file), with `--ir_dev_fraction 0.1` of them held out as the dev set
 (no dev file of its own), scored on the same test sets.
 
+`--data both` is the user who needs both: the chatbot training pairs and the XNLI dev pairs in one run
+(`--nli_train_files` of the two files, concatenated as a user would, no reweighting), dev = the chatbot dev pairs
+plus the same 10% of the XNLI pairs that `--data xnli` holds out for that seed (`held_out.hold_out`), one pairs file.
+
 Each (variant, seed) runs in its own process, one after another (alone on the machine), and writes
 OUT/<model>-<variant>-seed<seed>.json; a run whose JSON exists is not repeated.
 
     python bench/retriever_recipe.py --model e5 --seeds 42 1 2
     python bench/retriever_recipe.py --model e5 --data xnli --seeds 42 1 2
+    python bench/retriever_recipe.py --model e5 --data both --seeds 42 1 2 --variants preset
     python bench/retriever_recipe.py --model e5 --report
 """
 
@@ -70,10 +75,12 @@ VARIANTS: dict[str, dict | None] = {
 TESTS = ("chatbot-test", "xnli-test")
 
 
-def training_data(data: str, out: Path) -> dict:
+def training_data(data: str, out: Path, seed: int) -> dict:
     """The flags that name the training pairs and the dev set of `data` (module docstring)."""
     if data == "chatbot":
         return {"nli_train_files": COMMON["nli_train_files"], "ir_dev_data": COMMON["ir_dev_data"]}
+    if data == "both":
+        return both_data(out, seed)
     from kfdeb.readers import BUNDLED_DATA_DIR, read_nli
 
     pairs = out / "xnli-dev-pairs.jsonl"
@@ -85,6 +92,21 @@ def training_data(data: str, out: Path) -> dict:
         pairs.write_text("".join(json.dumps({"anchor": a, "positive": p}, ensure_ascii=False) + "\n"
                                  for a, p in partners.items()), encoding="utf-8")
     return {"nli_train_files": str(pairs), "ir_dev_fraction": 0.1}
+
+
+def both_data(out: Path, seed: int) -> dict:
+    """--data both: the chatbot pairs + the XNLI pairs that --data xnli trains on for `seed`; the two dev sets in one file."""
+    from kfdeb.held_out import hold_out
+
+    xnli = Path(training_data("xnli", out, seed)["nli_train_files"])
+    rows = [(row["anchor"], row["positive"]) for row in map(json.loads, xnli.read_text(encoding="utf-8").splitlines())]
+    training, held = hold_out(rows, 0.1, seed)  # what train.py --ir_dev_fraction 0.1 --seed SEED holds out
+    line = lambda row: json.dumps({"anchor": row[0], "positive": row[1]}, ensure_ascii=False) + "\n"  # noqa: E731
+    train_part, dev = out / f"both-seed{seed}-xnli-train.jsonl", out / f"both-seed{seed}-dev.jsonl"
+    train_part.write_text("".join(line(rows[i]) for i in training), encoding="utf-8")
+    dev.write_text(Path(COMMON["ir_dev_data"]).read_text(encoding="utf-8") + "".join(line(rows[i]) for i in held),
+                   encoding="utf-8")
+    return {"nli_train_files": f"{COMMON['nli_train_files']},{train_part}", "ir_dev_data": str(dev)}
 
 
 def flags(values: dict) -> list[str]:
@@ -119,9 +141,9 @@ def train_reference(args, run: Path) -> None:
     settings = VARIANTS[args.variant]
     model = SentenceTransformer(args.model_path, device=args.device)
     model.max_seq_length = COMMON["max_seq_length"]
-    data = training_data(args.data, Path(args.out))
-    rows = [(r["anchor"], r["positive"]) for r in map(json.loads, Path(data["nli_train_files"]).read_text(
-        encoding="utf-8").splitlines())]
+    data = training_data(args.data, Path(args.out), args.seed)
+    rows = [(r["anchor"], r["positive"]) for file in data["nli_train_files"].split(",")
+            for r in map(json.loads, Path(file).read_text(encoding="utf-8").splitlines())]
     if data.get("ir_dev_fraction"):  # the rows kfdeb trains on: the same seeded hold-out (held_out.py)
         from kfdeb.held_out import hold_out
 
@@ -167,7 +189,7 @@ def child(args) -> None:
     else:
         run = out / f"{args.name}-{args.data}-{args.variant}-seed{args.seed}"
         common = {key: value for key, value in COMMON.items() if key not in ("nli_train_files", "ir_dev_data")}
-        values = {**(common if args.variant != "preset" else {}), **training_data(args.data, out),
+        values = {**(common if args.variant != "preset" else {}), **training_data(args.data, out, args.seed),
                   **VARIANTS[args.variant]}
         command = [sys.executable, str(REPO / "train.py"), "--model_name_or_path", args.model_path, "--seed",
                    str(args.seed), "--output_dir", str(run), "--overwrite_output_dir", "true", "--device", args.device,
@@ -208,7 +230,7 @@ def summarize(results: list[dict]) -> None:
     print("\n| training data | variant | weights | seeds | chatbot-test nDCG@10 | chatbot-test R@1 | xnli-test nDCG@10 | "
           "KorSTS test cos Spearman | best step |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for data, variant in [(d, v) for d in ("chatbot", "xnli") for v in VARIANTS]:
+    for data, variant in [(d, v) for d in ("chatbot", "xnli", "both") for v in VARIANTS]:
         runs = [r for r in results if r["variant"] == variant and r.get("data", "chatbot") == data]
         for weights in ("final", "best") if variant != "none" and not variant.startswith("st-") else ("final",):
             if not runs:
@@ -224,7 +246,7 @@ def summarize(results: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="e5")
-    parser.add_argument("--data", default="chatbot", choices=("chatbot", "xnli"), help="the training pairs and dev set")
+    parser.add_argument("--data", default="chatbot", choices=("chatbot", "xnli", "both"), help="the training pairs and dev set")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 1, 2])
     parser.add_argument("--device", default="cpu")
