@@ -89,23 +89,29 @@ def training_data(data: str, out: Path, seed: int) -> dict:
         for premise, hypothesis, label in read_nli(BUNDLED_DATA_DIR / "KorNLI" / "xnli.dev.ko.tsv").pairs:
             if label == "entailment":
                 partners.setdefault(premise, hypothesis)
-        pairs.write_text("".join(json.dumps({"anchor": a, "positive": p}, ensure_ascii=False) + "\n"
-                                 for a, p in partners.items()), encoding="utf-8")
+        write_pairs(pairs, partners.items())
     return {"nli_train_files": str(pairs), "ir_dev_fraction": 0.1}
+
+
+def read_pairs(path: Path) -> list[tuple[str, str]]:
+    return [(row["anchor"], row["positive"]) for row in map(json.loads, path.read_text(encoding="utf-8").splitlines())]
+
+
+def write_pairs(path: Path, pairs) -> None:
+    path.write_text("".join(json.dumps({"anchor": a, "positive": p}, ensure_ascii=False) + "\n" for a, p in pairs),
+                    encoding="utf-8")
 
 
 def both_data(out: Path, seed: int) -> dict:
     """--data both: the chatbot pairs + the XNLI pairs that --data xnli trains on for `seed`; the two dev sets in one file."""
     from kfdeb.held_out import hold_out
 
-    xnli = Path(training_data("xnli", out, seed)["nli_train_files"])
-    rows = [(row["anchor"], row["positive"]) for row in map(json.loads, xnli.read_text(encoding="utf-8").splitlines())]
-    training, held = hold_out(rows, 0.1, seed)  # what train.py --ir_dev_fraction 0.1 --seed SEED holds out
-    line = lambda row: json.dumps({"anchor": row[0], "positive": row[1]}, ensure_ascii=False) + "\n"  # noqa: E731
+    xnli = training_data("xnli", out, seed)
+    rows = read_pairs(Path(xnli["nli_train_files"]))
+    training, held = hold_out(rows, xnli["ir_dev_fraction"], seed)  # what train.py --ir_dev_fraction holds out
     train_part, dev = out / f"both-seed{seed}-xnli-train.jsonl", out / f"both-seed{seed}-dev.jsonl"
-    train_part.write_text("".join(line(rows[i]) for i in training), encoding="utf-8")
-    dev.write_text(Path(COMMON["ir_dev_data"]).read_text(encoding="utf-8") + "".join(line(rows[i]) for i in held),
-                   encoding="utf-8")
+    write_pairs(train_part, (rows[i] for i in training))
+    write_pairs(dev, read_pairs(Path(COMMON["ir_dev_data"])) + [rows[i] for i in held])
     return {"nli_train_files": f"{COMMON['nli_train_files']},{train_part}", "ir_dev_data": str(dev)}
 
 
@@ -142,8 +148,7 @@ def train_reference(args, run: Path) -> None:
     model = SentenceTransformer(args.model_path, device=args.device)
     model.max_seq_length = COMMON["max_seq_length"]
     data = training_data(args.data, Path(args.out), args.seed)
-    rows = [(r["anchor"], r["positive"]) for file in data["nli_train_files"].split(",")
-            for r in map(json.loads, Path(file).read_text(encoding="utf-8").splitlines())]
+    rows = [row for file in data["nli_train_files"].split(",") for row in read_pairs(Path(file))]
     if data.get("ir_dev_fraction"):  # the rows kfdeb trains on: the same seeded hold-out (held_out.py)
         from kfdeb.held_out import hold_out
 
