@@ -34,15 +34,23 @@ REPO = Path(__file__).resolve().parents[1]
 def seeded_global_generators():
     """Every test starts from the same global torch / numpy / random state. Without this a test that draws from a
     global generator got whatever the tests before it in its xdist worker left, so its inputs (and whether a
-    tolerance held) depended on the order the workers ran the files in: a CI failure on 3.12 came from that."""
+    tolerance held) depended on the order the workers ran the files in: a CI failure on 3.12 came from that.
+
+    numpy and torch are seeded where they are installed: the suite's environments have both (`.[test]`); .ci/run's
+    README-blocks step runs tests/readme_blocks.py from a venv holding only pytest (the blocks install kfdeb
+    themselves, in their own processes), and no test there draws from either generator."""
+    import importlib.util
     import random
 
-    import numpy as np
-    import torch
-
     random.seed(0)
-    np.random.seed(0)
-    torch.manual_seed(0)
+    if importlib.util.find_spec("numpy") is not None:
+        import numpy as np
+
+        np.random.seed(0)
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        torch.manual_seed(0)
 
 
 def pytest_report_header(config):
