@@ -55,6 +55,7 @@ import time
 from pathlib import Path
 
 from harness import REPO, cpu_model, git_commit, model_path
+from build_chatbot_sets import write_pairs
 
 COMMON = {"tasks": "nli", "nli_train_files": str(REPO / "examples" / "data" / "chatbot_train_pairs.jsonl"),
           "ir_dev_data": str(REPO / "examples" / "data" / "dev_pairs.jsonl"), "metric_for_best": "ndcg@10",
@@ -94,12 +95,9 @@ def training_data(data: str, out: Path, seed: int) -> dict:
 
 
 def read_pairs(path: Path) -> list[tuple[str, str]]:
-    return [(row["anchor"], row["positive"]) for row in map(json.loads, path.read_text(encoding="utf-8").splitlines())]
+    from kfdeb.readers import read_jsonl
 
-
-def write_pairs(path: Path, pairs) -> None:
-    path.write_text("".join(json.dumps({"anchor": a, "positive": p}, ensure_ascii=False) + "\n" for a, p in pairs),
-                    encoding="utf-8")
+    return [(row["anchor"], row["positive"]) for _, row in read_jsonl(path)]
 
 
 def both_data(out: Path, seed: int) -> dict:
