@@ -7,8 +7,8 @@ WiSE-FT (Wortsman et al., "Robust fine-tuning of zero-shot models", CVPR 2022): 
 alpha = 0 is the starting model, alpha = 1 the fine-tuned one. The paper finds the in-between points keep most of
 the in-domain gain while giving back much of what fine-tuning cost off-domain. This bench asks whether that holds
 for e5 fine-tuned on the chatbot pairs (which loses 3-4 nDCG@10 on xnli-test): each alpha's weights are written to
-OUT/alpha<alpha>/ and scored by bench/retriever_recipe.py's `figures` (chatbot-test, xnli-test, KorSTS test), one
-process per alpha, alone on the machine. Nothing here is chosen on test: the table is a measurement.
+OUT/alpha<alpha>/ and scored by bench/retriever_recipe.py's `figures` (chatbot-test, xnli-test, KorSTS test), alone
+on the machine. Nothing here is chosen on test: the table is a measurement.
 
     python bench/interpolate_start.py --start /work/bench-models/e5-small-... \
         --tuned output/retriever-recipe/e5-chatbot-preset-seed42/final --alphas 0.5 0.7 --out output/interpolate
@@ -18,39 +18,34 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from harness import cpu_model, git_commit
+from retriever_recipe import figures
 
-
-def fail(message: str) -> None:
-    """A user mistake: one line, exit status 2."""
-    print(message, file=sys.stderr)
-    sys.exit(2)
+from kfdeb import cli
+from kfdeb.errors import UserInputError
+from kfdeb.model import load_encoder
 
 
 def interpolate(start: Path, tuned: Path, alpha: float, out: Path) -> None:
     """Writes theta(alpha) as a model folder: the tuned folder's files (config, tokenizer, prompts) and mixed weights."""
     import torch
 
-    from kfdeb.model import load_encoder
-
     tuned_encoder = load_encoder(tuned, device="cpu")
     start_weights = load_encoder(start, device="cpu").state_dict()
     tuned_weights = tuned_encoder.state_dict()
     if start_weights.keys() != tuned_weights.keys():
-        fail(f"{start} and {tuned}: different parameter names, not the same architecture")
+        raise UserInputError(f"{start} and {tuned}: different parameter names, not the same architecture")
     mixed = {}
     for name, value in tuned_weights.items():
         if value.is_floating_point():  # mixed in float64, stored in the tuned weights' own dtype
             mixed[name] = ((1 - alpha) * start_weights[name].double() + alpha * value.double()).to(value.dtype)
-        else:  # integer buffers (position ids) are the same in both
-            if not torch.equal(value, start_weights[name]):
-                fail(f"{tuned}: {name}: an integer buffer differs from {start}'s")
+        elif torch.equal(value, start_weights[name]):  # integer buffers (position ids) are the same in both
             mixed[name] = value
+        else:
+            raise UserInputError(f"{tuned}: {name}: an integer buffer differs from {start}'s")
     tuned_encoder.load_state_dict(mixed)
     tuned_encoder.save(out)
 
@@ -62,46 +57,26 @@ def main() -> None:
     parser.add_argument("--alphas", nargs="+", type=float, default=[0.5])
     parser.add_argument("--out", required=True)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--alpha", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if any(not 0 <= alpha <= 1 for alpha in args.alphas):
+        parser.error(f"--alphas: {args.alphas} has a value outside [0, 1]")
     out = Path(args.out)
-    if args.alpha is not None:  # the child: one alpha, its own process
-        from retriever_recipe import figures
-
-        from kfdeb.errors import UserInputError
-
-        folder = out / f"alpha{args.alpha:g}"
-        try:
-            interpolate(Path(args.start), Path(args.tuned), args.alpha, folder)
-        except UserInputError as error:  # not a model folder, unreadable weights: the user's paths
-            fail(str(error))
-        result = {"start": args.start, "tuned": args.tuned, "alpha": args.alpha, "commit": git_commit(),
-                  "cpu": cpu_model(), "figures": figures(folder, args.device)}
-        (out / f"alpha{args.alpha:g}.json").write_text(json.dumps(result))
-        return
-    for alpha in args.alphas:
-        if not 0 <= alpha <= 1:
-            parser.error(f"--alphas: {alpha} is outside [0, 1]")
     out.mkdir(parents=True, exist_ok=True)
-    for alpha in args.alphas:
-        if (out / f"alpha{alpha:g}.json").exists():
-            continue
-        started = time.perf_counter()
-        command = [sys.executable, __file__, "--start", args.start, "--tuned", args.tuned, "--out", args.out,
-                   "--device", args.device, "--alpha", str(alpha)]
-        returncode = subprocess.run(command).returncode
-        if returncode:
-            print(f"alpha {alpha:g}: failed (its message above)", file=sys.stderr)
-            sys.exit(returncode)
-        print(f"alpha {alpha:g}: {time.perf_counter() - started:.0f} s", flush=True)
+    for alpha in args.alphas:  # a JSON that exists is not measured again
+        if not (out / f"alpha{alpha:g}.json").exists():
+            started = time.perf_counter()
+            interpolate(Path(args.start), Path(args.tuned), alpha, out / f"alpha{alpha:g}")
+            result = {"start": args.start, "tuned": args.tuned, "alpha": alpha, "commit": git_commit(), "cpu": cpu_model(),
+                      "figures": figures(out / f"alpha{alpha:g}", args.device)}
+            (out / f"alpha{alpha:g}.json").write_text(json.dumps(result))
+            print(f"alpha {alpha:g}: {time.perf_counter() - started:.0f} s", flush=True)
     print("| alpha | chatbot-test nDCG@10 | chatbot-test R@1 | xnli-test nDCG@10 | KorSTS test cos Spearman |")
     print("|---|---|---|---|---|")
-    for path in sorted(out.glob("alpha*.json"), key=lambda p: json.loads(p.read_text())["alpha"]):
-        result = json.loads(path.read_text())
+    for result in sorted((json.loads(p.read_text()) for p in out.glob("alpha*.json")), key=lambda r: r["alpha"]):
         found = result["figures"]
         print(f"| {result['alpha']:g} | {found['chatbot-test']['ndcg@10']:.2f} | {found['chatbot-test']['recall@1']:.2f} | "
               f"{found['xnli-test']['ndcg@10']:.2f} | {found['korsts_test']['cosine_spearman']:.2f} |")
 
 
 if __name__ == "__main__":
-    main()
+    cli.execute(main)
