@@ -8,7 +8,8 @@ alpha = 0 is the starting model, alpha = 1 the fine-tuned one. The paper finds t
 the in-domain gain while giving back much of what fine-tuning cost off-domain. This bench asks whether that holds
 for e5 fine-tuned on the chatbot pairs (which loses 3-4 nDCG@10 on xnli-test): each alpha's weights are written to
 OUT/alpha<alpha>/ and scored by bench/retriever_recipe.py's `figures` (chatbot-test, xnli-test, KorSTS test), alone
-on the machine. Nothing here is chosen on test: the table is a measurement.
+on the machine. Nothing here is chosen on test: the table is a measurement. merge.py (kfdeb/merge.py) is the
+user's tool: the same mix, alpha chosen on dev sets.
 
     python bench/interpolate_start.py --start /work/bench-models/e5-small-... \
         --tuned output/retriever-recipe/e5-chatbot-preset-seed42/final --alphas 0.5 0.7 --out output/interpolate
@@ -25,28 +26,16 @@ from harness import cpu_model, git_commit
 from retriever_recipe import figures
 
 from kfdeb import cli
-from kfdeb.errors import UserInputError
+from kfdeb.merge import mix
 from kfdeb.model import load_encoder
 
 
 def interpolate(start: Path, tuned: Path, alpha: float, out: Path) -> None:
-    """Writes theta(alpha) as a model folder: the tuned folder's files (config, tokenizer, prompts) and mixed weights."""
-    import torch
-
+    """Writes theta(alpha) as a model folder: the tuned folder's files (config, tokenizer, prompts) and weights mixed
+    by kfdeb.merge.mix (what merge.py writes, without its choice on dev)."""
     tuned_encoder = load_encoder(tuned, device="cpu")
     start_weights = load_encoder(start, device="cpu").state_dict()
-    tuned_weights = tuned_encoder.state_dict()
-    if start_weights.keys() != tuned_weights.keys():
-        raise UserInputError(f"{start} and {tuned}: different parameter names, not the same architecture")
-    mixed = {}
-    for name, value in tuned_weights.items():
-        if value.is_floating_point():  # mixed in float64, stored in the tuned weights' own dtype
-            mixed[name] = ((1 - alpha) * start_weights[name].double() + alpha * value.double()).to(value.dtype)
-        elif torch.equal(value, start_weights[name]):  # integer buffers (position ids) are the same in both
-            mixed[name] = value
-        else:
-            raise UserInputError(f"{tuned}: {name}: an integer buffer differs from {start}'s")
-    tuned_encoder.load_state_dict(mixed)
+    tuned_encoder.load_state_dict(mix(start_weights, tuned_encoder.state_dict(), alpha))
     tuned_encoder.save(out)
 
 

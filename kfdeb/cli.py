@@ -352,6 +352,14 @@ def export_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def merge_main(argv: list[str] | None = None) -> int:
+    """merge.py: the fine-tuned model mixed with its start, chosen on dev sets (kfdeb/merge.py)."""
+    quiet_third_party()
+    from kfdeb import merge
+
+    return merge.main(argv)
+
+
 def train_entry() -> None:
     """`kfdeb-train`: the console script installed with the package."""
     execute(train_main)
@@ -370,3 +378,8 @@ def export_entry() -> None:
 def mine_entry() -> None:
     """`kfdeb-mine`."""
     execute(mine_main)
+
+
+def merge_entry() -> None:
+    """`kfdeb-merge`."""
+    execute(merge_main)

@@ -99,7 +99,8 @@ def bundled_dir() -> Path:
     return BUNDLED_DATA_DIR
 
 
-SCRIPT_MAINS = {"train.py": "train_main", "evaluate.py": "evaluate_main", "export.py": "export_main", "mine.py": "mine_main"}
+SCRIPT_MAINS = {"train.py": "train_main", "evaluate.py": "evaluate_main", "export.py": "export_main", "mine.py": "mine_main",
+                "merge.py": "merge_main"}
 
 
 def run_main(script: str, *args: str) -> subprocess.CompletedProcess:

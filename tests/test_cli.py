@@ -11,7 +11,7 @@ from conftest import run_main, run_script
 from kfdeb.readers import read_tsv
 
 SCRIPT_ARGS = {"train.py": [], "evaluate.py": ["model"], "mine.py": ["model", "--pairs", "p.jsonl", "--output", "o.jsonl"],
-               "export.py": ["model"]}
+               "export.py": ["model"], "merge.py": ["model", "--ir_dev_data", "d.jsonl", "--output", "o"]}
 
 
 @pytest.mark.parametrize("script,typo,meant", [
@@ -20,6 +20,7 @@ SCRIPT_ARGS = {"train.py": [], "evaluate.py": ["model"], "mine.py": ["model", "-
     ("evaluate.py", "--bach_size", "--batch_size"),
     ("mine.py", "--num_negativs", "--num_negatives"),
     ("export.py", "--quantise", "--quantize"),
+    ("merge.py", "--tolerence", "--tolerance"),
 ])
 def test_an_unknown_flag_is_one_line_naming_the_nearest(script, typo, meant):
     result = run_main(script, *SCRIPT_ARGS[script], typo, "1")
@@ -57,7 +58,7 @@ def test_dash_spellings_reach_the_underscore_flags(tmp_path):
     assert evaluate.stderr == "error: --batch_size must be at least 1\n"  # the value reached --batch_size
 
 
-@pytest.mark.parametrize("script", ["train.py", "evaluate.py", "mine.py"])
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py", "mine.py", "merge.py"])
 def test_progress_takes_the_same_values_on_every_script(script):
     result = run_main(script, *SCRIPT_ARGS[script], "--progress", "sometimes")
     assert result.returncode == 2

@@ -209,17 +209,23 @@ def test_the_xnli_set_is_the_documented_recipe_and_a_run_cannot_train_on_its_sou
     from kfdeb.loop import train
     from kfdeb.readers import read_nli
 
-    pairs = read_nli(BUNDLED_DATA_DIR / "KorNLI" / "xnli.test.ko.tsv").pairs
-    built, shipped = xnli_entailment_set(pairs), read_ir_data("kfdeb:xnli-test", "test")
-    assert (shipped.queries, shipped.corpus, shipped.relevant) == (built.queries, built.corpus, built.relevant)
-    assert (len(shipped.queries), len(shipped.corpus)) == (1670, 5009)
-    entailed = {(p, h) for p, h, label in pairs if label == "entailment"}
-    assert all((shipped.queries[q], shipped.corpus[d]) in entailed for q, docs in shipped.relevant.items() for d in docs)
+    for split, sizes in (("test", (1670, 5009)), ("dev", (830, 2489))):  # xnli-dev: a general set for merge.py
+        pairs = read_nli(BUNDLED_DATA_DIR / "KorNLI" / f"xnli.{split}.ko.tsv").pairs
+        built, shipped = xnli_entailment_set(pairs), read_ir_data(f"kfdeb:xnli-{split}", split)
+        assert (shipped.queries, shipped.corpus, shipped.relevant) == (built.queries, built.corpus, built.relevant)
+        assert (len(shipped.queries), len(shipped.corpus)) == sizes
+        entailed = {(p, h) for p, h, label in pairs if label == "entailment"}
+        assert all((shipped.queries[q], shipped.corpus[d]) in entailed for q, docs in shipped.relevant.items()
+                   for d in docs)
     values = {"model_name_or_path": str(tiny_deberta), "data_dir": "kfdeb:bundled", "max_steps": 2,
               "output_dir": str(tmp_path / "run"), "progress": False, "ir_test_data": "kfdeb:xnli-test"}
     with pytest.raises(UserInputError, match="--ir_test_data kfdeb:xnli-test is built from KorNLI/xnli.test.ko.tsv, "
                                              "which this run trains on"):
         train(resolve({**values, "nli_train_glob": "KorNLI/xnli.*.ko.tsv"}))
+    with pytest.raises(UserInputError, match="--ir_dev_data kfdeb:xnli-dev is built from KorNLI/xnli.dev.ko.tsv, "
+                                             "which this run trains on"):
+        train(resolve({**values, "ir_test_data": "", "ir_dev_data": "kfdeb:xnli-dev",
+                       "nli_train_glob": "KorNLI/xnli.dev.ko.tsv"}))
     with pytest.raises(UserInputError, match="--ir_dev_data kfdeb:korsts-dev is built from KorSTS/sts-dev.tsv"):
         train(resolve({**values, "ir_test_data": "", "ir_dev_data": "kfdeb:korsts-dev", "tasks": "sts",
                        "sts_train_file": str(BUNDLED_DATA_DIR / "KorSTS" / "sts-dev.tsv")}))
