@@ -24,6 +24,7 @@ from kfdeb.ir_metrics import IR_KEYS
 from kfdeb.losses import GIST_MARGIN_STRATEGIES, NLI_LOSSES, STS_LOSSES
 
 TINY_MODEL = "kfdeb:tiny-deberta"  # build a random tiny DeBERTa-v2 offline (kfdeb/tiny.py)
+TINY_START_DIR = "init-tiny-deberta"  # where a run from TINY_MODEL keeps the weights it built
 BUNDLED = "kfdeb:bundled"  # the KorNLU files shipped inside the package (kfdeb/bundled/kor-nlu)
 
 

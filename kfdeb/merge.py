@@ -28,7 +28,7 @@ from typing import Sequence
 
 import torch
 
-from kfdeb.config import TINY_MODEL
+from kfdeb.config import TINY_MODEL, TINY_START_DIR
 from kfdeb.errors import UserInputError
 from kfdeb.flags import FlagParser, add_progress_flag, progress_shown
 from kfdeb.ir_data import read_ir_data
@@ -73,7 +73,7 @@ def start_of_run(tuned: str) -> str | None:
         config = folder / "train_config.json"
         if config.is_file():
             start = json.loads(config.read_text(encoding="utf-8")).get("model_name_or_path") or None
-            return str(folder / "init-tiny-deberta") if start == TINY_MODEL else start
+            return str(folder / TINY_START_DIR) if start == TINY_MODEL else start
     return None
 
 
@@ -119,9 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     encoder = load_encoder(args.tuned, device=device)
     tuned = {name: value.detach().to("cpu", copy=True) for name, value in encoder.state_dict().items()}
     start_weights = {name: value.cpu() for name, value in load_encoder(start, device="cpu").state_dict().items()}
-    mix(start_weights, tuned, 1.0)  # another architecture fails before the first evaluation
+    mix(start_weights, tuned, 1.0)  # another architecture fails here, before any line of output
     progress = progress_shown(args.progress)
-    print(f"mixing {resolve_model_dir(args.tuned)} with its start {start}; dev {FIGURE} on "
+    tuned_dir = resolve_model_dir(args.tuned)
+    print(f"mixing {tuned_dir} with its start {start}; dev {FIGURE} on "
           + ", ".join(data.name for data in dev_sets), file=sys.stderr)
 
     def figures(alpha: float) -> list[float]:
@@ -131,17 +132,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     alphas = [0.0] + sorted(set(args.alphas))
     found: dict[float, list[float]] = {}
+    gains: dict[float, list[float]] = {}
     print(f"| alpha | " + " | ".join(f"{data.name} {FIGURE}" for data in dev_sets) + " | mean gain over the start |")
     print("|---" * (len(dev_sets) + 2) + "|")
     for alpha in alphas:
         found[alpha] = figures(alpha)
-        mean_gain = round(sum(f - s for f, s in zip(found[alpha], found[0.0])) / len(dev_sets), 2) + 0.0  # no -0.00
+        gains[alpha] = [f - s for f, s in zip(found[alpha], found[0.0])]
+        mean_gain = round(sum(gains[alpha]) / len(dev_sets), 2) + 0.0  # + 0.0: no "-0.00"
         print(f"| {alpha:g} | " + " | ".join(f"{figure:.2f}" for figure in found[alpha]) + f" | {mean_gain:+.2f} |",
               flush=True)
-    gains = {alpha: [f - s for f, s in zip(by_set, found[0.0])] for alpha, by_set in found.items()}
     chosen = choose(gains, args.tolerance)
     encoder.load_state_dict(mix(start_weights, tuned, chosen))
-    record = {"start": str(start), "tuned": str(resolve_model_dir(args.tuned)), "alpha": chosen,
+    record = {"start": str(start), "tuned": str(tuned_dir), "alpha": chosen,
               "tolerance": args.tolerance, "dev_sets": [data.name for data in dev_sets],
               "dev_figures": {f"{alpha:g}": by_set for alpha, by_set in found.items()}, "figure": FIGURE}
     encoder.save(output, metadata={"merge": record})

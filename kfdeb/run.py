@@ -39,7 +39,7 @@ import torch
 
 from kfdeb import distributed, train_state
 from kfdeb.amp import amp_dtype_for, describe_amp
-from kfdeb.config import BUNDLED, TINY_MODEL, TrainConfig
+from kfdeb.config import BUNDLED, TINY_MODEL, TINY_START_DIR, TrainConfig
 from kfdeb.errors import UserInputError
 from kfdeb.inference_dtype import describe_dtype, resolve_dtype
 from kfdeb.ir_data import IrData, read_ir_data, trained_on
@@ -318,7 +318,7 @@ def _load_start_model(config: TrainConfig, output_dir: Path, ctx: distributed.Co
     from kfdeb.tiny import build_tiny_deberta
 
     if ctx.is_main:  # kept beside the run, so the run's folder says what it started from
-        folder = output_dir / "init-tiny-deberta"
+        folder = output_dir / TINY_START_DIR
         if not (folder / "config.json").exists():
             build_tiny_deberta(folder, seed=config.seed)
         return load_encoder(folder, max_seq_length=config.max_seq_length, device=ctx.device, pooling=pooling)
